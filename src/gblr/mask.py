@@ -1,0 +1,150 @@
+"""Differentiable interval masks: the Dirichlet mask and the Gaussian-Dirichlet ("Gaudi") mask.
+
+An interval on the cycle Z_n is described by a normalised width ``w`` and start ``l`` in [0, 1]
+(fractions of ``n``). Its boxcar indicator has a closed-form DFT that is smooth in ``w`` and ``l``, so
+the mask obtained by an inverse real FFT of that spectrum is differentiable with respect to both. At
+integer intervals (``n*w`` and ``n*l`` integers) the Dirichlet mask equals the boxcar exactly; the
+Gaudi mask additionally multiplies the spectrum by ``exp(-k^2 / (2 sigma^2))``, a periodic Gaussian
+blur that gives informative gradients far from the interval's edges.
+
+All functions are pure and work on any batch shape: ``widths`` and ``starts`` of shape ``(...,)``
+give masks of shape ``(..., n)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "boxcar_mask",
+    "gaudi_mask",
+    "gaudi_mask_with_decay",
+    "hard_mask",
+    "interval_sizes",
+    "interval_offsets",
+    "round_to_grid",
+    "inverse_two_sigma_squared",
+    "MASK_EPS",
+]
+
+#: Hard (eval) masks zero every entry whose magnitude is below this value.
+MASK_EPS = 1e-3
+
+
+def _check_length(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _check_intervals(widths: torch.Tensor, starts: torch.Tensor) -> None:
+    if not isinstance(widths, torch.Tensor) or not isinstance(starts, torch.Tensor):
+        raise ValueError(
+            f"widths and starts must be tensors, got {type(widths).__name__} and {type(starts).__name__}"
+        )
+    if widths.shape != starts.shape:
+        raise ValueError(
+            f"widths and starts must have the same shape, got {tuple(widths.shape)} and {tuple(starts.shape)}"
+        )
+
+
+def inverse_two_sigma_squared(sigma) -> float:
+    """Map sigma (None = Dirichlet, no Gaussian) to the spectral decay ``1 / (2 sigma^2)``."""
+    if sigma is None:
+        return 0.0
+    if isinstance(sigma, torch.Tensor):
+        sigma = float(sigma)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ValueError(f"sigma must be a positive finite number or None, got {sigma!r}")
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a positive finite number or None, got {sigma!r}")
+    return 1.0 / (2.0 * float(sigma) ** 2)
+
+
+def round_to_grid(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Round ``x`` to the ``1/n`` grid in the forward pass; pass the gradient unchanged (straight-through)."""
+    return x + (torch.round(x * n) / n - x).detach()
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # The FFT has no bfloat16/float16 kernels on CPU and loses too much precision in them anyway.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool) -> torch.Tensor:
+    """:func:`gaudi_mask` without argument checks, with ``decay = 1/(2 sigma^2)`` (a float or a 0-d
+    tensor, 0 for Dirichlet). The layers call this in their hot path."""
+    dtype = _compute_dtype(widths)
+    w = widths.to(dtype).unsqueeze(-1)
+    l = starts.to(dtype).unsqueeze(-1)
+    if rounded:
+        w = round_to_grid(w, n)
+        l = round_to_grid(l, n)
+    k = torch.arange(n // 2 + 1, device=widths.device, dtype=dtype)
+    k_safe = k.clamp(min=1.0)
+    # n * w * sinc(k w) written as n * sin(pi k w) / (pi k): smooth at w = 0 and at k = 0.
+    scaled_sinc = torch.where(k == 0, n * w, n * torch.sin(math.pi * k * w) / (math.pi * k_safe))
+    amplitude = scaled_sinc / torch.sinc(k / n)
+    if isinstance(decay, torch.Tensor):
+        amplitude = amplitude * torch.exp(-(k * k) * decay.to(dtype))
+    elif decay != 0.0:
+        amplitude = amplitude * torch.exp(-(k * k) * decay)
+    phase = -(2.0 * math.pi * k * l + math.pi * k * (w - 1.0 / n))
+    spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
+    return torch.fft.irfft(spectrum, n=n, dim=-1)
+
+
+def gaudi_mask(
+    widths: torch.Tensor,
+    starts: torch.Tensor,
+    n: int,
+    sigma: float | None = None,
+    round_to_grid: bool = True,
+) -> torch.Tensor:
+    """Differentiable mask of the cyclic intervals ``[n*starts, n*(starts+widths))`` on ``Z_n``.
+
+    ``sigma=None`` gives the Dirichlet mask (exact boxcar at integer intervals); a finite ``sigma``
+    the Gaudi mask. With ``round_to_grid`` the widths and starts are rounded to the ``1/n`` grid in
+    the forward pass with a straight-through gradient. Returns float64 for float64 inputs and
+    float32 otherwise.
+    """
+    n = _check_length(n)
+    _check_intervals(widths, starts)
+    return gaudi_mask_with_decay(widths, starts, n, inverse_two_sigma_squared(sigma), bool(round_to_grid))
+
+
+def interval_sizes(widths: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer interval sizes of the hard (eval) structure: ``round(n*w)``, dropped to 0 below ``1/n``."""
+    scaled = widths.detach().to(torch.float64) * n
+    sizes = torch.where(scaled < 1.0, torch.zeros_like(scaled), torch.round(scaled))
+    return sizes.clamp(max=n).to(torch.long)
+
+
+def interval_offsets(starts: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer interval starts of the hard structure: ``round(n*l) mod n``."""
+    return torch.remainder(torch.round(starts.detach().to(torch.float64) * n), n).to(torch.long)
+
+
+def boxcar_mask(widths: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact 0/1 indicator of the hard intervals (sizes from :func:`interval_sizes`), with wrap-around."""
+    n = _check_length(n)
+    _check_intervals(widths, starts)
+    sizes = interval_sizes(widths, n).unsqueeze(-1)
+    offsets = interval_offsets(starts, n).unsqueeze(-1)
+    position = torch.remainder(torch.arange(n, device=widths.device) - offsets, n)
+    return (position < sizes).to(_compute_dtype(widths))
+
+
+def hard_mask(widths: torch.Tensor, starts: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
+    """The eval-mode mask: widths below ``1/n`` dropped, then the exact boxcar (``sigma=None``) or the
+    rounded Gaudi mask with entries below :data:`MASK_EPS` zeroed."""
+    decay = inverse_two_sigma_squared(sigma)
+    if decay == 0.0:
+        return boxcar_mask(widths, starts, n)
+    n = _check_length(n)
+    _check_intervals(widths, starts)
+    kept = torch.where(widths.detach() * n < 1.0, torch.zeros_like(widths), widths.detach())
+    mask = gaudi_mask_with_decay(kept, starts.detach(), n, decay, rounded=True)
+    return torch.where(mask.abs() < MASK_EPS, torch.zeros_like(mask), mask)

@@ -1,0 +1,358 @@
+"""The Generalized Block Low-Rank (GBLR) linear layer.
+
+``W = sum_k (mask_out_k * U_k) (mask_in_k * V_k)^T`` with ``K`` components of rank ``r``. Component
+``k`` is a rank-``r`` block whose rows are the cyclic output interval (``out_widths[k]``,
+``out_starts[k]``) and whose columns are the input interval (``in_widths[k]``, ``in_starts[k]``), all
+normalised to [0, 1]. The masks are Gaudi masks (:mod:`gblr.mask`), so widths and starts are learned by
+gradient descent together with the factors.
+
+Layout: ``out_factors`` is ``(K, r, out_features)`` and ``in_factors`` is ``(K, r, in_features)``, so
+the masked factors flatten without a copy to the ``(K*r, features)`` matrices of the two skinny matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mask import gaudi_mask_with_decay, hard_mask, interval_sizes, inverse_two_sigma_squared
+from .base import StructuredLinear, check_features
+
+__all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths"]
+
+log = logging.getLogger(__name__)
+
+#: Names accepted by ``width_init``: "splr" (FLOPs-neutral), "full", or "lrX" with X in (0, 1].
+WIDTH_INITS = ("splr", "full", "lrX")
+
+
+def splr_widths(num_components: int, rank: int, out_features: int, in_features: int) -> torch.Tensor:
+    """FLOPs-neutral widths: some components full width, the rest equally narrow, total cost ~ dense."""
+    m, n, k = out_features, in_features, num_components
+    half_rho = m * n / (k * rank * (m + n)) / 2.0
+    if half_rho >= 1.0:  # too few components to spend the dense cost: give every one full width
+        return torch.ones(k, dtype=torch.float64)
+    num_full = math.floor(k * half_rho)
+    widths = torch.full((k,), half_rho / (1.0 - half_rho), dtype=torch.float64)
+    widths[:num_full] = 1.0
+    return widths
+
+
+def lowrank_widths(num_components: int, fraction: float) -> torch.Tensor:
+    """The first ``floor(fraction*K)`` components full width, the others width 0 (they can grow back)."""
+    widths = torch.zeros(num_components, dtype=torch.float64)
+    widths[: math.floor(fraction * num_components)] = 1.0
+    return widths
+
+
+def _initial_widths(width_init: str, num_components: int, rank: int, m: int, n: int) -> torch.Tensor:
+    if width_init == "splr":
+        return splr_widths(num_components, rank, m, n)
+    if width_init == "full":
+        return torch.ones(num_components, dtype=torch.float64)
+    match = re.fullmatch(r"lr(\d*\.?\d+)", width_init) if isinstance(width_init, str) else None
+    if match and 0.0 < float(match.group(1)) <= 1.0:
+        return lowrank_widths(num_components, float(match.group(1)))
+    raise ValueError(
+        f"width_init must be 'splr', 'full' or 'lrX' with 0 < X <= 1 (e.g. 'lr0.5'), got {width_init!r}"
+    )
+
+
+def _svd_factors(weight: torch.Tensor, total_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``weight`` into ``total_rank`` rank-1 terms ``P sqrt(S)``, ``Q sqrt(S)``, largest first.
+
+    When ``total_rank`` exceeds the matrix rank, the remaining terms are zero.
+    """
+    p, s, qh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    root = s.sqrt()
+    u = (p * root).T  # (rank, m)
+    v = qh * root[:, None]  # (rank, n)
+    if total_rank <= u.shape[0]:
+        return u[:total_rank], v[:total_rank]
+    pad = total_rank - u.shape[0]
+    return torch.cat([u, u.new_zeros(pad, u.shape[1])]), torch.cat([v, v.new_zeros(pad, v.shape[1])])
+
+
+class GBLRLinear(StructuredLinear):
+    """Drop-in for :class:`torch.nn.Linear` whose weight is a learnable GBLR matrix.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as in :class:`torch.nn.Linear`.
+        num_components: number of components ``K``. Default: from ``rank_ratio``.
+        rank: rank ``r`` of each component (1 in the paper; larger ranks map onto efficient kernels).
+        rank_ratio: ``K*r`` as a fraction of ``min(in_features, out_features)`` (default 1.0, i.e.
+            enough components to represent any dense matrix), used when ``num_components`` is None.
+        width_init: "splr" (FLOPs-neutral), "full", or "lrX" (first X*K components full width).
+        sigma: Gaussian width of the Gaudi mask; None for the Dirichlet mask (exact boxcar).
+        round_to_grid: straight-through rounding of widths and starts to whole rows/columns.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        num_components: int | None = None,
+        rank: int = 1,
+        rank_ratio: float = 1.0,
+        width_init: str = "splr",
+        sigma: float | None = None,
+        round_to_grid: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features)
+        self.rank = check_features("rank", rank)
+        if num_components is None:
+            if not (isinstance(rank_ratio, (int, float)) and 0 < rank_ratio and math.isfinite(rank_ratio)):
+                raise ValueError(f"rank_ratio must be a positive finite number, got {rank_ratio!r}")
+            num_components = max(1, round(rank_ratio * min(in_features, out_features) / rank))
+        self.num_components = check_features("num_components", num_components)
+        self.width_init = width_init
+        self.round_to_grid = bool(round_to_grid)
+        # Validate before allocating anything.
+        init_widths = _initial_widths(width_init, self.num_components, self.rank, out_features, in_features)
+
+        factory = {"device": device, "dtype": dtype}
+        k, r = self.num_components, self.rank
+        self.out_factors = nn.Parameter(torch.empty(k, r, out_features, **factory))
+        self.in_factors = nn.Parameter(torch.empty(k, r, in_features, **factory))
+        self.out_widths = nn.Parameter(torch.empty(k, **factory))
+        self.out_starts = nn.Parameter(torch.empty(k, **factory))
+        self.in_widths = nn.Parameter(torch.empty(k, **factory))
+        self.in_starts = nn.Parameter(torch.empty(k, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        # 1/(2 sigma^2) as a buffer: changing sigma does not trigger recompilation under torch.compile.
+        self.register_buffer("sigma_decay", torch.tensor(inverse_two_sigma_squared(sigma), device=device))
+        self._eval_cache: tuple[tuple, torch.Tensor] | None = None
+        self._reset_parameters(init_widths)
+
+    # --- initialisation --------------------------------------------------------------------------
+    def _reset_parameters(self, init_widths: torch.Tensor) -> None:
+        """Factors from the SVD of an ``nn.Linear``-style random matrix; widths per ``width_init``."""
+        m, n, total = self.out_features, self.in_features, self.num_components * self.rank
+        device = self.out_factors.device
+        bound = 1.0 / math.sqrt(n)
+        # When K*r > min(m, n) the components come from several random matrices, scaled so that the
+        # sum of all of them has the variance of one nn.Linear weight.
+        num_matrices = math.ceil(total / min(m, n))
+        us, vs = [], []
+        for _ in range(num_matrices):
+            dense = torch.empty(m, n, dtype=torch.float64, device=device).uniform_(-bound, bound)
+            u, v = _svd_factors(dense / math.sqrt(num_matrices), min(m, n))
+            us.append(u)
+            vs.append(v)
+        self._set_factors(torch.cat(us)[:total], torch.cat(vs)[:total])
+        self._set_widths(init_widths, init_widths)
+        with torch.no_grad():
+            partial = init_widths < 1.0
+            for starts in (self.out_starts, self.in_starts):
+                starts.zero_()
+                starts[partial.to(starts.device)] = torch.rand(int(partial.sum()), device=starts.device).to(
+                    starts.dtype
+                )
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def _set_factors(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.out_factors.copy_(u.reshape(self.out_factors.shape))
+            self.in_factors.copy_(v.reshape(self.in_factors.shape))
+
+    def _set_widths(self, out_widths: torch.Tensor, in_widths: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.out_widths.copy_(out_widths)
+            self.in_widths.copy_(in_widths)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        num_components: int | None = None,
+        rank: int = 1,
+        width_init: str = "full",
+        **kwargs,
+    ) -> "GBLRLinear":
+        """Components from the SVD of ``weight`` (largest singular values first), widths per ``width_init``.
+
+        With the default ``width_init="full"`` and ``K*r >= rank(weight)`` the layer equals ``weight``.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+        m, n = weight.shape
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        layer = cls(
+            n, m, bias=bias is not None, num_components=num_components, rank=rank,
+            width_init=width_init, device=weight.device, dtype=weight.dtype, **kwargs,
+        )
+        u, v = _svd_factors(weight.detach(), layer.num_components * layer.rank)
+        layer._set_factors(u, v)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_intervals(
+        cls,
+        out_intervals: Sequence[tuple[int, int]],
+        in_intervals: Sequence[tuple[int, int]],
+        out_factors: torch.Tensor,
+        in_factors: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> "GBLRLinear":
+        """A layer with explicit integer intervals ``(start, size)`` per component.
+
+        ``out_factors`` is ``(K, r, out_features)`` and ``in_factors`` ``(K, r, in_features)``; only their
+        entries inside each component's intervals matter.
+        """
+        if out_factors.dim() != 3 or in_factors.dim() != 3 or out_factors.shape[:2] != in_factors.shape[:2]:
+            raise ValueError(
+                "out_factors and in_factors must be (K, r, out_features) and (K, r, in_features), got "
+                f"{tuple(out_factors.shape)} and {tuple(in_factors.shape)}"
+            )
+        k, r, m = out_factors.shape
+        n = in_factors.shape[2]
+        out_iv = _interval_tensor("out_intervals", out_intervals, k, m)
+        in_iv = _interval_tensor("in_intervals", in_intervals, k, n)
+        layer = cls(
+            n, m, bias=bias is not None, num_components=k, rank=r, width_init="full",
+            device=out_factors.device, dtype=out_factors.dtype, **kwargs,
+        )
+        layer._set_factors(out_factors.detach(), in_factors.detach())
+        with torch.no_grad():
+            layer.out_starts.copy_(out_iv[:, 0] / m)
+            layer.out_widths.copy_(out_iv[:, 1] / m)
+            layer.in_starts.copy_(in_iv[:, 0] / n)
+            layer.in_widths.copy_(in_iv[:, 1] / n)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    # --- structure -------------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float | None:
+        decay = float(self.sigma_decay)
+        return None if decay == 0.0 else 1.0 / math.sqrt(2.0 * decay)
+
+    @sigma.setter
+    def sigma(self, value: float | None) -> None:
+        self.sigma_decay.fill_(inverse_two_sigma_squared(value))
+
+    def structure_parameters(self) -> list[nn.Parameter]:
+        """Widths and starts: trained with their own optimizer group and the proximal step."""
+        return [self.out_widths, self.out_starts, self.in_widths, self.in_starts]
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return [self.out_factors, self.in_factors]
+
+    def interval_sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer (output, input) interval sizes of each component's hard structure."""
+        return interval_sizes(self.out_widths, self.out_features), interval_sizes(self.in_widths, self.in_features)
+
+    def active_components(self) -> torch.Tensor:
+        """Boolean mask of the components whose two intervals are both non-empty."""
+        h, w = self.interval_sizes()
+        return (h > 0) & (w > 0)
+
+    def macs_per_token(self) -> int:
+        h, w = self.interval_sizes()
+        per_component = torch.minimum(self.rank * (h + w), h * w)
+        return int((per_component * ((h > 0) & (w > 0))).sum())
+
+    def effective_parameters(self) -> int:
+        h, w = self.interval_sizes()
+        active = (h > 0) & (w > 0)
+        block = torch.minimum(self.rank * (h + w), h * w)
+        return int((block * active).sum()) + (self.out_features if self.bias is not None else 0)
+
+    # --- masks and weights -----------------------------------------------------------------------
+    def _soft_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        decay = self.sigma_decay
+        out_mask = gaudi_mask_with_decay(self.out_widths, self.out_starts, self.out_features, decay, self.round_to_grid)
+        in_mask = gaudi_mask_with_decay(self.in_widths, self.in_starts, self.in_features, decay, self.round_to_grid)
+        return out_mask, in_mask
+
+    def _hard_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = self.sigma
+        return (
+            hard_mask(self.out_widths, self.out_starts, self.out_features, sigma),
+            hard_mask(self.in_widths, self.in_starts, self.in_features, sigma),
+        )
+
+    def masked_factors(self, hard: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masked factors as ``(K*r, out_features)`` and ``(K*r, in_features)`` matrices.
+
+        ``hard`` selects the eval (hard) masks; by default they follow ``self.training``.
+        """
+        hard = (not self.training) if hard is None else hard
+        out_mask, in_mask = self._hard_masks() if hard else self._soft_masks()
+        dtype = self.out_factors.dtype
+        u = (self.out_factors * out_mask.to(dtype).unsqueeze(1)).reshape(-1, self.out_features)
+        v = (self.in_factors * in_mask.to(dtype).unsqueeze(1)).reshape(-1, self.in_features)
+        return u, v
+
+    def effective_weight(self, hard: bool | None = None) -> torch.Tensor:
+        u, v = self.masked_factors(hard)
+        return u.T @ v
+
+    def to_dense(self) -> torch.Tensor:
+        return self.effective_weight()
+
+    def _cached_eval_weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.effective_weight(hard=True)
+        tensors = [*self.factor_parameters(), *self.structure_parameters(), self.sigma_decay]
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                self._eval_cache = (key, self.effective_weight(hard=True))
+        return self._eval_cache[1]
+
+    def train(self, mode: bool = True) -> "GBLRLinear":
+        self._eval_cache = None
+        return super().train(mode)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training:
+            return F.linear(x, self._cached_eval_weight(), self.bias)
+        u, v = self.masked_factors(hard=False)
+        m, n, kr = self.out_features, self.in_features, u.shape[0]
+        tokens = x.numel() // n
+        # Build W (kr*m*n) and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)).
+        if kr * m * n + tokens * m * n < tokens * kr * (m + n):
+            return F.linear(x, u.T @ v, self.bias)
+        return F.linear(F.linear(x, v), u.T, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, num_components={self.num_components}, rank={self.rank}, "
+            f"sigma={self.sigma}"
+        )
+
+
+def _interval_tensor(name: str, intervals, k: int, length: int) -> torch.Tensor:
+    iv = torch.as_tensor(intervals, dtype=torch.float64)
+    if iv.shape != (k, 2):
+        raise ValueError(f"{name} must hold {k} (start, size) pairs, got shape {tuple(iv.shape)}")
+    if (iv != iv.round()).any() or (iv[:, 1] < 0).any() or (iv[:, 1] > length).any():
+        raise ValueError(f"{name} must be integer (start, size) pairs with 0 <= size <= {length}, got {intervals!r}")
+    iv[:, 0] = torch.remainder(iv[:, 0], length)
+    return iv
