@@ -68,15 +68,17 @@ def round_to_grid(x: torch.Tensor, n: int) -> torch.Tensor:
     return x + (torch.round(x * n) / n - x).detach()
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # The FFT has no bfloat16/float16 kernels on CPU and loses too much precision in them anyway.
+def _output_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool) -> torch.Tensor:
     """:func:`gaudi_mask` without argument checks, with ``decay = 1/(2 sigma^2)`` (a float or a 0-d
     tensor, 0 for Dirichlet). The layers call this in their hot path."""
-    dtype = _compute_dtype(widths)
+    # The spectrum is evaluated in float64: in float32 the phase 2*pi*k*l loses ~n ulps, which breaks
+    # the exact boxcar at integer intervals for n in the hundreds. Masks are K x n, small next to
+    # the matmuls they feed.
+    dtype = torch.float64
     w = widths.to(dtype).unsqueeze(-1)
     l = starts.to(dtype).unsqueeze(-1)
     if rounded:
@@ -93,7 +95,7 @@ def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool) -> torch
         amplitude = amplitude * torch.exp(-(k * k) * decay)
     phase = -(2.0 * math.pi * k * l + math.pi * k * (w - 1.0 / n))
     spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
-    return torch.fft.irfft(spectrum, n=n, dim=-1)
+    return torch.fft.irfft(spectrum, n=n, dim=-1).to(_output_dtype(widths))
 
 
 def gaudi_mask(
@@ -134,7 +136,7 @@ def boxcar_mask(widths: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Ten
     sizes = interval_sizes(widths, n).unsqueeze(-1)
     offsets = interval_offsets(starts, n).unsqueeze(-1)
     position = torch.remainder(torch.arange(n, device=widths.device) - offsets, n)
-    return (position < sizes).to(_compute_dtype(widths))
+    return (position < sizes).to(_output_dtype(widths))
 
 
 def hard_mask(widths: torch.Tensor, starts: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:

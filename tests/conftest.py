@@ -1,0 +1,4 @@
+import torch
+
+# Two cores: more threads than cores makes small ops much slower.
+torch.set_num_threads(1)

@@ -1,0 +1,168 @@
+import pytest
+import torch
+from torch import nn
+
+from gblr import GBLRLinear
+from gblr.structured.gblr import splr_widths
+
+
+def test_from_dense_full_width_matches_nn_linear():
+    torch.manual_seed(0)
+    ref = nn.Linear(24, 40, dtype=torch.float64)
+    layer = GBLRLinear.from_dense(ref.weight, ref.bias)
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert torch.allclose(layer(x), ref(x), atol=1e-10)
+    assert layer.macs_per_token() == 24 * (24 + 40)  # full SVD as rank-1 factors costs more than dense
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5), (1, 1, 2, 5)])
+def test_any_number_of_leading_dims(shape):
+    layer = GBLRLinear(shape[-1], 6)
+    x = torch.randn(*shape)
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 6)
+    flat = layer(x.reshape(-1, shape[-1])).reshape(out.shape)
+    assert torch.allclose(out, flat, atol=1e-6)
+
+
+def test_no_bias():
+    layer = GBLRLinear(8, 4, bias=False)
+    assert layer.bias is None and "bias" not in dict(layer.named_parameters())
+    assert layer(torch.zeros(3, 8)).abs().max() == 0
+    layer.eval()
+    assert layer(torch.zeros(3, 8)).abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dtypes_train_and_eval(dtype):
+    layer = GBLRLinear(16, 12, dtype=dtype, sigma=2.0)
+    x = torch.randn(4, 16, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert layer.out_widths.grad is not None and layer.in_factors.grad.dtype == dtype
+    layer.eval()
+    assert layer(x).dtype == dtype
+
+
+def test_dense_and_skinny_training_paths_agree():
+    torch.manual_seed(0)
+    layer = GBLRLinear(32, 48, num_components=4, sigma=3.0, dtype=torch.float64)
+    few = torch.randn(2, 32, dtype=torch.float64)  # skinny path: 2*4*80 < 4*32*48 + 2*32*48
+    many = torch.randn(4096, 32, dtype=torch.float64)  # skinny too; force the dense one by building W
+    weight = layer.effective_weight(hard=False)
+    for x in (few, many):
+        expected = x @ weight.T + layer.bias
+        assert torch.allclose(layer(x), expected, atol=1e-10)
+    big = GBLRLinear(32, 48, num_components=32, sigma=3.0, dtype=torch.float64)  # dense path wins
+    x = torch.randn(4096, 32, dtype=torch.float64)
+    assert torch.allclose(big(x), x @ big.effective_weight(hard=False).T + big.bias, atol=1e-10)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = GBLRLinear(20, 30, sigma=5.0)
+    b = GBLRLinear(20, 30)
+    b.load_state_dict(a.state_dict())
+    assert b.sigma == pytest.approx(5.0)
+    x = torch.randn(5, 20)
+    assert torch.equal(a(x), b(x))
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+
+
+def test_eval_cache_invalidated_when_parameters_change():
+    layer = GBLRLinear(16, 16, bias=False, width_init="full")
+    layer.eval()
+    x = torch.randn(2, 16)
+    before = layer(x)
+    assert layer(x) is not before and torch.equal(layer(x), before)
+    with torch.no_grad():
+        layer.out_widths[:8] = 0.5
+    after = layer(x)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, x @ layer.effective_weight(hard=True).T)
+    layer.sigma = 4.0
+    assert not torch.equal(layer(x), after)
+
+
+def test_eval_uses_hard_masks():
+    layer = GBLRLinear(16, 16, bias=False, num_components=2, width_init="full", dtype=torch.float64)
+    with torch.no_grad():
+        layer.out_widths.copy_(torch.tensor([0.5, 0.4 / 16]))  # second component below one row
+        layer.in_widths.copy_(torch.tensor([0.25, 1.0]))
+        layer.out_starts.copy_(torch.tensor([0.75, 0.0]))
+        layer.in_starts.zero_()
+    layer.eval()
+    weight = layer.to_dense()
+    rows = (weight.abs().sum(1) > 0).nonzero().flatten().tolist()
+    cols = (weight.abs().sum(0) > 0).nonzero().flatten().tolist()
+    assert rows == [0, 1, 2, 3, 12, 13, 14, 15] and cols == [0, 1, 2, 3]
+    assert layer.macs_per_token() == min(1 * (8 + 4), 8 * 4)
+
+
+def test_torch_compile_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(16, 32, sigma=2.0), nn.GELU(), GBLRLinear(32, 8))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 16)
+    out = compiled(x)
+    assert torch.allclose(out, model(x), atol=1e-5)
+    out.sum().backward()
+    assert model[0].in_widths.grad is not None
+    model.eval()
+    assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_splr_is_flops_neutral():
+    for m, n in [(64, 64), (192, 768), (768, 3072)]:
+        layer = GBLRLinear(n, m)
+        assert layer.relative_cost() == pytest.approx(1.0, abs=0.03)
+    assert splr_widths(4, 1, 64, 64).tolist() == [1.0] * 4  # too few components: all full width
+
+
+def test_lowrank_width_init():
+    layer = GBLRLinear(32, 32, num_components=16, width_init="lr0.25")
+    assert layer.active_components().tolist() == [True] * 4 + [False] * 12
+    assert layer.macs_per_token() == 4 * 64
+
+
+def test_component_count_from_rank_ratio():
+    assert GBLRLinear(100, 40, rank_ratio=0.5).num_components == 20
+    assert GBLRLinear(100, 40, rank=4).num_components == 10
+    assert GBLRLinear(100, 40, num_components=7).num_components == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"in_features": 0}, "in_features"),
+        ({"out_features": -3}, "out_features"),
+        ({"rank": 0}, "rank"),
+        ({"num_components": 0}, "num_components"),
+        ({"width_init": "lowrank"}, "width_init"),
+        ({"width_init": "lr1.5"}, "width_init"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"rank_ratio": -1.0}, "rank_ratio"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    args = {"in_features": 8, "out_features": 8} | kwargs
+    with pytest.raises(ValueError, match=message):
+        GBLRLinear(**args)
+
+
+def test_wrong_input_dimension():
+    layer = GBLRLinear(8, 4)
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer(torch.randn(3, 9))
+
+
+def test_bad_intervals():
+    u, v = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match="out_intervals"):
+        GBLRLinear.from_intervals([(0, 4)], [(0, 4), (4, 4)], u, v)
+    with pytest.raises(ValueError, match="in_intervals"):
+        GBLRLinear.from_intervals([(0, 4), (4, 4)], [(0, 4), (4, 9)], u, v)

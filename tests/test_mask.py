@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+
+from gblr.mask import boxcar_mask, gaudi_mask, hard_mask, interval_sizes, round_to_grid
+
+
+def reference_boxcar(size: int, start: int, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.float64)
+    for i in range(size):
+        mask[(start + i) % n] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 100, 768])
+def test_dirichlet_mask_is_exact_boxcar_at_integer_intervals(n):
+    gen = torch.Generator().manual_seed(n)
+    sizes = torch.randint(0, n + 1, (40,), generator=gen)
+    sizes[:3] = torch.tensor([0, n, min(1, n)])  # empty, full width, one element
+    starts = torch.randint(0, n, (40,), generator=gen)
+    widths, offsets = sizes.double() / n, starts.double() / n
+    for dtype in (torch.float64, torch.float32):
+        mask = gaudi_mask(widths.to(dtype), offsets.to(dtype), n, sigma=None)
+        expected = torch.stack([reference_boxcar(int(s), int(l), n) for s, l in zip(sizes, starts)])
+        assert (mask.double() - expected).abs().max() <= 1e-6
+        assert torch.equal(boxcar_mask(widths, offsets, n), expected)
+
+
+def test_wrap_around_interval():
+    mask = boxcar_mask(torch.tensor([0.5]), torch.tensor([0.75]), 8)
+    assert mask.tolist() == [[1, 1, 0, 0, 0, 0, 1, 1]]
+    soft = gaudi_mask(torch.tensor([0.5]), torch.tensor([0.75]), 8)
+    assert torch.allclose(soft, mask, atol=1e-6)
+
+
+def test_gaudi_tends_to_dirichlet_for_large_sigma():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(20, generator=gen, dtype=torch.float64)
+    l = torch.rand(20, generator=gen, dtype=torch.float64)
+    dirichlet = gaudi_mask(w, l, 64, sigma=None, round_to_grid=False)
+    gaps = [(gaudi_mask(w, l, 64, sigma=s, round_to_grid=False) - dirichlet).abs().max().item() for s in (1, 10, 100, 1e4)]
+    assert gaps == sorted(gaps, reverse=True)
+    assert gaps[-1] < 1e-4 and gaps[0] > 0.1
+
+
+def test_small_sigma_smooths_the_mask():
+    w, l = torch.tensor([0.25]), torch.tensor([0.5])
+    sharp = gaudi_mask(w, l, 64, sigma=None)
+    smooth = gaudi_mask(w, l, 64, sigma=2.0)
+    # Same mass (the DC term is untouched), but spread over more entries.
+    assert math.isclose(sharp.sum().item(), smooth.sum().item(), rel_tol=1e-5)
+    assert (smooth > 1e-3).sum() > (sharp > 1e-3).sum()
+
+
+@pytest.mark.parametrize("sigma", [None, 3.0])
+@pytest.mark.parametrize("n", [12, 13])
+def test_gradcheck_widths_and_starts(sigma, n):
+    # Includes width 0 and width 1, and a start that wraps around.
+    w = torch.tensor([0.0, 0.3, 1.0, 0.55], dtype=torch.float64, requires_grad=True)
+    l = torch.tensor([0.1, 0.95, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, l: gaudi_mask(w, l, n, sigma=sigma, round_to_grid=False), (w, l))
+
+
+def test_gradient_at_zero_width_is_not_zero():
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    l = torch.tensor([0.3], dtype=torch.float64)
+    gaudi_mask(w, l, 32, sigma=2.0).sum().backward()
+    assert w.grad.abs().item() > 1.0  # d(mass)/dw = n
+
+
+def test_straight_through_rounding():
+    w = torch.tensor([0.26], dtype=torch.float64, requires_grad=True)
+    rounded = round_to_grid(w, 4)
+    assert rounded.item() == 0.25
+    rounded.sum().backward()
+    assert w.grad.item() == 1.0
+    # The rounded mask's gradient is the smooth mask's gradient at the rounded point.
+    w1 = torch.tensor([0.26], dtype=torch.float64, requires_grad=True)
+    w2 = torch.tensor([0.25], dtype=torch.float64, requires_grad=True)
+    l = torch.tensor([0.375], dtype=torch.float64)
+    weights = torch.arange(16, dtype=torch.float64)
+    (gaudi_mask(w1, l, 16, sigma=2.0) * weights).sum().backward()
+    (gaudi_mask(w2, l, 16, sigma=2.0, round_to_grid=False) * weights).sum().backward()
+    assert torch.allclose(w1.grad, w2.grad)
+
+
+def test_hard_mask_drops_narrow_widths_and_tiny_values():
+    w = torch.tensor([0.5 / 32, 0.25])
+    l = torch.tensor([0.0, 0.5])
+    assert interval_sizes(w, 32).tolist() == [0, 8]
+    mask = hard_mask(w, l, 32, sigma=50.0)
+    assert mask[0].abs().sum() == 0
+    assert ((mask[1] == 0) | (mask[1].abs() >= 1e-3)).all()
+    assert torch.equal(hard_mask(w, l, 32, sigma=None), boxcar_mask(w, l, 32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "n must be"),
+        ({"n": 2.5}, "n must be"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"sigma": float("inf")}, "sigma"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"starts": torch.zeros(3)}, "same shape"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = {"widths": torch.zeros(2), "starts": torch.zeros(2), "n": 8} | kwargs
+    with pytest.raises(ValueError, match=message):
+        gaudi_mask(**args)
