@@ -145,6 +145,9 @@ class _CostModel:
         # Candidate widths are rounded to the parameters' dtype, so the cost evaluated here is the cost
         # the layers will have once the threshold is applied.
         self.dtype = layers[0].out_widths.dtype
+        self.active = (
+            (self._sizes(self.out_w, self.out_len) > 0) & (self._sizes(self.in_w, self.in_len) > 0)
+        ).to(torch.float64)
         # Beyond this threshold every width is 0; below its negative every width is 1.
         self.max_threshold = float(1.0 / torch.cat([self.out_c, self.in_c]).min())
 
@@ -154,9 +157,16 @@ class _CostModel:
         return torch.where(scaled < 1.0, torch.zeros_like(scaled), torch.round(scaled))
 
     def thresholded(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """New (output, input) widths of all components, as stored in the parameters' dtype."""
-        out_w = (self.out_w - threshold * self.out_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
-        in_w = (self.in_w - threshold * self.in_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
+        """New (output, input) widths of all components, as stored in the parameters' dtype.
+
+        A negative threshold grows only the active components: reviving every pruned component at once
+        would make the cost jump past the budget.
+        """
+        out_c, in_c = self.out_c, self.in_c
+        if threshold < 0:
+            out_c, in_c = out_c * self.active, in_c * self.active
+        out_w = (self.out_w - threshold * out_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
+        in_w = (self.in_w - threshold * in_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
         return out_w, in_w
 
     def cost(self, threshold: float) -> float:
@@ -301,6 +311,14 @@ class StructureLearner:
         for layer in self.layers:
             layer.sigma = sigma
 
+    def _apply_widths(self, out_w: torch.Tensor, in_w: torch.Tensor) -> None:
+        offset = 0
+        for layer in self.layers:
+            k = layer.num_components
+            layer.out_widths.copy_(out_w[offset : offset + k])
+            layer.in_widths.copy_(in_w[offset : offset + k])
+            offset += k
+
     @torch.no_grad()
     def step(self) -> dict:
         """Apply sigma schedule, proximal step and budget control; returns what it did (for logging)."""
@@ -313,21 +331,19 @@ class StructureLearner:
         if self.l1 > 0 and self.cost_fraction() * self.dense_macs > budget:
             prox_width_step(self.layers, self.l1, eta)
 
-        cost_model = _CostModel(self.layers)
-        cost = cost_model.cost(0.0)
         holding = self.step_count >= self.ramp_steps[1]
         threshold = 0.0
-        if cost > budget or (holding and cost < (1.0 - self.tolerance) * budget):
-            threshold = cost_model.threshold_for(budget, allow_growth=holding)
-        if threshold != 0.0:
-            out_w, in_w = cost_model.thresholded(threshold)
-            offset = 0
-            for layer in self.layers:
-                k = layer.num_components
-                layer.out_widths.copy_(out_w[offset : offset + k])
-                layer.in_widths.copy_(in_w[offset : offset + k])
-                offset += k
-        for layer in self.layers:
+        # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
+        # while holding, a second pass grows the surviving components back up to the budget.
+        for _ in range(2 if holding else 1):
+            cost_model = _CostModel(self.layers)
+            cost = cost_model.cost(0.0)
+            if not (cost > budget or (holding and cost < (1.0 - self.tolerance) * budget)):
+                break
+            step_threshold = cost_model.threshold_for(budget, allow_growth=holding)
+            self._apply_widths(*cost_model.thresholded(step_threshold))
+            threshold += step_threshold
+        for layer in self.layers:  # the optimizer step may have left [0, 1]
             layer.out_widths.clamp_(0.0, 1.0)
             layer.in_widths.clamp_(0.0, 1.0)
         wrap_starts(self.layers)
