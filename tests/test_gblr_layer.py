@@ -47,6 +47,15 @@ def test_dtypes_train_and_eval(dtype):
     assert layer(x).dtype == dtype
 
 
+def test_structure_stays_float32_in_half_precision():
+    layer = GBLRLinear(16, 12, dtype=torch.bfloat16)
+    assert layer.out_widths.dtype == torch.float32 and layer.out_factors.dtype == torch.bfloat16
+    layer = GBLRLinear(16, 12).to(torch.bfloat16)
+    assert layer.in_starts.dtype == torch.float32 and layer.in_factors.dtype == torch.bfloat16
+    assert layer.to(torch.float64).in_widths.dtype == torch.float64
+    assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_dense_and_skinny_training_paths_agree():
     torch.manual_seed(0)
     layer = GBLRLinear(32, 48, num_components=4, sigma=3.0, dtype=torch.float64)
@@ -106,7 +115,7 @@ def test_eval_uses_hard_masks():
 def test_torch_compile_runs():
     torch.manual_seed(0)
     model = nn.Sequential(GBLRLinear(16, 32, sigma=2.0), nn.GELU(), GBLRLinear(32, 8))
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model)
     x = torch.randn(4, 16)
     out = compiled(x)
     assert torch.allclose(out, model(x), atol=1e-5)

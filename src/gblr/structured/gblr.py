@@ -124,10 +124,11 @@ class GBLRLinear(StructuredLinear):
         k, r = self.num_components, self.rank
         self.out_factors = nn.Parameter(torch.empty(k, r, out_features, **factory))
         self.in_factors = nn.Parameter(torch.empty(k, r, in_features, **factory))
-        self.out_widths = nn.Parameter(torch.empty(k, **factory))
-        self.out_starts = nn.Parameter(torch.empty(k, **factory))
-        self.in_widths = nn.Parameter(torch.empty(k, **factory))
-        self.in_starts = nn.Parameter(torch.empty(k, **factory))
+        structure = {"device": device, "dtype": _structure_dtype(dtype or torch.get_default_dtype())}
+        self.out_widths = nn.Parameter(torch.empty(k, **structure))
+        self.out_starts = nn.Parameter(torch.empty(k, **structure))
+        self.in_widths = nn.Parameter(torch.empty(k, **structure))
+        self.in_starts = nn.Parameter(torch.empty(k, **structure))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -323,6 +324,15 @@ class GBLRLinear(StructuredLinear):
                 self._eval_cache = (key, self.effective_weight(hard=True))
         return self._eval_cache[1]
 
+    def _apply(self, fn, recurse=True):
+        # Keep widths and starts in at least float32 when the model is cast to half precision: in
+        # bfloat16 a width cannot even resolve one row of a 512-row layer.
+        super()._apply(fn, recurse)
+        for p in self.structure_parameters():
+            if p.dtype != _structure_dtype(p.dtype):
+                p.data = p.data.to(_structure_dtype(p.dtype))
+        return self
+
     def train(self, mode: bool = True) -> "GBLRLinear":
         self._eval_cache = None
         return super().train(mode)
@@ -346,6 +356,11 @@ class GBLRLinear(StructuredLinear):
             f"bias={self.bias is not None}, num_components={self.num_components}, rank={self.rank}, "
             f"sigma={self.sigma}"
         )
+
+
+def _structure_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Widths and starts use float64 in float64 layers and float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _interval_tensor(name: str, intervals, k: int, length: int) -> torch.Tensor:
