@@ -353,10 +353,12 @@ class StructureLearner:
         if self.sigma_schedule is not None:
             sigma = self.sigma_schedule(self.step_count)
             self._set_sigma(sigma)
-        return {
+        stats = {
             "cost_fraction": self.cost_fraction(),
             "budget_fraction": budget / self.dense_macs,
             "threshold": threshold,
             "lambda": threshold / eta if eta > 0 else float("nan"),
             "sigma": sigma if self.sigma_schedule is not None else self.layers[0].sigma,
         }
+        log.debug("structure step %d: %s", self.step_count, stats)
+        return stats

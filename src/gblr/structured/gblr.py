@@ -12,7 +12,6 @@ the masked factors flatten without a copy to the ``(K*r, features)`` matrices of
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from typing import Sequence
@@ -26,7 +25,6 @@ from .base import StructuredLinear, check_features
 
 __all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths"]
 
-log = logging.getLogger(__name__)
 
 #: Names accepted by ``width_init``: "splr" (FLOPs-neutral), "full", or "lrX" with X in (0, 1].
 WIDTH_INITS = ("splr", "full", "lrX")
