@@ -9,7 +9,7 @@ from gblr.structured.gblr import splr_widths
 def test_from_dense_full_width_matches_nn_linear():
     torch.manual_seed(0)
     ref = nn.Linear(24, 40, dtype=torch.float64)
-    layer = GBLRLinear.from_dense(ref.weight, ref.bias)
+    layer = GBLRLinear.from_dense(ref.weight, bias=ref.bias)
     x = torch.randn(3, 7, 24, dtype=torch.float64)
     for mode in (layer.train, layer.eval):
         mode()

@@ -5,13 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["StructuredLinear", "check_features"]
+__all__ = ["StructuredLinear", "check_features", "check_budget", "unreachable_budget"]
 
 
 def check_features(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_budget(budget) -> float:
+    """A budget is a fraction of the dense layer's MACs, in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < budget <= 1.0):
+        raise ValueError(f"budget must be a fraction of the dense cost in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def unreachable_budget(family: str, in_features: int, out_features: int, budget: float, smallest: float):
+    return ValueError(
+        f"budget {budget:g} is below the smallest budget {family} can reach for in_features={in_features}, "
+        f"out_features={out_features}: {smallest:.6g}"
+    )
 
 
 class StructuredLinear(nn.Module):
@@ -21,6 +35,8 @@ class StructuredLinear(nn.Module):
     in_features)`` and report the cost of computing it the structured way.
     """
 
+    #: Name of the family in the registry (:func:`gblr.structured.make_structured`).
+    family: str = ""
     in_features: int
     out_features: int
 
@@ -40,6 +56,40 @@ class StructuredLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` matrix this layer currently multiplies by."""
+        raise NotImplementedError
+
+    # --- construction for a budget (every family in the registry implements these) ----------------
+    @classmethod
+    def size_for_budget(cls, in_features: int, out_features: int, budget: float, **options) -> dict:
+        """The family's own size parameters whose cost is closest to ``budget`` without exceeding it."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_budget(cls, in_features: int, out_features: int, budget: float, *, bias: bool = True,
+                   device=None, dtype=None, **options) -> "StructuredLinear":
+        """A randomly initialised layer whose cost is at most ``budget`` of the dense cost."""
+        sizes = cls.size_for_budget(in_features, out_features, check_budget(budget), **options)
+        return cls(in_features, out_features, bias=bias, device=device, dtype=dtype, **(options | sizes))
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
+                   **options) -> "StructuredLinear":
+        """Project a dense ``(out, in)`` weight into the family at ``budget``; ``bias`` is copied."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        layer = cls.for_budget(in_features, out_features, budget, bias=bias is not None,
+                               device=weight.device, dtype=weight.dtype, **options)
+        with torch.no_grad():
+            layer.project_(weight.detach())
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def project_(self, weight: torch.Tensor) -> None:
+        """Set this layer's weights to (an approximation of) the closest member of the family to ``weight``."""
         raise NotImplementedError
 
     # --- shared helpers --------------------------------------------------------------------------

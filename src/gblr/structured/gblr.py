@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mask import gaudi_mask_with_decay, hard_mask, interval_sizes, inverse_two_sigma_squared
-from .base import StructuredLinear, check_features
+from ..mask import gaudi_mask_with_decay, hard_mask, interval_offsets, interval_sizes, inverse_two_sigma_squared
+from .base import StructuredLinear, check_budget, check_features, unreachable_budget
 
 __all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths"]
 
@@ -90,6 +90,8 @@ class GBLRLinear(StructuredLinear):
         sigma: Gaussian width of the Gaudi mask; None for the Dirichlet mask (exact boxcar).
         round_to_grid: straight-through rounding of widths and starts to whole rows/columns.
     """
+
+    family = "gblr"
 
     def __init__(
         self,
@@ -174,9 +176,21 @@ class GBLRLinear(StructuredLinear):
             self.in_widths.copy_(in_widths)
 
     @classmethod
+    def size_for_budget(cls, in_features, out_features, budget, rank: int = 1, **options) -> dict:
+        """``min(in, out) / rank`` components, of which as many full-width ones as the budget allows
+        (a low-rank start that training or fitting reshapes); the others start empty."""
+        m, n = out_features, in_features
+        num_components = max(1, min(m, n) // rank)
+        full = min(math.floor(budget * m * n / (rank * (m + n))), num_components)
+        if full < 1:
+            raise unreachable_budget(cls.family, n, m, budget, rank * (m + n) / (m * n))
+        return {"num_components": num_components, "rank": rank, "width_init": f"lr{(full + 0.5) / num_components}"}
+
+    @classmethod
     def from_dense(
         cls,
         weight: torch.Tensor,
+        budget: float | None = None,
         bias: torch.Tensor | None = None,
         *,
         num_components: int | None = None,
@@ -184,15 +198,20 @@ class GBLRLinear(StructuredLinear):
         width_init: str = "full",
         **kwargs,
     ) -> "GBLRLinear":
-        """Components from the SVD of ``weight`` (largest singular values first), widths per ``width_init``.
-
-        With the default ``width_init="full"`` and ``K*r >= rank(weight)`` the layer equals ``weight``.
+        """Without ``budget``: components from the SVD of ``weight`` (largest singular values first),
+        widths per ``width_init``; with ``width_init="full"`` and ``K*r >= rank(weight)`` the layer equals
+        ``weight``. With ``budget``: fit widths, starts and factors under that budget
+        (:func:`gblr.fit.fit_gblr`; ``kwargs`` go to it).
         """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
         m, n = weight.shape
         if bias is not None and tuple(bias.shape) != (m,):
             raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        if budget is not None:
+            from ..fit import fit_gblr  # fit builds on this module
+
+            return fit_gblr(weight, check_budget(budget), bias, **kwargs)
         layer = cls(
             n, m, bias=bias is not None, num_components=num_components, rank=rank,
             width_init=width_init, device=weight.device, dtype=weight.dtype, **kwargs,
@@ -311,6 +330,34 @@ class GBLRLinear(StructuredLinear):
 
     def to_dense(self) -> torch.Tensor:
         return self.effective_weight()
+
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The factored computation the counted cost describes: each active component multiplies only
+        its input interval and adds into its output interval (as two rank-r products, or as one dense
+        block where that is cheaper). Equals the eval forward for ``sigma=None`` (boxcar masks); a
+        reference for cost accounting, one component at a time (the compact inference form is faster).
+        """
+        self._check_input(x)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        y = flat.new_zeros(flat.shape[0], self.out_features)
+        out_sizes, in_sizes = self.interval_sizes()
+        out_offsets = interval_offsets(self.out_starts, self.out_features)
+        in_offsets = interval_offsets(self.in_starts, self.in_features)
+        for k in (self.active_components()).nonzero().flatten().tolist():
+            h, w = int(out_sizes[k]), int(in_sizes[k])
+            rows = (int(out_offsets[k]) + torch.arange(h, device=x.device)) % self.out_features
+            cols = (int(in_offsets[k]) + torch.arange(w, device=x.device)) % self.in_features
+            u, v = self.out_factors[k][:, rows], self.in_factors[k][:, cols]  # (r, h), (r, w)
+            xk = flat[:, cols]
+            if self.rank * (h + w) <= h * w:
+                contribution = (xk @ v.T) @ u
+            else:
+                contribution = xk @ (v.T @ u)
+            y = y.index_add(1, rows, contribution)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
 
     def _cached_eval_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():

@@ -1,0 +1,126 @@
+"""Every structured family answers the same questions, meets budgets, and counts its cost honestly."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gblr.structured import FAMILIES, family_names, make_structured, structured_from_dense
+
+STRUCTURED = [name for name in family_names() if name != "dense"]
+SHAPES = [(384, 384), (384, 1536), (1536, 384), (576, 192)]  # (in, out)
+FAST = [name for name in STRUCTURED if name not in ("gblr", "blast")]  # gradient-based fits are slower
+
+
+def counted_forward(layer):
+    return layer.block_forward if layer.family == "gblr" else layer
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_to_dense_equals_forward_on_identity(name):
+    torch.manual_seed(0)
+    budget = 1.0 if name == "dense" else 0.3
+    layer = make_structured(name, 48, 80, budget, dtype=torch.float64)
+    layer.eval()
+    eye = torch.eye(48, dtype=torch.float64)
+    bias = layer.bias if layer.bias is not None else 0
+    assert torch.allclose(layer(eye) - bias, layer.to_dense().T, atol=1e-10)
+    assert torch.allclose(counted_forward(layer)(eye) - bias, layer.to_dense().T, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_budget_reached_from_below(name, shape):
+    for budget in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        layer = make_structured(name, *shape, budget)
+        cost = layer.relative_cost()
+        assert cost <= budget + 1e-12, (name, shape, budget, cost)
+        assert cost >= 0.9 * budget, (name, shape, budget, cost)
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_counted_macs_match_flop_counter(name):
+    torch.manual_seed(0)
+    tokens = 256
+    for in_features, out_features in [(384, 384), (384, 1536), (576, 192)]:
+        layer = make_structured(name, in_features, out_features, 0.3)
+        layer.eval()
+        if name == "gblr":  # give it a structure with partial blocks, not only full-width components
+            with torch.no_grad():
+                k = layer.num_components
+                layer.out_widths.copy_(torch.rand(k) * 0.5)
+                layer.in_widths.copy_(torch.rand(k) * 0.5)
+                layer.out_starts.copy_(torch.rand(k))
+                layer.in_starts.copy_(torch.rand(k))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            counted_forward(layer)(torch.randn(tokens, in_features))
+        measured = counter.get_total_flops() / (2 * tokens)
+        assert math.isclose(measured, layer.macs_per_token(), rel_tol=0.01), (name, measured, layer.macs_per_token())
+
+
+@pytest.mark.parametrize("name", FAST + ["blast", "gblr"])
+def test_projection_error_decreases_with_budget(name):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128, dtype=torch.float64)
+    errors = []
+    for budget in (0.1, 0.25, 0.5):
+        layer = structured_from_dense(name, weight, budget)
+        layer.eval()
+        assert layer.relative_cost() <= budget
+        errors.append(float((layer.to_dense().detach() - weight).norm() / weight.norm()))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_lowrank_projection_is_eckart_young_optimal():
+    torch.manual_seed(0)
+    weight = torch.randn(80, 120, dtype=torch.float64)
+    singular = torch.linalg.svdvals(weight)
+    layer = structured_from_dense("lowrank", weight, 0.3)
+    error = (layer.to_dense() - weight).norm()
+    assert torch.isclose(error, singular[layer.rank :].norm())
+
+
+@pytest.mark.parametrize("name", ["blockdiag", "monarch"])  # exact projections
+def test_projection_recovers_members_of_the_family(name):
+    torch.manual_seed(0)
+    member = make_structured(name, 64, 96, 0.3, dtype=torch.float64)
+    weight = member.to_dense().detach()
+    projected = structured_from_dense(name, weight, 0.3)
+    assert torch.allclose(projected.to_dense(), weight, atol=1e-8)
+
+
+def test_gblr_fit_finds_hidden_block_structure_that_lowrank_cannot():
+    torch.manual_seed(0)
+    weight = torch.zeros(64, 64, dtype=torch.float64)
+    for i in range(4):  # block diagonal with 16x16 blocks: full rank, cost 0.25
+        weight[16 * i : 16 * (i + 1), 16 * i : 16 * (i + 1)] = torch.randn(16, 16, dtype=torch.float64)
+    gblr = structured_from_dense("gblr", weight, 0.5, steps=300)
+    lowrank = structured_from_dense("lowrank", weight, 0.5)
+    gblr.eval()
+    gblr_error = float((gblr.to_dense().detach() - weight).norm() / weight.norm())
+    lowrank_error = float((lowrank.to_dense().detach() - weight).norm() / weight.norm())
+    assert gblr.relative_cost() <= 0.5
+    assert gblr_error < 0.5 * lowrank_error, (gblr_error, lowrank_error)
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(ValueError, match="known families: dense, lowrank, blockdiag, monarch"):
+        make_structured("butterfly", 8, 8, 0.5)
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_unreachable_budget_names_the_smallest(name):
+    with pytest.raises(ValueError, match=r"smallest budget .* can reach .*: \d"):
+        make_structured(name, 64, 64, 1e-4)
+
+
+def test_bad_budget():
+    for budget in (0.0, 1.5, float("nan"), "0.3"):
+        with pytest.raises(ValueError, match="budget"):
+            make_structured("lowrank", 8, 8, budget)
+
+
+def test_registry_covers_every_family():
+    assert set(FAMILIES) == {"dense", "lowrank", "blockdiag", "monarch", "pixelfly", "blast", "gblr"}
