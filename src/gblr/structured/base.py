@@ -92,7 +92,18 @@ class StructuredLinear(nn.Module):
         """Set this layer's weights to (an approximation of) the closest member of the family to ``weight``."""
         raise NotImplementedError
 
-    # --- shared helpers --------------------------------------------------------------------------
+    # --- shared helpers ---
+    def _init_bias(self, bias: bool, factory: dict) -> None:
+        """A bias initialised like ``nn.Linear``'s, or a registered ``None``."""
+        if bias:
+            bound = 1.0 / self.in_features**0.5
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def _bias_size(self) -> int:
+        return 0 if self.bias is None else self.bias.numel()
+
     @property
     def dense_macs_per_token(self) -> int:
         return self.in_features * self.out_features

@@ -50,17 +50,12 @@ class BlastLinear(StructuredLinear):
         self.in_factors = nn.Parameter(torch.empty(b, self.in_block, rank, **factory))  # V_j
         self.out_factors = nn.Parameter(torch.empty(b, rank, self.out_block, **factory))  # U_i^T
         self.coupling = nn.Parameter(torch.empty(rank, b, b, **factory))  # s[k, j, i]
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
             self.in_factors.uniform_(-bound, bound)
             self.out_factors.uniform_(-1 / math.sqrt(rank), 1 / math.sqrt(rank))
             self.coupling.uniform_(-1 / math.sqrt(b), 1 / math.sqrt(b))
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, num_blocks: int | None = None, **options) -> dict:
@@ -108,8 +103,7 @@ class BlastLinear(StructuredLinear):
         return r * (b * self.in_block + b * self.out_block + b * b)
 
     def effective_parameters(self) -> int:
-        return sum(p.numel() for p in (self.in_factors, self.out_factors, self.coupling)) + (
-            self.bias.numel() if self.bias is not None else 0)
+        return sum(p.numel() for p in (self.in_factors, self.out_factors, self.coupling)) + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return self._padded_dense()[: self.out_features, : self.in_features]

@@ -41,15 +41,10 @@ class BlockDiagonalLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         self.blocks = nn.Parameter(torch.empty(k - 1, a, c, **factory))  # (k-1, rows, cols)
         self.last_block = nn.Parameter(torch.empty(out_features - (k - 1) * a, in_features - (k - 1) * c, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         with torch.no_grad():
             self.blocks.uniform_(-1 / math.sqrt(c), 1 / math.sqrt(c))
             self.last_block.uniform_(-1 / math.sqrt(self.last_block.shape[1]), 1 / math.sqrt(self.last_block.shape[1]))
-            if self.bias is not None:
-                self.bias.uniform_(-1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, **options) -> dict:
@@ -82,7 +77,7 @@ class BlockDiagonalLinear(StructuredLinear):
         return _cost(self.out_features, self.in_features, self.num_blocks, self.block_rows, self.block_cols)
 
     def effective_parameters(self) -> int:
-        return self.blocks.numel() + self.last_block.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.blocks.numel() + self.last_block.numel() + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return torch.block_diag(*self.blocks.unbind(0), self.last_block)

@@ -22,15 +22,10 @@ class DenseLinear(StructuredLinear):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, **options) -> dict:
@@ -45,7 +40,7 @@ class DenseLinear(StructuredLinear):
         return self.in_features * self.out_features
 
     def effective_parameters(self) -> int:
-        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.weight.numel() + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return self.weight

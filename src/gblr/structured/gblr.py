@@ -129,10 +129,7 @@ class GBLRLinear(StructuredLinear):
         self.out_starts = nn.Parameter(torch.empty(k, **structure))
         self.in_widths = nn.Parameter(torch.empty(k, **structure))
         self.in_starts = nn.Parameter(torch.empty(k, **structure))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         # 1/(2 sigma^2) as a buffer: changing sigma does not trigger recompilation under torch.compile.
         self.register_buffer("sigma_decay", torch.tensor(inverse_two_sigma_squared(sigma), device=device))
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
@@ -162,8 +159,6 @@ class GBLRLinear(StructuredLinear):
                 starts[partial.to(starts.device)] = torch.rand(int(partial.sum()), device=starts.device).to(
                     starts.dtype
                 )
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     def _set_factors(self, u: torch.Tensor, v: torch.Tensor) -> None:
         with torch.no_grad():
@@ -296,7 +291,7 @@ class GBLRLinear(StructuredLinear):
         h, w = self.interval_sizes()
         active = (h > 0) & (w > 0)
         block = torch.minimum(self.rank * (h + w), h * w)
-        return int((block * active).sum()) + (self.out_features if self.bias is not None else 0)
+        return int((block * active).sum()) + self._bias_size()
 
     # --- masks and weights -----------------------------------------------------------------------
     def _soft_masks(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,17 +25,12 @@ class LowRankLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         self.in_proj = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.out_proj = nn.Parameter(torch.empty(out_features, rank, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         # Product variance of nn.Linear's init: each factor gets the square root of its scale.
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
             self.in_proj.uniform_(-bound, bound)
             self.out_proj.uniform_(-math.sqrt(3.0 / rank), math.sqrt(3.0 / rank)).mul_(bound)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, **options) -> dict:
@@ -56,7 +51,7 @@ class LowRankLinear(StructuredLinear):
         return self.rank * (self.in_features + self.out_features)
 
     def effective_parameters(self) -> int:
-        return self.in_proj.numel() + self.out_proj.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.in_proj.numel() + self.out_proj.numel() + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return self.out_proj @ self.in_proj

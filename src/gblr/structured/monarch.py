@@ -42,16 +42,11 @@ class MonarchLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         self.left = nn.Parameter(torch.empty(b, self.in_block, s, **factory))
         self.right = nn.Parameter(torch.empty(s, b, self.out_block, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
             self.left.uniform_(-1 / math.sqrt(self.in_block), 1 / math.sqrt(self.in_block))
             self.right.uniform_(-1 / math.sqrt(b), 1 / math.sqrt(b)).mul_(math.sqrt(self.in_block) * bound * math.sqrt(3))
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, **options) -> dict:
@@ -85,7 +80,7 @@ class MonarchLinear(StructuredLinear):
         return self.num_blocks * self.out_blocks * (self.in_block + self.out_block)
 
     def effective_parameters(self) -> int:
-        return self.left.numel() + self.right.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.left.numel() + self.right.numel() + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return self._padded_dense()[: self.out_features, : self.in_features]

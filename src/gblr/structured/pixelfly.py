@@ -51,17 +51,12 @@ class PixelflyLinear(StructuredLinear):
         self.blocks = nn.Parameter(torch.empty(len(rows), self.block_cols, self.block_rows, **factory))
         self.in_proj = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.out_proj = nn.Parameter(torch.empty(out_features, rank, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, factory)
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
             self.blocks.uniform_(-bound, bound)
             self.in_proj.uniform_(-bound, bound)
             self.out_proj.uniform_(-bound, bound)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def size_for_budget(cls, in_features, out_features, budget, **options) -> dict:
@@ -112,8 +107,7 @@ class PixelflyLinear(StructuredLinear):
         return self.blocks.shape[0] * self.block_rows * self.block_cols + self.rank * (self.in_features + self.out_features)
 
     def effective_parameters(self) -> int:
-        return sum(p.numel() for p in (self.blocks, self.in_proj, self.out_proj)) + (
-            self.bias.numel() if self.bias is not None else 0)
+        return sum(p.numel() for p in (self.blocks, self.in_proj, self.out_proj)) + self._bias_size()
 
     def to_dense(self) -> torch.Tensor:
         return self._sparse_dense() + self.out_proj @ self.in_proj
