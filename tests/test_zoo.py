@@ -124,3 +124,18 @@ def test_bad_budget():
 
 def test_registry_covers_every_family():
     assert set(FAMILIES) == {"dense", "lowrank", "blockdiag", "monarch", "pixelfly", "blast", "gblr"}
+
+
+def test_monarch_any_shape_and_block_counts():
+    from gblr.structured import MonarchLinear
+
+    torch.manual_seed(0)
+    for in_features, out_features, blocks, out_blocks in [(50, 70, 4, 7), (96, 33, 8, 3), (17, 64, 5, 5)]:
+        member = MonarchLinear(in_features, out_features, num_blocks=blocks, out_blocks=out_blocks, dtype=torch.float64)
+        weight = member.to_dense().detach()
+        projected = MonarchLinear(in_features, out_features, num_blocks=blocks, out_blocks=out_blocks, dtype=torch.float64)
+        with torch.no_grad():
+            projected.project_(weight)
+        assert torch.allclose(projected.to_dense(), weight, atol=1e-8)
+        x = torch.randn(3, in_features, dtype=torch.float64)
+        assert torch.allclose(projected(x) - projected.bias, x @ weight.T, atol=1e-8)
