@@ -92,9 +92,9 @@ def main() -> None:
         "# Projection error at equal budget",
         "",
         f"`{meta['command']}` on {meta['date']}, {meta['machine']}, torch {meta['torch']}. Mean relative "
-        "Frobenius error (lower is better) / mean reached cost / mean seconds per matrix. GBLR is the simple "
-        "fit of `gblr.fit.fit_gblr` (energy-based intervals, 200 Adam steps under the budget controller, "
-        "low-rank fallback).",
+        "Frobenius error (lower is better) / mean reached cost / mean seconds per matrix. GBLR is "
+        "`gblr.fit.fit_gblr`: the best of adaptive block-low-rank fits on 1x1 to 16x16 tilings (1x1 = low-rank) "
+        "and the learned fit (energy-based intervals, 200 Adam steps under the budget controller).",
     ]
     for set_name, matrices in sets.items():
         lines += ["", f"## {set_name} ({len(matrices)} matrices)", "",

@@ -139,3 +139,17 @@ def test_monarch_any_shape_and_block_counts():
         assert torch.allclose(projected.to_dense(), weight, atol=1e-8)
         x = torch.randn(3, in_features, dtype=torch.float64)
         assert torch.allclose(projected(x) - projected.bias, x @ weight.T, atol=1e-8)
+
+
+def test_gblr_fit_is_never_worse_than_lowrank():
+    from gblr.fit import block_low_rank_fit
+
+    torch.manual_seed(0)
+    weight = torch.randn(80, 120, dtype=torch.float64)
+    lowrank = structured_from_dense("lowrank", weight, 0.3)
+    single_tile = block_low_rank_fit(weight, 0.3, grid=1)
+    single_tile.eval()
+    assert torch.allclose(single_tile.to_dense(), lowrank.to_dense(), atol=1e-10)
+    gblr = structured_from_dense("gblr", weight, 0.3, steps=0)
+    gblr.eval()
+    assert (gblr.to_dense() - weight).norm() <= (lowrank.to_dense() - weight).norm() + 1e-10

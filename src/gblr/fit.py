@@ -1,41 +1,74 @@
-"""Fitting a GBLR layer to a pretrained dense matrix under a budget (the method of SPEC section 5, simply).
+"""Fitting a GBLR layer to a pretrained dense matrix under a budget.
 
-Start from the full SVD as ``min(m, n)`` rank-1 components, each with the shortest intervals that hold
-``keep`` of its singular vectors' energy (SPEC's method starts from full widths and random starts; on
-block-structured matrices that start cannot find the blocks), then run Adam
-on the relative error ``||W_hat - W||_F^2 / ||W||_F^2`` with the exact (Dirichlet, rounded) masks while
-the structure learner shrinks the widths to the budget. GBLR contains the low-rank matrices, so the
-result is never allowed to be worse than the best low-rank matrix of the same cost: if fitting ends
-worse, the low-rank solution is returned as a GBLR layer.
+Two kinds of candidates, the best one wins:
+
+- adaptive block-low-rank fits: tile the matrix, take every tile's rank-1 SVD pieces, and keep those
+  with the most energy per MAC until the budget is spent (one grid is the whole matrix: the optimal
+  low-rank matrix, so the result is never worse than low-rank, which GBLR contains);
+- the learned fit of SPEC section 5: all rank-1 SVD components, each starting on the shortest intervals
+  that hold most of its singular vectors' energy (SPEC starts from full widths and random starts, which
+  cannot find blocks), then Adam on ``||W_hat - W||_F^2 / ||W||_F^2`` with exact masks while the structure
+  learner shrinks the widths to the budget.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from .learn import StructureLearner, param_groups
 from .structured.gblr import GBLRLinear
-from .structured.gblr_special import gblr_lowrank
 
-__all__ = ["fit_gblr", "relative_error"]
+__all__ = ["fit_gblr", "learned_fit", "block_low_rank_fit", "energy_intervals", "relative_error"]
 
 log = logging.getLogger(__name__)
 
 
 def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
-    return float((approx.double() - weight.double()).norm() / weight.double().norm())
+    return float((approx.detach().double() - weight.detach().double()).norm() / weight.detach().double().norm())
 
 
-def _lowrank_gblr(weight: torch.Tensor, budget: float, bias) -> GBLRLinear:
+def _splits(length: int, parts: int) -> list[tuple[int, int]]:
+    """(start, size) of ``parts`` nearly equal consecutive pieces of ``range(length)``."""
+    edges = [round(i * length / parts) for i in range(parts + 1)]
+    return [(a, b - a) for a, b in zip(edges, edges[1:])]
+
+
+def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None) -> GBLRLinear:
+    """Best rank-1 pieces of a ``grid x grid`` tiling, chosen greedily by energy per MAC.
+
+    Every tile's SVD gives rank-1 pieces of energy ``s_k^2`` and cost ``h + w``; taking the pieces with
+    the most energy per MAC until the budget is spent gives a block-low-rank matrix with a rank per tile
+    adapted to the matrix (a GBLR special case). ``grid=1`` is the optimal low-rank matrix.
+    """
     m, n = weight.shape
-    rank = max(1, min(math.floor(budget * m * n / (m + n)), min(m, n)))
-    p, s, qh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    layer = gblr_lowrank((p[:, :rank] * root).to(weight.dtype), (qh[:rank].T * root).to(weight.dtype), bias)
-    return layer
+    grid = max(1, min(grid, m, n))
+    target = weight.detach().double()
+    pieces = []  # (energy per MAC, tile row interval, tile column interval, u, v)
+    for row_start, h in _splits(m, grid):
+        for col_start, w in _splits(n, grid):
+            p, sv, qh = torch.linalg.svd(target[row_start : row_start + h, col_start : col_start + w], full_matrices=False)
+            for k in range(sv.shape[0]):
+                pieces.append((float(sv[k] ** 2) / (h + w), (row_start, h), (col_start, w), p[:, k] * sv[k], qh[k]))
+    pieces.sort(key=lambda piece: -piece[0])
+    allowed, spent, chosen = budget * m * n, 0, []
+    for piece in pieces:
+        cost = piece[1][1] + piece[2][1]
+        if spent + cost <= allowed:
+            chosen.append(piece)
+            spent += cost
+    if not chosen:
+        raise ValueError(f"budget {budget:g} is below the cost of one rank-1 piece of a {m}x{n} matrix tiled {grid}x{grid}")
+    out_factors = target.new_zeros(len(chosen), 1, m)
+    in_factors = target.new_zeros(len(chosen), 1, n)
+    for i, (_, (r0, h), (c0, w), u, v) in enumerate(chosen):
+        out_factors[i, 0, r0 : r0 + h] = u
+        in_factors[i, 0, c0 : c0 + w] = v
+    return GBLRLinear.from_intervals(
+        [piece[1] for piece in chosen], [piece[2] for piece in chosen],
+        out_factors.to(weight.dtype), in_factors.to(weight.dtype), bias,
+    )
 
 
 def energy_intervals(vectors: torch.Tensor, keep: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +98,7 @@ def energy_intervals(vectors: torch.Tensor, keep: float = 0.99) -> tuple[torch.T
     return start.double() / n, hi.double() / n
 
 
-def fit_gblr(
+def learned_fit(
     weight: torch.Tensor,
     budget: float,
     bias: torch.Tensor | None = None,
@@ -74,8 +107,8 @@ def fit_gblr(
     structure_lr: float = 0.0,
     keep: float = 0.99,
 ) -> GBLRLinear:
-    """A :class:`GBLRLinear` approximating ``weight`` at ``budget`` of its dense cost (see module doc)."""
-    m, n = weight.shape
+    """SPEC section 5: all rank-1 SVD components (intervals from their energy), Adam on the relative
+    error while the structure learner shrinks the widths to the budget."""
     layer = GBLRLinear.from_dense(weight.detach(), bias=bias)
     with torch.no_grad():
         for factors, starts, widths in (
@@ -101,12 +134,29 @@ def fit_gblr(
         schedule.step()
         learner.step()
     layer.eval()
-    with torch.no_grad():
-        fitted_error = relative_error(layer.to_dense(), target)
-        lowrank = _lowrank_gblr(target, budget, bias)
-        lowrank.eval()
-        lowrank_error = relative_error(lowrank.to_dense(), target)
-    log.debug("GBLR fit %dx%d at %.3f: error %.4f (low-rank %.4f)", m, n, budget, fitted_error, lowrank_error)
-    if fitted_error >= lowrank_error or layer.relative_cost() > budget:
-        return lowrank
     return layer
+
+
+def fit_gblr(
+    weight: torch.Tensor,
+    budget: float,
+    bias: torch.Tensor | None = None,
+    grids: tuple[int, ...] = (1, 2, 4, 8, 16),
+    **learned_options,
+) -> GBLRLinear:
+    """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
+    matrix, so the result is never worse than low-rank) and the learned fit (:func:`learned_fit`,
+    skipped with ``steps=0``). Candidates over the budget are discarded."""
+    target = weight.detach()
+    candidates = [block_low_rank_fit(target, budget, grid, bias) for grid in grids]
+    if learned_options.get("steps", 200) > 0:
+        candidates.append(learned_fit(target, budget, bias, **learned_options))
+    scored = []
+    for layer in candidates:
+        layer.eval()
+        if layer.relative_cost() <= budget:
+            with torch.no_grad():
+                scored.append((relative_error(layer.to_dense(), target), layer))
+    error, best = min(scored, key=lambda pair: pair[0])
+    log.debug("GBLR fit %s at %.3f: error %.4f", tuple(target.shape), budget, error)
+    return best
