@@ -12,18 +12,12 @@ Writes benchmarks/results/hidden_structure.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import sys
 from multiprocessing import Pool
-from pathlib import Path
 
 import torch
+from _results import provenance, run_metadata, write_results
 
 from gblr.demos.hidden_structure import KINDS, STRUCTURE_LR, recover
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(job: tuple[str, float, int, int]) -> dict:
@@ -49,19 +43,11 @@ def main() -> None:
     jobs = [(k, lr, s, args.steps) for k in KINDS for lr in args.structure_lrs for s in args.seeds]
     with Pool(args.workers) as pool:
         rows = pool.map(run, jobs)
-    meta = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {args.workers} workers with 1 torch thread each",
-        "torch": torch.__version__,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hidden_structure.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    meta = run_metadata(f"{args.workers} workers with 1 torch thread each")
     lines = [
         "# Hidden-structure recovery (64x64, budget = hidden matrix's cost)",
         "",
-        f"`{meta['command']}` on {meta['date']}, {meta['machine']}, torch {meta['torch']}. "
-        "Recovered = relative Frobenius error < 5 % and learned cost within 5 % of the hidden cost. "
+        f"{provenance(meta)} Recovered = relative Frobenius error < 5 % and learned cost within 5 % of the hidden cost. "
         "Block-sparse: 5 dense 16x16 blocks, GBLR with 16 rank-16 components; low-rank: rank 6, GBLR with "
         f"64 rank-1 components. The demo's defaults: {STRUCTURE_LR}.",
         "",
@@ -77,7 +63,7 @@ def main() -> None:
                 f"| {kind} | {lr:g} | {sum(r['recovered'] for r in group)} / {len(group)} | "
                 f"{errors[len(errors) // 2]:.2e} | {by_seed} |"
             )
-    (RESULTS / "hidden_structure.md").write_text("\n".join(lines) + "\n")
+    write_results("hidden_structure", meta, rows, lines)
 
 
 if __name__ == "__main__":

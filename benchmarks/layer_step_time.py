@@ -9,20 +9,14 @@ repeats. Writes benchmarks/results/layer_step_time.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _results import provenance, run_metadata, write_results
 from torch import nn
 
 from gblr import GBLRLinear
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def step_seconds(layer: nn.Module, x: torch.Tensor) -> float:
@@ -70,21 +64,13 @@ def main() -> None:
         )
         print(f"{name}: {rows[-1]['time_ratio_median']:.2f}x nn.Linear "
               f"({rows[-1]['gblr_ms']:.1f} ms vs {rows[-1]['dense_ms']:.1f} ms)")
-    meta = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {args.threads}",
-        "torch": torch.__version__,
-        "shape": {"in_features": n, "out_features": m, "tokens": args.tokens},
-        "repeats": args.repeats,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "layer_step_time.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    meta = run_metadata(f"torch threads {args.threads}", shape={"in_features": n, "out_features": m, "tokens": args.tokens},
+                        repeats=args.repeats)
     lines = [
         "# GBLR training step vs nn.Linear",
         "",
         f"Forward + backward of one ({n} -> {m}) layer on {args.tokens} tokens, median of {args.repeats} "
-        f"interleaved repeats. `{meta['command']}` on {meta['date']}, {meta['machine']}, torch {meta['torch']}.",
+        f"interleaved repeats. {provenance(meta)}",
         "",
         "| variant | counted cost | nn.Linear ms | GBLR ms | GBLR / nn.Linear |",
         "|---|---:|---:|---:|---:|",
@@ -94,7 +80,7 @@ def main() -> None:
             f"| {r['variant']} | {r['relative_cost']:.3f} | {r['dense_ms']:.1f} | {r['gblr_ms']:.1f} | "
             f"{r['time_ratio_median']:.2f}x |"
         )
-    (RESULTS / "layer_step_time.md").write_text("\n".join(lines) + "\n")
+    write_results("layer_step_time", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -12,20 +12,15 @@ set, the mean reached cost, and the mean projection time. Writes benchmarks/resu
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _results import provenance, run_metadata, write_results
 
 from gblr.structured import family_names, structured_from_dense
-
-RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.1, 0.25, 0.5)
 FAMILIES = [name for name in family_names() if name != "dense"]
 
@@ -80,18 +75,11 @@ def main() -> None:
                              "mean_relative_error": statistics.mean(errors), "mean_cost": statistics.mean(costs),
                              "mean_seconds": statistics.mean(seconds)})
                 print(rows[-1], flush=True)
-    meta = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
-        "torch": torch.__version__,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "projection_error.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    meta = run_metadata(f"torch threads {torch.get_num_threads()}")
     lines = [
         "# Projection error at equal budget",
         "",
-        f"`{meta['command']}` on {meta['date']}, {meta['machine']}, torch {meta['torch']}. Mean relative "
+        f"{provenance(meta)} Mean relative "
         "Frobenius error (lower is better) / mean reached cost / mean seconds per matrix. GBLR is "
         "`gblr.fit.fit_gblr`: the best of adaptive block-low-rank fits on 1x1 to 16x16 tilings (1x1 = low-rank) "
         "and the learned fit (energy-based intervals, 200 Adam steps under the budget controller).",
@@ -106,7 +94,7 @@ def main() -> None:
                 r = next(r for r in rows if r["set"] == set_name and r["family"] == family and r["budget"] == budget)
                 cells.append(f"{r['mean_relative_error']:.4f} / {r['mean_cost']:.3f} / {r['mean_seconds']:.2f}s")
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    (RESULTS / "projection_error.md").write_text("\n".join(lines) + "\n")
+    write_results("projection_error", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class GBLRLinear(StructuredLinear):
         full = min(math.floor(budget * m * n / (rank * (m + n))), num_components)
         if full < 1:
             raise unreachable_budget(cls.family, n, m, budget, rank * (m + n) / (m * n))
-        return {"num_components": num_components, "rank": rank, "width_init": f"lr{(full + 0.5) / num_components}"}
+        return {"num_components": num_components, "rank": rank, "width_init": f"lr{(full + 0.5) / num_components:.12f}"}
 
     @classmethod
     def from_dense(

@@ -1,0 +1,34 @@
+"""What every benchmark records next to its numbers: the exact command, date, machine and torch version."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_metadata(machine_note: str, **extra) -> dict:
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {machine_note}",
+        "torch": torch.__version__,
+        **extra,
+    }
+
+
+def provenance(meta: dict) -> str:
+    return f"`{meta['command']}` on {meta['date']}, {meta['machine']}, torch {meta['torch']}."
+
+
+def write_results(name: str, meta: dict, rows: list[dict], markdown_lines: list[str]) -> None:
+    """benchmarks/results/NAME.json (metadata + rows) and NAME.md (the generated table)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown_lines) + "\n")
