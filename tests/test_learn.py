@@ -130,3 +130,24 @@ def test_learner_needs_gblr_layers():
     model = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="no GBLRLinear"):
         StructureLearner(model, torch.optim.AdamW(model.parameters()), target=0.3, total_steps=10)
+
+
+def test_budget_controller_with_hardware_aware_tiles():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        GBLRLinear(128, 256, rank=16, tile=16), nn.GELU(), GBLRLinear(256, 128, rank=16, tile=16)
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, lr=3e-3, structure_lr=1e-2))
+    steps = 200
+    learner = StructureLearner(model, optimizer, target=0.3, total_steps=steps, ramp=(0.1, 0.6))
+    for _ in range(steps):
+        x = torch.randn(32, 128)
+        loss = (model(x) - x.flip(-1)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    assert abs(learner.cost_fraction() - 0.3) <= 0.02 * 0.3
+    for layer in (model[0], model[2]):
+        h, w = layer.interval_sizes()
+        assert (h % 16 == 0).all() and (w % 16 == 0).all()

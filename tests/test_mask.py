@@ -110,3 +110,16 @@ def test_bad_arguments(kwargs, message):
     args = {"widths": torch.zeros(2), "starts": torch.zeros(2), "n": 8} | kwargs
     with pytest.raises(ValueError, match=message):
         gaudi_mask(**args)
+
+
+def test_tiles_round_intervals_to_whole_tiles():
+    w = torch.tensor([0.30, 0.05, 1.0, 0.0])
+    l = torch.tensor([0.26, 0.5, 0.0, 0.3])
+    assert interval_sizes(w, 64, tile=8).tolist() == [16, 0, 64, 0]  # 19.2 -> 2 tiles; 3.2 < one tile
+    assert interval_sizes(w, 64).tolist() == [19, 3, 64, 0]
+    mask = boxcar_mask(w, l, 64, tile=8)
+    assert mask[0].nonzero().flatten().tolist() == list(range(16, 32))  # start 16.6 -> tile 2
+    soft = gaudi_mask(w[:1], l[:1], 64, tile=8)
+    assert torch.allclose(soft, mask[:1], atol=1e-6)
+    with pytest.raises(ValueError, match="tile"):
+        gaudi_mask(w, l, 64, tile=0)

@@ -126,7 +126,7 @@ class _CostModel:
     ``cost(t) = sum over layers of macs(clamp(w - t * side_cost / mean_cost))``, non-increasing in t."""
 
     def __init__(self, layers: list[GBLRLinear]) -> None:
-        out_w, in_w, out_len, in_len, out_c, in_c, ranks = [], [], [], [], [], [], []
+        out_w, in_w, out_len, in_len, out_c, in_c, ranks, tiles = [], [], [], [], [], [], [], []
         costs = [_width_costs(layer) for layer in layers]
         self.mean_cost = sum(c for pair in costs for c in pair) / (2 * len(costs))
         for layer, (oc, ic) in zip(layers, costs):
@@ -138,10 +138,12 @@ class _CostModel:
             out_c.append(torch.full((k,), oc / self.mean_cost, dtype=torch.float64))
             in_c.append(torch.full((k,), ic / self.mean_cost, dtype=torch.float64))
             ranks.append(torch.full((k,), float(layer.rank), dtype=torch.float64))
+            tiles.append(torch.full((k,), float(layer.tile), dtype=torch.float64))
         self.out_w, self.in_w = torch.cat(out_w), torch.cat(in_w)
         self.out_len, self.in_len = torch.cat(out_len), torch.cat(in_len)
         self.out_c, self.in_c = torch.cat(out_c), torch.cat(in_c)
         self.rank = torch.cat(ranks)
+        self.tile = torch.cat(tiles)
         # Candidate widths are rounded to the parameters' dtype, so the cost evaluated here is the cost
         # the layers will have once the threshold is applied.
         self.dtype = layers[0].out_widths.dtype
@@ -151,10 +153,11 @@ class _CostModel:
         # Beyond this threshold every width is 0; below its negative every width is 1.
         self.max_threshold = float(1.0 / torch.cat([self.out_c, self.in_c]).min())
 
-    @staticmethod
-    def _sizes(w: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        scaled = w * length
-        return torch.where(scaled < 1.0, torch.zeros_like(scaled), torch.round(scaled))
+    def _sizes(self, w: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """As :func:`gblr.mask.interval_sizes`, with each component's own length and tile."""
+        tiles = w * length / self.tile
+        sizes = torch.where(tiles < 1.0, torch.zeros_like(tiles), torch.round(tiles) * self.tile)
+        return torch.minimum(sizes, length)
 
     def thresholded(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         """New (output, input) widths of all components, as stored in the parameters' dtype.

@@ -63,16 +63,17 @@ def inverse_two_sigma_squared(sigma) -> float:
     return 1.0 / (2.0 * float(sigma) ** 2)
 
 
-def round_to_grid(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Round ``x`` to the ``1/n`` grid in the forward pass; pass the gradient unchanged (straight-through)."""
-    return x + (torch.round(x * n) / n - x).detach()
+def round_to_grid(x: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
+    """Round ``x`` to the ``tile/n`` grid (whole tiles of rows/columns) in the forward pass; pass the
+    gradient unchanged (straight-through)."""
+    return x + (torch.round(x * (n / tile)) * (tile / n) - x).detach()
 
 
 def _output_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool) -> torch.Tensor:
+def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool, tile: int = 1) -> torch.Tensor:
     """:func:`gaudi_mask` without argument checks, with ``decay = 1/(2 sigma^2)`` (a float or a 0-d
     tensor, 0 for Dirichlet). The layers call this in their hot path."""
     # The spectrum is evaluated in float64: in float32 the phase 2*pi*k*l loses ~n ulps, which breaks
@@ -82,8 +83,8 @@ def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool) -> torch
     w = widths.to(dtype).unsqueeze(-1)
     l = starts.to(dtype).unsqueeze(-1)
     if rounded:
-        w = round_to_grid(w, n)
-        l = round_to_grid(l, n)
+        w = round_to_grid(w, n, tile)
+        l = round_to_grid(l, n, tile)
     k = torch.arange(n // 2 + 1, device=widths.device, dtype=dtype)
     k_safe = k.clamp(min=1.0)
     # n * w * sinc(k w) written as n * sin(pi k w) / (pi k): smooth at w = 0 and at k = 0.
@@ -104,49 +105,61 @@ def gaudi_mask(
     n: int,
     sigma: float | None = None,
     round_to_grid: bool = True,
+    tile: int = 1,
 ) -> torch.Tensor:
     """Differentiable mask of the cyclic intervals ``[n*starts, n*(starts+widths))`` on ``Z_n``.
 
     ``sigma=None`` gives the Dirichlet mask (exact boxcar at integer intervals); a finite ``sigma``
-    the Gaudi mask. With ``round_to_grid`` the widths and starts are rounded to the ``1/n`` grid in
+    the Gaudi mask. With ``round_to_grid`` the widths and starts are rounded to the ``tile/n`` grid in
     the forward pass with a straight-through gradient. Returns float64 for float64 inputs and
     float32 otherwise.
     """
     n = _check_length(n)
     _check_intervals(widths, starts)
-    return gaudi_mask_with_decay(widths, starts, n, inverse_two_sigma_squared(sigma), bool(round_to_grid))
+    return gaudi_mask_with_decay(
+        widths, starts, n, inverse_two_sigma_squared(sigma), bool(round_to_grid), _check_tile(tile)
+    )
 
 
-def interval_sizes(widths: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer interval sizes of the hard (eval) structure: ``round(n*w)``, dropped to 0 below ``1/n``."""
-    scaled = widths.detach().to(torch.float64) * n
-    sizes = torch.where(scaled < 1.0, torch.zeros_like(scaled), torch.round(scaled))
+def _check_tile(tile) -> int:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be an integer >= 1, got {tile!r}")
+    return tile
+
+
+def interval_sizes(widths: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
+    """Integer interval sizes of the hard (eval) structure: ``n*w`` rounded to whole tiles, 0 below
+    one tile, at most ``n``."""
+    tiles = widths.detach().to(torch.float64) * (n / tile)
+    sizes = torch.where(tiles < 1.0, torch.zeros_like(tiles), torch.round(tiles) * tile)
     return sizes.clamp(max=n).to(torch.long)
 
 
-def interval_offsets(starts: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer interval starts of the hard structure: ``round(n*l) mod n``."""
-    return torch.remainder(torch.round(starts.detach().to(torch.float64) * n), n).to(torch.long)
+def interval_offsets(starts: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
+    """Integer interval starts of the hard structure: ``n*l`` rounded to whole tiles, mod ``n``."""
+    return torch.remainder(torch.round(starts.detach().to(torch.float64) * (n / tile)) * tile, n).to(torch.long)
 
 
-def boxcar_mask(widths: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+def boxcar_mask(widths: torch.Tensor, starts: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
     """Exact 0/1 indicator of the hard intervals (sizes from :func:`interval_sizes`), with wrap-around."""
     n = _check_length(n)
     _check_intervals(widths, starts)
-    sizes = interval_sizes(widths, n).unsqueeze(-1)
-    offsets = interval_offsets(starts, n).unsqueeze(-1)
+    sizes = interval_sizes(widths, n, tile).unsqueeze(-1)
+    offsets = interval_offsets(starts, n, tile).unsqueeze(-1)
     position = torch.remainder(torch.arange(n, device=widths.device) - offsets, n)
     return (position < sizes).to(_output_dtype(widths))
 
 
-def hard_mask(widths: torch.Tensor, starts: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
-    """The eval-mode mask: widths below ``1/n`` dropped, then the exact boxcar (``sigma=None``) or the
-    rounded Gaudi mask with entries below :data:`MASK_EPS` zeroed."""
+def hard_mask(
+    widths: torch.Tensor, starts: torch.Tensor, n: int, sigma: float | None = None, tile: int = 1
+) -> torch.Tensor:
+    """The eval-mode mask: widths below one tile (``tile/n``) dropped, then the exact boxcar
+    (``sigma=None``) or the rounded Gaudi mask with entries below :data:`MASK_EPS` zeroed."""
     decay = inverse_two_sigma_squared(sigma)
     if decay == 0.0:
-        return boxcar_mask(widths, starts, n)
+        return boxcar_mask(widths, starts, n, tile)
     n = _check_length(n)
     _check_intervals(widths, starts)
-    kept = torch.where(widths.detach() * n < 1.0, torch.zeros_like(widths), widths.detach())
-    mask = gaudi_mask_with_decay(kept, starts.detach(), n, decay, rounded=True)
+    kept = torch.where(widths.detach() * (n / tile) < 1.0, torch.zeros_like(widths), widths.detach())
+    mask = gaudi_mask_with_decay(kept, starts.detach(), n, decay, rounded=True, tile=tile)
     return torch.where(mask.abs() < MASK_EPS, torch.zeros_like(mask), mask)

@@ -88,7 +88,9 @@ class GBLRLinear(StructuredLinear):
             enough components to represent any dense matrix), used when ``num_components`` is None.
         width_init: "splr" (FLOPs-neutral), "full", or "lrX" (first X*K components full width).
         sigma: Gaussian width of the Gaudi mask; None for the Dirichlet mask (exact boxcar).
-        round_to_grid: straight-through rounding of widths and starts to whole rows/columns.
+        round_to_grid: straight-through rounding of widths and starts to whole rows/columns (tiles).
+        tile: hardware-aware structure: intervals start and end on multiples of ``tile`` rows/columns,
+            so the learned blocks map onto efficient block products (1 = free structure).
     """
 
     family = "gblr"
@@ -105,6 +107,7 @@ class GBLRLinear(StructuredLinear):
         width_init: str = "splr",
         sigma: float | None = None,
         round_to_grid: bool = True,
+        tile: int = 1,
         device=None,
         dtype=None,
     ) -> None:
@@ -117,6 +120,7 @@ class GBLRLinear(StructuredLinear):
         self.num_components = check_features("num_components", num_components)
         self.width_init = width_init
         self.round_to_grid = bool(round_to_grid)
+        self.tile = check_features("tile", tile)
         # Validate before allocating anything.
         init_widths = _initial_widths(width_init, self.num_components, self.rank, out_features, in_features)
 
@@ -275,7 +279,10 @@ class GBLRLinear(StructuredLinear):
 
     def interval_sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer (output, input) interval sizes of each component's hard structure."""
-        return interval_sizes(self.out_widths, self.out_features), interval_sizes(self.in_widths, self.in_features)
+        return (
+            interval_sizes(self.out_widths, self.out_features, self.tile),
+            interval_sizes(self.in_widths, self.in_features, self.tile),
+        )
 
     def active_components(self) -> torch.Tensor:
         """Boolean mask of the components whose two intervals are both non-empty."""
@@ -296,15 +303,16 @@ class GBLRLinear(StructuredLinear):
     # --- masks and weights -----------------------------------------------------------------------
     def _soft_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         decay = self.sigma_decay
-        out_mask = gaudi_mask_with_decay(self.out_widths, self.out_starts, self.out_features, decay, self.round_to_grid)
-        in_mask = gaudi_mask_with_decay(self.in_widths, self.in_starts, self.in_features, decay, self.round_to_grid)
+        rounded, tile = self.round_to_grid, self.tile
+        out_mask = gaudi_mask_with_decay(self.out_widths, self.out_starts, self.out_features, decay, rounded, tile)
+        in_mask = gaudi_mask_with_decay(self.in_widths, self.in_starts, self.in_features, decay, rounded, tile)
         return out_mask, in_mask
 
     def _hard_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.sigma
         return (
-            hard_mask(self.out_widths, self.out_starts, self.out_features, sigma),
-            hard_mask(self.in_widths, self.in_starts, self.in_features, sigma),
+            hard_mask(self.out_widths, self.out_starts, self.out_features, sigma, self.tile),
+            hard_mask(self.in_widths, self.in_starts, self.in_features, sigma, self.tile),
         )
 
     def masked_factors(self, hard: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,8 +345,8 @@ class GBLRLinear(StructuredLinear):
         flat = x.reshape(-1, self.in_features)
         y = flat.new_zeros(flat.shape[0], self.out_features)
         out_sizes, in_sizes = self.interval_sizes()
-        out_offsets = interval_offsets(self.out_starts, self.out_features)
-        in_offsets = interval_offsets(self.in_starts, self.in_features)
+        out_offsets = interval_offsets(self.out_starts, self.out_features, self.tile)
+        in_offsets = interval_offsets(self.in_starts, self.in_features, self.tile)
         for k in (self.active_components()).nonzero().flatten().tolist():
             h, w = int(out_sizes[k]), int(in_sizes[k])
             rows = (int(out_offsets[k]) + torch.arange(h, device=x.device)) % self.out_features
@@ -394,7 +402,7 @@ class GBLRLinear(StructuredLinear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, num_components={self.num_components}, rank={self.rank}, "
-            f"sigma={self.sigma}"
+            f"sigma={self.sigma}" + (f", tile={self.tile}" if self.tile > 1 else "")
         )
 
 
