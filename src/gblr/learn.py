@@ -31,6 +31,7 @@ __all__ = [
     "param_groups",
     "structure_lr",
     "prox_width_step",
+    "project_to_budget",
     "wrap_starts",
     "SigmaSchedule",
     "StructureLearner",
@@ -194,6 +195,23 @@ class _CostModel:
         return hi
 
 
+@torch.no_grad()
+def project_to_budget(layers: list[GBLRLinear], budget_macs: float, allow_growth: bool = False) -> float:
+    """Soft-threshold all widths (cost-weighted) by the smallest amount that brings the layers' counted
+    MACs per token within ``budget_macs``; with ``allow_growth`` a model under budget grows its active
+    components up to it. Returns the threshold applied (negative for growth)."""
+    cost_model = _CostModel(layers)
+    threshold = cost_model.threshold_for(budget_macs, allow_growth)
+    out_w, in_w = cost_model.thresholded(threshold)
+    offset = 0
+    for layer in layers:
+        k = layer.num_components
+        layer.out_widths.copy_(out_w[offset : offset + k])
+        layer.in_widths.copy_(in_w[offset : offset + k])
+        offset += k
+    return threshold
+
+
 @dataclass
 class SigmaSchedule:
     """Gaudi sigma annealed linearly from ``start_sigma`` to ``end_sigma`` between two steps.
@@ -314,14 +332,6 @@ class StructureLearner:
         for layer in self.layers:
             layer.sigma = sigma
 
-    def _apply_widths(self, out_w: torch.Tensor, in_w: torch.Tensor) -> None:
-        offset = 0
-        for layer in self.layers:
-            k = layer.num_components
-            layer.out_widths.copy_(out_w[offset : offset + k])
-            layer.in_widths.copy_(in_w[offset : offset + k])
-            offset += k
-
     @torch.no_grad()
     def step(self) -> dict:
         """Apply sigma schedule, proximal step and budget control; returns what it did (for logging)."""
@@ -339,13 +349,10 @@ class StructureLearner:
         # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
         # while holding, a second pass grows the surviving components back up to the budget.
         for _ in range(2 if holding else 1):
-            cost_model = _CostModel(self.layers)
-            cost = cost_model.cost(0.0)
+            cost = sum(layer.macs_per_token() for layer in self.layers)
             if not (cost > budget or (holding and cost < (1.0 - self.tolerance) * budget)):
                 break
-            step_threshold = cost_model.threshold_for(budget, allow_growth=holding)
-            self._apply_widths(*cost_model.thresholded(step_threshold))
-            threshold += step_threshold
+            threshold += project_to_budget(self.layers, budget, allow_growth=holding)
         for layer in self.layers:  # the optimizer step may have left [0, 1]
             layer.out_widths.clamp_(0.0, 1.0)
             layer.in_widths.clamp_(0.0, 1.0)

@@ -25,6 +25,7 @@ __all__ = [
     "interval_sizes",
     "interval_offsets",
     "round_to_grid",
+    "shortest_cyclic_windows",
     "inverse_two_sigma_squared",
     "MASK_EPS",
 ]
@@ -163,3 +164,31 @@ def hard_mask(
     kept = torch.where(widths.detach() * (n / tile) < 1.0, torch.zeros_like(widths), widths.detach())
     mask = gaudi_mask_with_decay(kept, starts.detach(), n, decay, rounded=True, tile=tile)
     return torch.where(mask.abs() < MASK_EPS, torch.zeros_like(mask), mask)
+
+
+def shortest_cyclic_windows(weights: torch.Tensor, keep: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of non-negative ``weights`` (K, n): the shortest cyclic window holding at least
+    ``keep`` of the row's total, as integer (starts, sizes). ``keep=1`` gives the exact support of a
+    row's nonzeros (as the shortest interval covering them); a row of zeros gets size 0."""
+    k, n = weights.shape
+    weights = weights.detach().double()
+    total = weights.sum(dim=1)
+    needed = keep * total * (1.0 - 1e-12)  # float sums of the same entries may differ in the last ulp
+    # Sums over every window [s, s + w) from the cumulative sum of the doubled row.
+    cumulative = torch.cat([weights.new_zeros(k, 1), torch.cat([weights, weights], dim=1).cumsum(1)], dim=1)
+    positions = torch.arange(n, device=weights.device)
+
+    def best(width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = cumulative.gather(1, positions[None] + width[:, None]) - cumulative[:, :n]
+        return sums.max(dim=1)
+
+    lo = torch.zeros(k, dtype=torch.long, device=weights.device)
+    hi = torch.full((k,), n, dtype=torch.long, device=weights.device)
+    while bool((lo < hi).any()):  # binary search on the width: window sums grow with it
+        mid = (lo + hi) // 2
+        enough = best(mid)[0] >= needed
+        hi = torch.where(enough & (lo < hi), mid, hi)
+        lo = torch.where(~enough & (lo < hi), mid + 1, lo)
+    starts = best(hi)[1]
+    sizes = torch.where(total > 0, hi, torch.zeros_like(hi))
+    return starts, sizes

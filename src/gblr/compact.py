@@ -1,0 +1,257 @@
+"""Frozen compact inference form of GBLR layers: work proportional to the learned structure.
+
+A trained :class:`GBLRLinear` in eval mode multiplies by its effective dense weight. Its compact form
+computes the same thing block by block:
+
+1. every active component is cropped to the exact support of its masked factors (its intervals, with
+   wrap-around; for a finite sigma, the Gaudi tails that survive the hard mask are kept);
+2. components with identical intervals are merged into one block of the summed rank;
+3. a block whose dense ``h x w`` product is cheaper than its rank-``R`` factors is stored dense;
+4. blocks are padded to multiples of ``align`` rows/columns and grouped by (kind, size, rank), each group
+   runs as one batched matmul. Activations are kept transposed (features x tokens), so gathering a
+   block's input rows and adding into its output rows touch contiguous memory.
+
+Three executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
+matmuls with the full-length masked factors of the active components) and ``"blocks"``. A layer times
+all three on this machine when it is built (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each
+number of tokens, the one that measured fastest at the nearest calibrated size, so a layer that cannot
+gain keeps dense speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mask import shortest_cyclic_windows
+from .structured.base import StructuredLinear
+from .structured.gblr import GBLRLinear
+
+__all__ = ["CompactGBLRLinear", "compact", "EXECUTIONS"]
+
+EXECUTIONS = ("dense", "factored", "blocks")
+
+
+@dataclass
+class _BlockGroup:
+    """Blocks of one padded size, run as one batched matmul."""
+
+    out_index: torch.Tensor  # (blocks * rows,) output rows, padding -> dummy row `out_features`
+    in_index: torch.Tensor  # (blocks * cols,) input rows, padding -> dummy zero row `in_features`
+    first: torch.Tensor  # (blocks, R, cols) for low-rank, (blocks, rows, cols) for dense blocks
+    second: torch.Tensor | None  # (blocks, rows, R) for low-rank, None for dense blocks
+    rows: int
+    cols: int
+
+    @property
+    def macs_per_token(self) -> int:
+        blocks = self.first.shape[0]
+        if self.second is None:
+            return blocks * self.rows * self.cols
+        return blocks * self.first.shape[1] * (self.rows + self.cols)
+
+
+def _padded(size: int, align: int) -> int:
+    return size if size <= 1 else math.ceil(size / align) * align
+
+
+def _cyclic_index(start: int, size: int, padded: int, length: int) -> torch.Tensor:
+    index = (start + torch.arange(padded)) % length
+    index[size:] = length  # the dummy row
+    return index
+
+
+class CompactGBLRLinear(StructuredLinear):
+    """The frozen inference form of an eval-mode :class:`GBLRLinear` (see module docstring)."""
+
+    family = "gblr-compact"
+
+    def __init__(self, layer: GBLRLinear, align: int = 8, chunk_tokens: int = 256, calibrate: bool = True) -> None:
+        if not isinstance(layer, GBLRLinear):
+            raise ValueError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
+        super().__init__(layer.in_features, layer.out_features)
+        self.align = align
+        self.chunk_tokens = chunk_tokens
+        with torch.no_grad():
+            u, v = layer.masked_factors(hard=True)
+            dtype = layer.out_factors.dtype
+            k, r = layer.num_components, layer.rank
+            u, v = u.reshape(k, r, self.out_features).double(), v.reshape(k, r, self.in_features).double()
+            active = (u.abs().sum((1, 2)) > 0) & (v.abs().sum((1, 2)) > 0)
+            u, v = u[active], v[active]
+            self.register_buffer("weight", (u.reshape(-1, self.out_features).T @ v.reshape(-1, self.in_features)).to(dtype))
+            self.register_buffer("out_factor", u.reshape(-1, self.out_features).T.contiguous().to(dtype))
+            self.register_buffer("in_factor", v.reshape(-1, self.in_features).contiguous().to(dtype))
+            self.groups = self._build_groups(u, v, dtype)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        # tokens -> execution; until calibrated, the cheapest by counted MACs.
+        self.plan: dict[int, str] = {}
+        if calibrate:
+            self.calibrate()
+
+    # --- construction ----------------------------------------------------------------------------
+    def _build_groups(self, u: torch.Tensor, v: torch.Tensor, dtype) -> list[_BlockGroup]:
+        m, n = self.out_features, self.in_features
+        if u.shape[0] == 0:
+            return []
+        out_start, out_size = shortest_cyclic_windows(u.pow(2).sum(1))
+        in_start, in_size = shortest_cyclic_windows(v.pow(2).sum(1))
+        merged: dict[tuple[int, int, int, int], list[int]] = {}
+        for i, key in enumerate(zip(out_start.tolist(), out_size.tolist(), in_start.tolist(), in_size.tolist())):
+            merged.setdefault(key, []).append(i)
+        grouped: dict[tuple, list] = {}
+        for (r0, h, c0, w), members in merged.items():
+            rows = (r0 + torch.arange(h)) % m
+            cols = (c0 + torch.arange(w)) % n
+            bu = u[members][:, :, rows].reshape(-1, h)  # (R, h)
+            bv = v[members][:, :, cols].reshape(-1, w)  # (R, w)
+            rank = bu.shape[0]
+            hp, wp = _padded(h, self.align), _padded(w, self.align)
+            if h * w <= rank * (h + w):
+                key = ("dense", hp, wp, 0)
+                block = torch.zeros(hp, wp, dtype=torch.float64)
+                block[:h, :w] = bu.T @ bv
+                grouped.setdefault(key, []).append((r0, h, c0, w, block, None))
+            else:
+                rp = _padded(rank, self.align)
+                key = ("lowrank", hp, wp, rp)
+                first = torch.zeros(rp, wp, dtype=torch.float64)
+                first[:rank, :w] = bv
+                second = torch.zeros(hp, rp, dtype=torch.float64)
+                second[:h, :rank] = bu.T
+                grouped.setdefault(key, []).append((r0, h, c0, w, first, second))
+        groups = []
+        for (kind, hp, wp, _), blocks in sorted(grouped.items()):
+            groups.append(
+                _BlockGroup(
+                    out_index=torch.cat([_cyclic_index(r0, h, hp, m) for r0, h, _, _, _, _ in blocks]),
+                    in_index=torch.cat([_cyclic_index(c0, w, wp, n) for _, _, c0, w, _, _ in blocks]),
+                    first=torch.stack([b[4] for b in blocks]).to(dtype),
+                    second=None if kind == "dense" else torch.stack([b[5] for b in blocks]).to(dtype),
+                    rows=hp,
+                    cols=wp,
+                )
+            )
+        return groups
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for group in self.groups:  # plain tensors outside the module's buffers follow device/dtype moves
+            group.first = fn(group.first)
+            group.out_index = fn(group.out_index) if group.out_index.is_floating_point() else group.out_index.to(self.weight.device)
+            group.in_index = fn(group.in_index) if group.in_index.is_floating_point() else group.in_index.to(self.weight.device)
+            if group.second is not None:
+                group.second = fn(group.second)
+        return self
+
+    # --- cost ------------------------------------------------------------------------------------
+    def macs_per_token(self) -> int:
+        """MACs of the block execution, padding included (the work it really does)."""
+        return sum(group.macs_per_token for group in self.groups)
+
+    def execution_macs(self, execution: str) -> int:
+        if execution == "dense":
+            return self.in_features * self.out_features
+        if execution == "factored":
+            return self.in_factor.shape[0] * (self.in_features + self.out_features)
+        return self.macs_per_token()
+
+    def effective_parameters(self) -> int:
+        return sum(g.first.numel() + (0 if g.second is None else g.second.numel()) for g in self.groups) + self._bias_size()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight
+
+    # --- execution -------------------------------------------------------------------------------
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.weight, self.bias)
+
+    def _factored(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x2, self.in_factor), self.out_factor, self.bias)
+
+    def _blocks(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] > self.chunk_tokens:  # chunks keep a group's gathered inputs and outputs in cache
+            return torch.cat([self._blocks(chunk) for chunk in x2.split(self.chunk_tokens)])
+        tokens = x2.shape[0]
+        # Features x tokens, with one zero row that padded block columns read.
+        xt = torch.cat([x2.T, x2.new_zeros(1, tokens)])
+        yt = x2.new_zeros(self.out_features + 1, tokens)
+        for g in self.groups:
+            blocks = g.first.shape[0]
+            gathered = xt.index_select(0, g.in_index).view(blocks, g.cols, tokens)
+            if g.second is None:
+                out = torch.bmm(g.first, gathered)
+            else:
+                out = torch.bmm(g.second, torch.bmm(g.first, gathered))
+            yt.index_add_(0, g.out_index, out.view(blocks * g.rows, tokens))
+        y = yt[: self.out_features].T
+        return y + self.bias if self.bias is not None else y
+
+    def run(self, x: torch.Tensor, execution: str) -> torch.Tensor:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        self._check_input(x)
+        x2 = x.reshape(-1, self.in_features)
+        y = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks}[execution](x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def choose(self, tokens: int) -> str:
+        """The execution for ``tokens`` tokens: measured fastest at the nearest calibrated size, or
+        by counted MACs when not calibrated."""
+        if not self.plan:
+            return min(EXECUTIONS, key=self.execution_macs)
+        nearest = min(self.plan, key=lambda t: abs(math.log(t) - math.log(max(tokens, 1))))
+        return self.plan[nearest]
+
+    @torch.no_grad()
+    def calibrate(self, token_counts=(1, 16, 256, 2048), repeats: int = 5) -> dict[int, dict[str, float]]:
+        """Time every execution at each token count (median of ``repeats``); returns the timings."""
+        timings = {}
+        for tokens in token_counts:
+            x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+            per_execution = {}
+            for execution in EXECUTIONS:
+                self.run(x, execution)  # warm-up
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self.run(x, execution)
+                    samples.append(time.perf_counter() - start)
+                per_execution[execution] = statistics.median(samples)
+            timings[tokens] = per_execution
+            self.plan[tokens] = min(per_execution, key=per_execution.get)
+        return timings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.choose(x.numel() // max(self.in_features, 1)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_groups={len(self.groups)}, block_macs={self.macs_per_token()}, plan={self.plan}"
+        )
+
+
+def compact(model: nn.Module, inplace: bool = False, **options) -> nn.Module:
+    """Replace every :class:`GBLRLinear` of ``model`` by its :class:`CompactGBLRLinear` (eval mode).
+
+    Returns the model (a deep copy unless ``inplace``); ``options`` go to :class:`CompactGBLRLinear`.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    if isinstance(model, GBLRLinear):
+        return CompactGBLRLinear(model, **options)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GBLRLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, CompactGBLRLinear(module, **options))
+    return model

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from gblr import GBLRLinear
+from gblr.compact import EXECUTIONS, CompactGBLRLinear, compact
+
+
+def random_structure(layer, seed=0, max_width=0.6):
+    gen = torch.Generator().manual_seed(seed)
+    k = layer.num_components
+    with torch.no_grad():
+        layer.out_widths.copy_(torch.rand(k, generator=gen) * max_width)
+        layer.in_widths.copy_(torch.rand(k, generator=gen) * max_width)
+        layer.out_starts.copy_(torch.rand(k, generator=gen))  # many intervals wrap around
+        layer.in_starts.copy_(torch.rand(k, generator=gen))
+    return layer.eval()
+
+
+def relative(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank": 1},
+        {"rank": 4, "tile": 8},
+        {"rank": 1, "sigma": 20.0},  # Gaudi tails that survive the hard mask
+        {"rank": 2, "bias": False},
+    ],
+)
+def test_compact_computes_what_the_eval_layer_computes(options):
+    torch.manual_seed(0)
+    layer = random_structure(GBLRLinear(96, 80, num_components=24, **options))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    x = torch.randn(3, 7, 96)
+    expected = layer(x)
+    for execution in EXECUTIONS:
+        assert relative(fast.run(x, execution), expected) <= 1e-5, execution
+    assert relative(fast(x), expected) <= 1e-5
+
+
+def test_identical_intervals_merge_and_small_blocks_go_dense():
+    u, v = torch.randn(3, 1, 32, dtype=torch.float64), torch.randn(3, 1, 32, dtype=torch.float64)
+    layer = GBLRLinear.from_intervals([(4, 16), (4, 16), (30, 2)], [(28, 8), (28, 8), (0, 2)], u, v).eval()
+    fast = CompactGBLRLinear(layer, align=1, calibrate=False)
+    kinds = sorted((g.second is None, g.first.shape[0], g.rows, g.cols) for g in fast.groups)
+    # the two equal components are one rank-2 block 16x8; the 2x2 block is cheaper dense
+    assert kinds == [(False, 1, 16, 8), (True, 1, 2, 2)]
+    assert fast.macs_per_token() == 2 * (16 + 8) + 2 * 2
+    x = torch.randn(5, 32, dtype=torch.float64)
+    assert torch.allclose(fast.run(x, "blocks"), layer(x), atol=1e-12)
+
+
+def test_uncalibrated_choice_follows_counted_macs():
+    layer = random_structure(GBLRLinear(64, 64, num_components=64), max_width=0.05)
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    assert fast.choose(100) == min(EXECUTIONS, key=fast.execution_macs)
+
+
+def test_calibration_plans_every_token_count():
+    layer = random_structure(GBLRLinear(64, 64, num_components=8))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    timings = fast.calibrate(token_counts=(1, 32), repeats=2)
+    assert set(timings) == {1, 32} and set(fast.plan) == {1, 32}
+    assert all(set(t) == set(EXECUTIONS) for t in timings.values())
+    assert fast.choose(1) == fast.plan[1] and fast.choose(1000) == fast.plan[32]
+
+
+def test_compact_model_same_predictions():
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(32, 64), nn.GELU(), GBLRLinear(64, 10), nn.LogSoftmax(-1))
+    random_structure(model[0], 1)
+    random_structure(model[2], 2)
+    model.eval()
+    fast = compact(model, calibrate=False)
+    assert isinstance(fast[0], CompactGBLRLinear) and isinstance(model[0], GBLRLinear)
+    x = torch.randn(50, 32)
+    assert torch.equal(fast(x).argmax(-1), model(x).argmax(-1))
+    assert relative(fast(x), model(x)) <= 1e-5
+
+
+def test_compact_rejects_other_layers():
+    with pytest.raises(ValueError, match="GBLRLinear"):
+        CompactGBLRLinear(nn.Linear(4, 4))
