@@ -14,8 +14,8 @@ computes the same thing block by block:
 Three executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
 matmuls with the full-length masked factors of the active components) and ``"blocks"``. A layer times
 all three on this machine when it is built (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each
-number of tokens, the one that measured fastest at the nearest calibrated size, so a layer that cannot
-gain keeps dense speed.
+number of tokens, the one that measured fastest at the nearest calibrated size (dense unless another is
+at least 10 % faster), so a layer that cannot gain keeps dense speed.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class CompactGBLRLinear(StructuredLinear):
             raise ValueError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
         super().__init__(layer.in_features, layer.out_features)
         self.align = align
+        self.required_gain = 0.9
         self.chunk_tokens = chunk_tokens
         with torch.no_grad():
             u, v = layer.masked_factors(hard=True)
@@ -226,7 +227,10 @@ class CompactGBLRLinear(StructuredLinear):
                     samples.append(time.perf_counter() - start)
                 per_execution[execution] = statistics.median(samples)
             timings[tokens] = per_execution
-            self.plan[tokens] = min(per_execution, key=per_execution.get)
+            fastest = min(per_execution, key=per_execution.get)
+            # Leave dense only for a clear win: timings of tiny products are mostly noise.
+            beats_dense = per_execution[fastest] < self.required_gain * per_execution["dense"]
+            self.plan[tokens] = fastest if beats_dense else "dense"
         return timings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
