@@ -84,3 +84,17 @@ def test_compact_model_same_predictions():
 def test_compact_rejects_other_layers():
     with pytest.raises(ValueError, match="GBLRLinear"):
         CompactGBLRLinear(nn.Linear(4, 4))
+
+
+def test_compact_follows_dtype_moves_and_empty_structures():
+    layer = random_structure(GBLRLinear(48, 40, num_components=6, rank=2))
+    fast = CompactGBLRLinear(layer, calibrate=False).to(torch.float64)
+    x = torch.randn(4, 48, dtype=torch.float64)
+    out = fast.run(x, "blocks")
+    assert out.dtype == torch.float64
+    assert relative(out, layer.to(torch.float64)(x)) <= 1e-6  # factors were rounded to float32 first
+    with torch.no_grad():
+        layer.out_widths.zero_()
+    empty = CompactGBLRLinear(layer, calibrate=False)
+    for execution in EXECUTIONS:
+        assert torch.allclose(empty.run(x, execution), layer.bias.expand(4, 40))

@@ -146,10 +146,9 @@ class CompactGBLRLinear(StructuredLinear):
         super()._apply(fn, recurse)
         for group in self.groups:  # plain tensors outside the module's buffers follow device/dtype moves
             group.first = fn(group.first)
-            group.out_index = fn(group.out_index) if group.out_index.is_floating_point() else group.out_index.to(self.weight.device)
-            group.in_index = fn(group.in_index) if group.in_index.is_floating_point() else group.in_index.to(self.weight.device)
-            if group.second is not None:
-                group.second = fn(group.second)
+            group.second = None if group.second is None else fn(group.second)
+            group.out_index = group.out_index.to(self.weight.device)
+            group.in_index = group.in_index.to(self.weight.device)
         return self
 
     # --- cost ------------------------------------------------------------------------------------
