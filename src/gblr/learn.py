@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .mask import inverse_two_sigma_squared
+from .mask import interval_sizes, inverse_two_sigma_squared
 from .structured.gblr import GBLRLinear
 
 __all__ = [
@@ -155,10 +155,7 @@ class _CostModel:
         self.max_threshold = float(1.0 / torch.cat([self.out_c, self.in_c]).min())
 
     def _sizes(self, w: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """As :func:`gblr.mask.interval_sizes`, with each component's own length and tile."""
-        tiles = w * length / self.tile
-        sizes = torch.where(tiles < 1.0, torch.zeros_like(tiles), torch.round(tiles) * self.tile)
-        return torch.minimum(sizes, length)
+        return interval_sizes(w, length, self.tile).to(torch.float64)
 
     def thresholded(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         """New (output, input) widths of all components, as stored in the parameters' dtype.

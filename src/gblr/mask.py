@@ -128,12 +128,12 @@ def _check_tile(tile) -> int:
     return tile
 
 
-def interval_sizes(widths: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
+def interval_sizes(widths: torch.Tensor, n, tile=1) -> torch.Tensor:
     """Integer interval sizes of the hard (eval) structure: ``n*w`` rounded to whole tiles, 0 below
-    one tile, at most ``n``."""
+    one tile, at most ``n``. ``n`` and ``tile`` may be tensors broadcasting with ``widths``."""
     tiles = widths.detach().to(torch.float64) * (n / tile)
     sizes = torch.where(tiles < 1.0, torch.zeros_like(tiles), torch.round(tiles) * tile)
-    return sizes.clamp(max=n).to(torch.long)
+    return torch.minimum(sizes, torch.as_tensor(n, dtype=torch.float64, device=sizes.device)).to(torch.long)
 
 
 def interval_offsets(starts: torch.Tensor, n: int, tile: int = 1) -> torch.Tensor:
