@@ -88,6 +88,11 @@ class StructuredLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    def constructor_options(self) -> dict:
+        """Keyword arguments that, with ``in_features``, ``out_features`` and ``bias``, rebuild a layer
+        of this exact shape and structure (its tensors then come from a state dict)."""
+        raise NotImplementedError
+
     def project_(self, weight: torch.Tensor) -> None:
         """Set this layer's weights to (an approximation of) the closest member of the family to ``weight``."""
         raise NotImplementedError

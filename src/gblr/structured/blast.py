@@ -98,6 +98,9 @@ class BlastLinear(StructuredLinear):
         self.coupling.copy_(coupling)
         self.in_factors.copy_(v)
 
+    def constructor_options(self) -> dict:
+        return {"rank": self.rank, "num_blocks": self.num_blocks}
+
     def macs_per_token(self) -> int:
         b, r = self.num_blocks, self.rank
         return r * (b * self.in_block + b * self.out_block + b * b)

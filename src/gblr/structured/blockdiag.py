@@ -73,6 +73,9 @@ class BlockDiagonalLinear(StructuredLinear):
         rows, cols = self._split()
         self.last_block.copy_(weight[rows:, cols:])
 
+    def constructor_options(self) -> dict:
+        return {"num_blocks": self.num_blocks, "block_rows": self.block_rows, "block_cols": self.block_cols}
+
     def macs_per_token(self) -> int:
         return _cost(self.out_features, self.in_features, self.num_blocks, self.block_rows, self.block_cols)
 

@@ -36,6 +36,9 @@ class DenseLinear(StructuredLinear):
     def project_(self, weight: torch.Tensor) -> None:
         self.weight.copy_(weight)
 
+    def constructor_options(self) -> dict:
+        return {}
+
     def macs_per_token(self) -> int:
         return self.in_features * self.out_features
 

@@ -289,6 +289,12 @@ class GBLRLinear(StructuredLinear):
         h, w = self.interval_sizes()
         return (h > 0) & (w > 0)
 
+    def constructor_options(self) -> dict:
+        return {
+            "num_components": self.num_components, "rank": self.rank, "tile": self.tile,
+            "round_to_grid": self.round_to_grid, "width_init": "full",
+        }
+
     def macs_per_token(self) -> int:
         h, w = self.interval_sizes()
         per_component = torch.minimum(self.rank * (h + w), h * w)

@@ -47,6 +47,9 @@ class LowRankLinear(StructuredLinear):
         self.out_proj.copy_(p[:, : self.rank] * root)
         self.in_proj.copy_(root[:, None] * qh[: self.rank])
 
+    def constructor_options(self) -> dict:
+        return {"rank": self.rank}
+
     def macs_per_token(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 

@@ -76,6 +76,9 @@ class MonarchLinear(StructuredLinear):
         self.right.copy_(u[..., :, 0] * root[..., None])  # (s, b, p)
         self.left.copy_((vh[..., 0, :] * root[..., None]).permute(1, 2, 0))  # (b, q, s)
 
+    def constructor_options(self) -> dict:
+        return {"num_blocks": self.num_blocks, "out_blocks": self.out_blocks}
+
     def macs_per_token(self) -> int:
         return self.num_blocks * self.out_blocks * (self.in_block + self.out_block)
 

@@ -103,6 +103,9 @@ class PixelflyLinear(StructuredLinear):
         self.out_proj.copy_(p[:, : self.rank] * root)
         self.in_proj.copy_(root[:, None] * qh[: self.rank])
 
+    def constructor_options(self) -> dict:
+        return {"grid": self.grid, "levels": self.levels, "rank": self.rank}
+
     def macs_per_token(self) -> int:
         return self.blocks.shape[0] * self.block_rows * self.block_cols + self.rank * (self.in_features + self.out_features)
 

@@ -1,0 +1,168 @@
+"""Model surgery: replace a model's linear layers by structured layers, in place, with one call.
+
+    report = convert_(model, ConvertConfig(family="gblr", budget=0.5), filter_fn=lambda module, name: ...)
+
+``filter_fn(module, name)`` decides which candidate layers are converted (default: every linear layer
+except language-model heads and layers whose weight is tied to an embedding). Candidates are
+``nn.Linear`` and the transposed ``Conv1D`` linear layers some Hugging Face models (GPT-2) use. Each new
+layer keeps the replaced layer's bias, device and dtype, and is initialised from its dense weight
+(projection or fit) or, with ``init="random"``, freshly at the budget for training from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
+
+__all__ = ["ConvertConfig", "ConversionReport", "convert_", "linear_weight", "default_filter"]
+
+log = logging.getLogger(__name__)
+
+INITS = ("dense", "random")
+
+
+@dataclass
+class ConvertConfig:
+    """What to convert into: a family of :mod:`gblr.structured`, a budget (fraction of each replaced
+    layer's dense cost), how to initialise, and the family's own options (e.g. ``rank``, ``tile``)."""
+
+    family: str = "gblr"
+    budget: float = 0.5
+    init: str = "dense"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: unknown structured family {self.family!r}; known families: {', '.join(FAMILIES)}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (0 < self.budget <= 1):
+            raise ValueError(f"budget must be a fraction of the dense cost in (0, 1], got {self.budget!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+
+
+@dataclass
+class ConvertedLayer:
+    name: str
+    in_features: int
+    out_features: int
+    family: str
+    budget: float
+    reached_cost: float
+    relative_error: float | None  # ||W_structured - W|| / ||W|| when initialised from the dense weight
+    seconds: float
+
+
+@dataclass
+class ConversionReport:
+    replaced: list[ConvertedLayer] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    def to_dict(self) -> dict:
+        return {"replaced": [asdict(r) for r in self.replaced], "skipped": [list(s) for s in self.skipped]}
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| layer | in | out | family | budget | reached cost | relative error | seconds |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in self.replaced:
+            error = "-" if r.relative_error is None else f"{r.relative_error:.4f}"
+            lines.append(
+                f"| {r.name} | {r.in_features} | {r.out_features} | {r.family} | {r.budget:.3f} | "
+                f"{r.reached_cost:.3f} | {error} | {r.seconds:.2f} |"
+            )
+        if self.skipped:
+            lines += ["", "| skipped | reason |", "|---|---|"]
+            lines += [f"| {name} | {reason} |" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's Conv1D (GPT-2): weight (in, out), y = x W + b. Detected by shape of API, no import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``(out, in)`` weight of a linear layer (``nn.Linear`` or ``Conv1D``), or None for other modules."""
+    if isinstance(module, StructuredLinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.T
+    return None
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Convert every linear layer except language-model heads (tied embeddings are skipped separately)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf not in ("lm_head", "head", "classifier", "score")
+
+
+def convert_(
+    model: nn.Module,
+    config: ConvertConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    budgets: dict[str, float] | None = None,
+) -> ConversionReport:
+    """Replace the selected linear layers of ``model`` in place; returns what was replaced and skipped.
+
+    ``budgets`` optionally gives a per-layer budget by qualified name (e.g. from a global allocation);
+    other layers get ``config.budget``.
+    """
+    config = config or ConvertConfig()
+    filter_fn = filter_fn or default_filter
+    tied = _embedding_weights(model)
+    report = ConversionReport()
+    candidates = [(name, m) for name, m in model.named_modules() if name and linear_weight(m) is not None]
+    for name, module in candidates:
+        if not filter_fn(module, name):
+            report.skipped.append((name, "excluded by the filter"))
+            continue
+        if id(module.weight) in tied:
+            report.skipped.append((name, "weight tied to an embedding"))
+            continue
+        weight = linear_weight(module).detach()
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        out_features, in_features = weight.shape
+        budget = (budgets or {}).get(name, config.budget)
+        start = time.perf_counter()
+        try:
+            if config.init == "dense":
+                layer = structured_from_dense(config.family, weight, budget, bias, **config.options)
+            else:
+                layer = make_structured(
+                    config.family, in_features, out_features, budget, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype, **config.options,
+                )
+        except ValueError as error:  # e.g. a budget this family cannot reach for this shape
+            report.skipped.append((name, str(error)))
+            continue
+        layer.train(module.training)
+        error = None
+        if config.init == "dense":
+            with torch.no_grad():
+                was_training = layer.training
+                layer.eval()
+                approx = layer.to_dense().detach().to(torch.float64)
+                layer.train(was_training)
+                error = float((approx - weight.double()).norm() / weight.double().norm().clamp_min(1e-300))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        report.replaced.append(
+            ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),
+                           error, time.perf_counter() - start)
+        )
+        log.info("converted %s (%dx%d) to %s at %.3f", name, in_features, out_features, config.family, budget)
+    return report

@@ -1,0 +1,122 @@
+"""Saving and loading converted models without pickle: safetensors for tensors, JSON for structure.
+
+A saved directory holds ``structure.json`` (format version, every structured layer's family, shape and
+constructor options, the conversion config, the base model's identity) and ``model.safetensors`` (the
+whole state dict; tied tensors are stored once). Loading rebuilds each structured layer from the JSON,
+puts it into the base model and loads the tensors strictly, so a missing, extra or misshapen tensor is an
+error naming it. Nothing in either file can execute code. Files are written to temporary names and
+renamed, and an existing save is never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .structured import FAMILIES, StructuredLinear
+
+__all__ = ["save", "load", "read_structure", "FORMAT"]
+
+FORMAT = "gblr-structured/1"
+STRUCTURE_FILE = "structure.json"
+TENSOR_FILE = "model.safetensors"
+
+
+def save(model: nn.Module, directory, config: dict | None = None, base_model: str | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``model``'s structured layers and state to ``directory`` (created if needed)."""
+    directory = Path(directory)
+    if (directory / STRUCTURE_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{directory} already holds a saved model; pass overwrite=True to replace it")
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLinear):
+            if type(module).family not in FAMILIES or type(module) is not FAMILIES[type(module).family]:
+                raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be saved; save the model before compact()")
+            layers[name] = {
+                "family": module.family,
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": getattr(module, "bias", None) is not None,
+                "options": module.constructor_options(),
+            }
+    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, "layers": layers}
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors_tmp = directory / (TENSOR_FILE + ".tmp")
+    structure_tmp = directory / (STRUCTURE_FILE + ".tmp")
+    save_model(model, str(tensors_tmp))
+    structure_tmp.write_text(json.dumps(structure, indent=2) + "\n")
+    os.replace(tensors_tmp, directory / TENSOR_FILE)
+    os.replace(structure_tmp, directory / STRUCTURE_FILE)  # last: its presence marks a complete save
+    return directory
+
+
+def read_structure(directory) -> dict:
+    """The validated ``structure.json`` of a saved directory."""
+    path = Path(directory) / STRUCTURE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a directory written by gblr.io.save")
+    try:
+        structure = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(structure, dict) or structure.get("format") != FORMAT:
+        raise ValueError(f"{path}: field 'format' must be {FORMAT!r}, got {structure.get('format') if isinstance(structure, dict) else structure!r}")
+    layers = structure.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: field 'layers' must be an object")
+    for name, spec in layers.items():
+        for key, kind in (("family", str), ("in_features", int), ("out_features", int), ("bias", bool), ("options", dict)):
+            if not isinstance(spec, dict) or not isinstance(spec.get(key), kind):
+                raise ValueError(f"{path}: field 'layers.{name}.{key}' must be a {kind.__name__}")
+        if spec["family"] not in FAMILIES:
+            raise ValueError(f"{path}: field 'layers.{name}.family' is {spec['family']!r}; known families: {', '.join(FAMILIES)}")
+    return structure
+
+
+def load(directory, base_model: nn.Module) -> nn.Module:
+    """Rebuild the saved structured layers inside ``base_model`` (the unconverted model, or one of the
+    same architecture) and load all tensors; returns ``base_model``, modified in place."""
+    directory = Path(directory)
+    structure = read_structure(directory)
+    for name, spec in structure["layers"].items():
+        try:
+            current = base_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} does not exist in the base model") from None
+        reference = next(iter(current.parameters()), None)
+        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+        try:
+            layer = FAMILIES[spec["family"]](
+                spec["in_features"], spec["out_features"], bias=spec["bias"], **spec["options"], **factory
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} cannot be rebuilt: {error}") from None
+        parent_name, _, child = name.rpartition(".")
+        setattr(base_model.get_submodule(parent_name) if parent_name else base_model, child, layer)
+    path = directory / TENSOR_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as safetensors: {error}") from None
+    state = base_model.state_dict()
+    missing = [k for k in state if k not in tensors and not _is_shared_alias(k, state, tensors)]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
+    base_model.load_state_dict(tensors, strict=False)
+    return base_model
+
+
+def _is_shared_alias(key: str, state: dict, tensors: dict) -> bool:
+    """safetensors stores tied tensors once: ``key`` is fine if it shares storage with a stored one."""
+    ptr = state[key].untyped_storage().data_ptr()
+    return any(state[k].untyped_storage().data_ptr() == ptr for k in tensors if k in state)
