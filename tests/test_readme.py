@@ -1,4 +1,4 @@
-"""The README's quick-start snippet runs as written, and .ci/run calls the README's test command."""
+"""The README's Python snippets run as written, and .ci/run calls the README's test command."""
 
 import re
 from pathlib import Path
@@ -6,10 +6,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_start_snippet_runs():
+def test_python_snippets_run():
     readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(snippet, "README quick start", "exec"), {})
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(snippets) >= 2  # the quick start and the conversion example
+    for i, snippet in enumerate(snippets):
+        exec(compile(snippet, f"README snippet {i}", "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():
