@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mask import shortest_cyclic_windows
+from .modules import replace_submodule
 from .structured.base import StructuredLinear
 from .structured.gblr import GBLRLinear
 
@@ -254,7 +255,5 @@ def compact(model: nn.Module, inplace: bool = False, **options) -> nn.Module:
         return CompactGBLRLinear(model, **options)
     for name, module in list(model.named_modules()):
         if isinstance(module, GBLRLinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, CompactGBLRLinear(module, **options))
+            replace_submodule(model, name, CompactGBLRLinear(module, **options))
     return model

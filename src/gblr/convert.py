@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
 
 __all__ = ["ConvertConfig", "ConversionReport", "convert_", "linear_weight", "default_filter"]
@@ -158,8 +159,7 @@ def convert_(
                 approx = layer.to_dense().detach().to(torch.float64)
                 layer.train(was_training)
                 error = float((approx - weight.double()).norm() / weight.double().norm().clamp_min(1e-300))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_submodule(model, name, layer)
         report.replaced.append(
             ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),
                            error, time.perf_counter() - start)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .modules import replace_submodule
 from .structured.base import StructuredLinear
 
 __all__ = ["LayerCost", "CostReport", "cost_report"]
@@ -127,23 +128,17 @@ class _TokenProbe(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @contextmanager
 def _probes(model: nn.Module, names: list[str]):
     originals = {name: model.get_submodule(name) for name in names}
     probes = {name: _TokenProbe(layer) for name, layer in originals.items()}
     try:
         for name, probe in probes.items():
-            _set_submodule(model, name, probe)
+            replace_submodule(model, name, probe)
         yield probes
     finally:
         for name, layer in originals.items():
-            _set_submodule(model, name, layer)
+            replace_submodule(model, name, layer)
 
 
 @torch.no_grad()

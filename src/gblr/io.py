@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear
 
 __all__ = ["save", "load", "read_structure", "FORMAT"]
@@ -97,8 +98,7 @@ def load(directory, base_model: nn.Module) -> nn.Module:
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} cannot be rebuilt: {error}") from None
-        parent_name, _, child = name.rpartition(".")
-        setattr(base_model.get_submodule(parent_name) if parent_name else base_model, child, layer)
+        replace_submodule(base_model, name, layer)
     path = directory / TENSOR_FILE
     try:
         tensors = load_file(str(path))
