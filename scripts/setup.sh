@@ -12,4 +12,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,data]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,data,train]"

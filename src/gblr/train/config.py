@@ -1,0 +1,163 @@
+"""Training configuration: plain values with defaults, read from TOML, validated with errors that name
+the bad field. Overrides use the same dotted names: ``train.lr=3e-3 structure.budget=0.5``."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..structured import FAMILIES
+
+__all__ = ["ModelConfig", "DataConfig", "StructureConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
+
+MODELS = ("vit", "mixer", "gpt")
+DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit"
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch: int = 4
+    context: int = 128  # gpt only
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    val_fraction: float = 0.1
+    limit: int = 0  # use only the first N training examples (0 = all); for quick runs
+
+
+@dataclass
+class StructureConfig:
+    family: str = "dense"
+    budget: float = 1.0  # fraction of the dense cost of the structured layers
+    layers: str = "paper"  # "paper": q, k, v and MLPs; "all": every linear layer but the head
+    structure_lr: float = 5e-3
+    sigma_start: float = 1.0
+    sigma_end: float = 100.0
+    ramp_start: float = 0.05
+    ramp_end: float = 0.5
+    rank: int = 1
+    tile: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the steps
+    clip: float = 1.0
+    seed: int = 0
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+    eval_batch_size: int = 500
+    checkpoint_every: int = 200  # steps; 0 = only the final checkpoint
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            ("model.name", self.model.name in MODELS, f"one of {MODELS}"),
+            ("data.name", self.data.name in DATASETS, f"one of {DATASETS}"),
+            ("structure.family", self.structure.family in FAMILIES, f"one of {tuple(FAMILIES)}"),
+            ("structure.budget", 0 < self.structure.budget <= 1, "in (0, 1]"),
+            ("structure.layers", self.structure.layers in ("paper", "all"), "'paper' or 'all'"),
+            ("structure.ramp_end", 0 <= self.structure.ramp_start <= self.structure.ramp_end <= 1,
+             "at least structure.ramp_start and at most 1"),
+            ("data.val_fraction", 0 < self.data.val_fraction < 1, "in (0, 1)"),
+            ("train.epochs", self.train.epochs >= 1, ">= 1"),
+            ("train.batch_size", self.train.batch_size >= 1, ">= 1"),
+            ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.warmup", 0 <= self.train.warmup < 1, "in [0, 1)"),
+            ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
+            ("model.depth", self.model.depth >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"config field '{name}' must be {expected}, got {_get(self, name)!r}")
+        if (self.model.name == "gpt") != (self.data.name == "shakespeare"):  # text needs the GPT, images the others
+            raise ValueError(f"config field 'model.name' {self.model.name!r} does not fit data.name {self.data.name!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config field '{prefix.rstrip('.')}' must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(f"config field '{name}' is unknown; known fields: {', '.join(known)}")
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else known[key].default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{name}.")
+            continue
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:
+            raise ValueError(f"config field '{name}' must be a {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings: model.name=gpt
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` overrides (TOML values) to a raw config dict."""
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r} must look like section.field=value")
+        key, text = override.split("=", 1)
+        table = values
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[last] = _parse_value(text.strip())
+    return values
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config (or the defaults when ``path`` is None), apply overrides and validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+    values = apply_overrides(values, overrides or [])
+    return _build(RunConfig, values, "").validate()

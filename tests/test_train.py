@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gblr.cli import main
+from gblr.train import load_config, train
+
+TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",
+        "train.lr=3e-3", "structure.structure_lr=1e-2"]
+
+
+@pytest.mark.parametrize("family", ["dense", "gblr"])
+def test_training_on_digits_learns_and_meets_the_budget(family, tmp_path):
+    config = load_config(None, TINY + ["train.epochs=8", f'structure.family="{family}"', "structure.budget=0.3"])
+    report = train(config, tmp_path, progress=False)
+    assert report["test"]["accuracy"] > 0.8  # 10 classes: chance is 0.1
+    if family == "gblr":
+        assert abs(report["structured_fraction"] - 0.3) <= 0.02 * 0.3
+    assert (tmp_path / "report.md").exists() and (tmp_path / "tensorboard").is_dir()
+
+
+RESUMABLE = ['data.name="mnist5k"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",
+             "train.epochs=10", "train.max_steps=300", "train.checkpoint_every=50", 'structure.family="gblr"', "structure.budget=0.4"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    # Every run goes through the command line in its own process, so all use the same thread count
+    # (a different number of threads changes float reduction order, hence the bits).
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "gblr.cli", "train", str(empty), *RESUMABLE, "--out", str(out), "--quiet", *extra]
+
+    uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
+    subprocess.run(command(uninterrupted), check=True, capture_output=True)
+    process = subprocess.Popen(command(interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads((interrupted / "checkpoint.json").read_text())["step"]
+    assert killed_at < 300, "the run finished before it could be killed"
+    subprocess.run(command(interrupted, "--resume"), check=True, capture_output=True)
+
+    a = load_file(str(uninterrupted / "checkpoint.safetensors"))
+    b = load_file(str(interrupted / "checkpoint.safetensors"))
+    model_keys = [k for k in a if k.startswith("model.")]
+    assert model_keys and all(torch.equal(a[k], b[k]) for k in model_keys)
+    assert json.loads((interrupted / "checkpoint.json").read_text())["step"] == 300
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    config = load_config(None, TINY + ["train.max_steps=5"])
+    train(config, tmp_path, progress=False)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    config = load_config(None, TINY + ["train.max_steps=5"])
+    train(config, tmp_path, progress=False)
+    data = (tmp_path / "checkpoint.safetensors").read_bytes()
+    (tmp_path / "checkpoint.safetensors").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        train(config, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1.0", "'train.lr' must be > 0"),
+    ("train.epoch=3", "'train.epoch' is unknown"),
+    ('train.epochs="three"', "'train.epochs' must be a int"),
+    ('structure.family="butterfly"', "'structure.family' must be one of"),
+    ("structure.budget=1.5", "'structure.budget' must be in (0, 1]"),
+    ('model.name="gpt"', "does not fit data.name"),
+])
+def test_bad_config_values(override, message, tmp_path, capsys):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["train", str(empty), override, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and message in error
+
+
+def test_configs_directory_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert len(configs) >= 10
+    for path in configs:
+        load_config(path)
+
+
+def test_report_command(tmp_path, capsys):
+    train(load_config(None, TINY + ["train.max_steps=5"]), tmp_path, progress=False)
+    assert main(["report", str(tmp_path)]) == 0
+    assert "| metric (test) |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
