@@ -35,7 +35,6 @@ def gblr_at_cost(n: int, m: int, cost: float, hardware_aware: bool, seed: int) -
     options = {"rank": 32, "tile": 32} if hardware_aware else {"rank": 1}
     layer = GBLRLinear(n, m, width_init="full", **options)
     with torch.no_grad():
-        k = layer.num_components
         layer.out_widths.uniform_(0.2, 1.0)
         layer.in_widths.uniform_(0.2, 1.0)
         layer.out_starts.uniform_(0.0, 1.0)

@@ -15,9 +15,11 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     out_dir = Path(args.out) if args.out else Path("runs") / config.name
     report = train(config, out_dir, resume=args.resume, progress=not args.quiet)
+    if report is None:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
     print((out_dir / "report.md").read_text())
     print(f"run directory: {out_dir} (TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'})")
-    return 0 if report else 1
+    return 0
 
 
 def _report(args) -> int:

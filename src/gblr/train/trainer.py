@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -133,7 +134,12 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     out_dir = Path(out_dir)
     if not resume and (out_dir / "checkpoint.json").exists():
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed_setup()
+    if config.train.batch_size % world:
+        raise ValueError(f"config field 'train.batch_size' ({config.train.batch_size}) must be divisible by the {world} processes")
+    main_process = rank == 0  # alone writes logs, checkpoints and the report
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.train.seed)
     data = load_data(config)
     model = build_model(config, data)
@@ -162,9 +168,16 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         step, epoch, position, elapsed, history = (meta[k] for k in ("step", "epoch", "position", "elapsed", "history"))
         if learner is not None:
             learner.load_state_dict(meta["learner"])
-    writer = _tensorboard(out_dir, step)
+    writer = _tensorboard(out_dir, step) if main_process else None
+    # Under torchrun every process holds the same weights; DDP averages gradients over the shards of
+    # each global batch, so optimizer steps, proximal steps and the controller agree on every rank.
+    forward_model = model
+    if world > 1:
+        forward_model = nn.parallel.DistributedDataParallel(model)
 
     def checkpoint():
+        if not main_process:
+            return
         save_checkpoint(out_dir, model, optimizer, scheduler, {
             "config": config.to_dict(), "step": step, "epoch": epoch, "position": position,
             "elapsed": elapsed + time.perf_counter() - started, "history": history,
@@ -173,12 +186,14 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=config.name, leave=False)
+    bar = tqdm(total=total, initial=step, disable=not (progress and main_process), desc=config.name, leave=False)
     started = time.perf_counter()
     model.train()
     while step < total:
         x, y = _batch(data, config, epoch, position, step)
-        loss = _loss(model, x, y)
+        shard = len(x) // world  # this process's part of the global batch
+        x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+        loss = _loss(forward_model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
@@ -194,7 +209,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
                     writer.add_scalar(f"structure/{key}", stats[key], step)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cost=f"{stats.get('cost_fraction', 1.0):.3f}")
         bar.update()
-        if position == per_epoch or step == total:
+        if (position == per_epoch or step == total) and main_process:
             result = evaluate(model, data, "val", config)
             history.append({"epoch": epoch, "step": step, **result})
             if writer is not None:
@@ -203,16 +218,50 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
                 for name, layer in gblr_layers(model):
                     writer.add_scalar(f"layers/{name}", layer.relative_cost(), step)
                     writer.add_histogram(f"widths/{name}", torch.cat([layer.out_widths, layer.in_widths]).detach(), step)
+        if position == per_epoch or step == total:
             epoch, position = epoch + 1, 0
         if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
             checkpoint()
     bar.close()
     checkpoint()
     wall = elapsed + time.perf_counter() - started
-    report = _report(model, data, config, conversion, learner, history, wall, out_dir)
+    identical = _structure_identical_across_ranks(model) if world > 1 else True
+    report = None
+    if main_process:
+        report = _report(model, data, config, conversion, learner, history, wall, out_dir)
+        report.update(processes=world, structure_identical_across_ranks=identical)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if writer is not None:
         writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return report
+
+
+def _distributed_setup() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+@torch.no_grad()
+def _structure_identical_across_ranks(model: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    layers = gblr_layers(model)
+    if not layers:
+        return True
+    mine = torch.cat([p.detach().flatten().double() for _, layer in layers for p in layer.structure_parameters()])
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(g, mine) for g in gathered)
 
 
 def _tensorboard(out_dir: Path, step: int):
