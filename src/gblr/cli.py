@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -34,7 +35,7 @@ def _report(args) -> int:
 def _demo(args) -> int:
     from .train import load_config, train
 
-    runs = Path(args.out)
+    runs = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))  # a fresh directory: never overwrite
     base = ["data.name=\"fashion_mnist\"", f"data.limit={args.examples}", f"train.epochs={args.epochs}",
             "model.dim=128", "model.depth=4", "model.heads=4", "train.batch_size=128", "train.lr=2e-3"]
     results = []
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
     report.set_defaults(handler=_report)
     demo = commands.add_parser("demo", help="dense vs GBLR at 30 %% on Fashion-MNIST, side by side")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", help="run directory (default runs/demo-DATE-TIME)")
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--examples", type=int, default=20000, help="training images used (of 54000)")
     demo.add_argument("--resume", action="store_true")

@@ -203,11 +203,13 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         step, position = step + 1, position + 1
         if writer is not None:
             writer.add_scalar("train/loss", float(loss.detach()), step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+            for group in optimizer.param_groups:
+                writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
             for key in ("cost_fraction", "sigma", "threshold"):
                 if stats.get(key) is not None:
                     writer.add_scalar(f"structure/{key}", stats[key], step)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cost=f"{stats.get('cost_fraction', 1.0):.3f}")
+        last_metric = {k: f"{v:.3f}" for k, v in history[-1].items() if k in ("accuracy", "perplexity")} if history else {}
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cost=f"{stats.get('cost_fraction', 1.0):.3f}", **last_metric)
         bar.update()
         if (position == per_epoch or step == total) and main_process:
             result = evaluate(model, data, "val", config)
