@@ -1,4 +1,5 @@
-"""Transformer pieces shared by the ViT and the GPT: attention with separate q, k, v and an MLP."""
+"""Pieces shared by the reference models: patch embedding, attention with separate q, k, v, an MLP and a
+pre-norm transformer block."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Square images (N, H, W) or (N, C, H, W) to (N, tokens, dim): non-overlapping patches, one linear map."""
+
+    def __init__(self, image_size: int, patch: int, channels: int, dim: int) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} must be divisible by patch={patch}")
+        self.patch = patch
+        self.tokens = (image_size // patch) ** 2
+        self.proj = nn.Linear(channels * patch * patch, dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 3:  # grey images without a channel axis
+            images = images.unsqueeze(1)
+        b, c, _, _ = images.shape
+        p = self.patch
+        patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
+        return self.proj(patches)

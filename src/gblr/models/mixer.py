@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import MLP
+from .blocks import MLP, PatchEmbed
 
 
 class MixerBlock(nn.Module):
@@ -24,11 +24,8 @@ class MLPMixer(nn.Module):
     def __init__(self, image_size: int = 28, patch: int = 4, channels: int = 1, classes: int = 10, dim: int = 192,
                  depth: int = 6, token_ratio: float = 2.0, channel_ratio: float = 4.0) -> None:
         super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} must be divisible by patch={patch}")
-        self.patch = patch
-        tokens = (image_size // patch) ** 2
-        self.embed = nn.Linear(channels * patch * patch, dim)
+        self.embed = PatchEmbed(image_size, patch, channels, dim)
+        tokens = self.embed.tokens
         self.blocks = nn.ModuleList(
             MixerBlock(tokens, dim, max(1, int(tokens * token_ratio)), int(dim * channel_ratio)) for _ in range(depth)
         )
@@ -36,12 +33,7 @@ class MLPMixer(nn.Module):
         self.head = nn.Linear(dim, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() == 3:
-            images = images.unsqueeze(1)
-        b, c, _, _ = images.shape
-        p = self.patch
-        patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
-        x = self.embed(patches)
+        x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x).mean(dim=1))
