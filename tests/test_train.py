@@ -132,3 +132,20 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         assert (a[key] - b[key]).norm() <= 0.05 * a[key].norm(), key
     assert abs(one["structured_fraction"] - 0.3) <= 0.02 * 0.3
     assert abs(two["test"]["accuracy"] - one["test"]["accuracy"]) <= 0.05
+
+
+def test_gpt_and_mixer_recipes_run(tmp_path):
+    gpt = load_config(configs_dir() / "shakespeare-gpt-gblr-0.3.toml", [
+        "model.dim=32", "model.depth=1", "model.heads=2", "model.context=32", "train.max_steps=10", "train.batch_size=8"])
+    report = train(gpt, tmp_path / "gpt", progress=False)
+    assert report["test"]["perplexity"] < 200 and report["flops_per_example"] > 0
+    mixer = load_config(configs_dir() / "fmnist-mixer-lowrank-0.5.toml", [
+        'data.name="mnist5k"', "model.dim=32", "model.depth=1", "train.max_steps=10", "train.batch_size=32"])
+    report = train(mixer, tmp_path / "mixer", progress=False)
+    assert report["structured_fraction"] <= 0.5 and "accuracy" in report["test"]
+
+
+def configs_dir():
+    from pathlib import Path
+
+    return Path(__file__).parents[1] / "configs"

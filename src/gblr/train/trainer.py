@@ -37,7 +37,9 @@ def load_data(config: RunConfig) -> dict:
     if name == "shakespeare":
         train_text, val_text = load_shakespeare("train"), load_shakespeare("val")
         tokenizer = CharTokenizer(train_text + val_text)
-        return {"train": tokenizer.encode(train_text), "val": tokenizer.encode(val_text), "vocab": len(tokenizer)}
+        val = tokenizer.encode(val_text)
+        # No separate test text: the report's "test" metric is the validation split.
+        return {"train": tokenizer.encode(train_text), "val": val, "test": val, "vocab": len(tokenizer)}
     if name == "fashion_mnist":
         images, labels = load_fashion_mnist("train")
         test = load_fashion_mnist("test")
@@ -52,6 +54,7 @@ def load_data(config: RunConfig) -> dict:
         "val": (_normalise(images[val_idx]), labels[val_idx]),
         "image_size": images.shape[-1],
     }
+    # mnist5k and digits have no test split: their "test" metric is the validation split.
     data["test"] = (_normalise(test[0]), test[1]) if test is not None else data["val"]
     return data
 
