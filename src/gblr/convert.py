@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .fit import relative_error
 from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
 
@@ -156,9 +157,8 @@ def convert_(
             with torch.no_grad():
                 was_training = layer.training
                 layer.eval()
-                approx = layer.to_dense().detach().to(torch.float64)
+                error = relative_error(layer.to_dense(), weight)
                 layer.train(was_training)
-                error = float((approx - weight.double()).norm() / weight.double().norm().clamp_min(1e-300))
         replace_submodule(model, name, layer)
         report.replaced.append(
             ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),

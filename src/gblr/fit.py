@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
-    return float((approx.detach().double() - weight.detach().double()).norm() / weight.detach().double().norm())
+    weight = weight.detach().double()
+    return float((approx.detach().double() - weight).norm() / weight.norm().clamp_min(1e-300))
 
 
 def _splits(length: int, parts: int) -> list[tuple[int, int]]:

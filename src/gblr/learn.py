@@ -101,6 +101,11 @@ def _width_costs(layer: GBLRLinear) -> tuple[float, float]:
     return float(layer.rank * layer.out_features), float(layer.rank * layer.in_features)
 
 
+def _mean_width_cost(costs: list[tuple[float, float]]) -> float:
+    """Mean of the side costs: thresholds are expressed relative to it."""
+    return sum(c for pair in costs for c in pair) / (2 * len(costs))
+
+
 @torch.no_grad()
 def wrap_starts(layers: list[GBLRLinear]) -> None:
     for layer in layers:
@@ -115,7 +120,7 @@ def prox_width_step(layers: list[GBLRLinear], lam: float, lr: float) -> None:
     if not layers:
         return
     costs = [_width_costs(layer) for layer in layers]
-    mean_cost = sum(c for pair in costs for c in pair) / (2 * len(costs))
+    mean_cost = _mean_width_cost(costs)
     for layer, (out_cost, in_cost) in zip(layers, costs):
         layer.out_widths.sub_(lr * lam * out_cost / mean_cost).clamp_(0.0, 1.0)
         layer.in_widths.sub_(lr * lam * in_cost / mean_cost).clamp_(0.0, 1.0)
@@ -129,7 +134,7 @@ class _CostModel:
     def __init__(self, layers: list[GBLRLinear]) -> None:
         out_w, in_w, out_len, in_len, out_c, in_c, ranks, tiles = [], [], [], [], [], [], [], []
         costs = [_width_costs(layer) for layer in layers]
-        self.mean_cost = sum(c for pair in costs for c in pair) / (2 * len(costs))
+        self.mean_cost = _mean_width_cost(costs)
         for layer, (oc, ic) in zip(layers, costs):
             k = layer.num_components
             out_w.append(layer.out_widths.detach().to("cpu", torch.float64))
@@ -294,9 +299,13 @@ class StructureLearner:
             self._set_sigma(sigma(0))
 
     # --- state -----------------------------------------------------------------------------------
+    def cost_macs(self) -> int:
+        """Counted MACs per token of all GBLR layers."""
+        return sum(layer.macs_per_token() for layer in self.layers)
+
     def cost_fraction(self) -> float:
         """Counted cost of all GBLR layers as a fraction of their dense cost."""
-        return sum(layer.macs_per_token() for layer in self.layers) / self.dense_macs
+        return self.cost_macs() / self.dense_macs
 
     def budget_fraction(self, step: int | None = None) -> float:
         """The budget (fraction of dense cost) the controller enforces at ``step``."""
@@ -338,7 +347,7 @@ class StructureLearner:
         eta = structure_lr(self.optimizer)
         budget = self.budget_fraction() * self.dense_macs
 
-        if self.l1 > 0 and self.cost_fraction() * self.dense_macs > budget:
+        if self.l1 > 0 and self.cost_macs() > budget:
             prox_width_step(self.layers, self.l1, eta)
 
         holding = self.step_count >= self.ramp_steps[1]
@@ -346,7 +355,7 @@ class StructureLearner:
         # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
         # while holding, a second pass grows the surviving components back up to the budget.
         for _ in range(2 if holding else 1):
-            cost = sum(layer.macs_per_token() for layer in self.layers)
+            cost = self.cost_macs()
             if not (cost > budget or (holding and cost < (1.0 - self.tolerance) * budget)):
                 break
             threshold += project_to_budget(self.layers, budget, allow_growth=holding)

@@ -233,9 +233,8 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     identical = _structure_identical_across_ranks(model) if world > 1 else True
     report = None
     if main_process:
-        report = _report(model, data, config, conversion, learner, history, wall, out_dir)
-        report.update(processes=world, structure_identical_across_ranks=identical)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        report = _report(model, data, config, conversion, history, wall, out_dir,
+                         processes=world, structure_identical_across_ranks=identical)
     if writer is not None:
         writer.close()
     if world > 1:
@@ -277,7 +276,8 @@ def _tensorboard(out_dir: Path, step: int):
     return SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
 
 
-def _report(model, data, config: RunConfig, conversion, learner, history, wall: float, out_dir: Path) -> dict:
+def _report(model, data, config: RunConfig, conversion, history, wall: float, out_dir: Path, **extra) -> dict:
+    """Test metric, costs and pictures of the finished model, written once as report.json and report.md."""
     model.eval()
     test = evaluate(model, data, "test", config)
     example = data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
@@ -289,18 +289,19 @@ def _report(model, data, config: RunConfig, conversion, learner, history, wall: 
         "history": history,
         "flops_per_example": costs.total_flops,
         "dense_flops_per_example": costs.dense_total_flops,
-        "structured_fraction": costs.structured_fraction if costs.layers else 1.0,
+        "structured_fraction": costs.structured_fraction,
         "budget_target": config.structure.budget if config.structure.family != "dense" else 1.0,
         "parameters": sum(p.numel() for p in model.parameters()),
         "effective_parameters": _effective_parameters(model),
         "wall_seconds": wall,
         "layers": costs.to_dict()["layers"],
         "conversion": conversion.to_dict() if conversion is not None else None,
+        **extra,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(report_markdown(report, costs.to_markdown() if costs.layers else ""))
     pictures = save_structure_pictures(model, out_dir / "structure.png")
     report["pictures"] = str(pictures) if pictures else None
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(report, costs.to_markdown() if costs.layers else ""))
     return report
 
 
