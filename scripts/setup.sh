@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install gblr with its test extras. Torch is pinned through constraints.txt so that
+# Create .venv and install gblr with its test, data, training and Hugging Face extras. Torch is pinned through constraints.txt so that
 # pip never downloads a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,data,train]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,data,train,hf]"

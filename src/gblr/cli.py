@@ -1,4 +1,4 @@
-"""The ``gblr`` command: ``train CONFIG [section.field=value ...]``, ``report RUN_DIR``, ``demo``."""
+"""The ``gblr`` command: ``train CONFIG [section.field=value ...]``, ``report RUN_DIR``, ``demo``, ``compress``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,55 @@ def _demo(args) -> int:
     return 0
 
 
+def _compress(args) -> int:
+    import copy
+    import json
+
+    import torch
+
+    from . import io
+    from .compress import compress_
+    from .convert import ConvertConfig
+    from .objectives import objectives_for
+    from .pretrained import load_pretrained
+    from .train.recovery import recover_
+
+    ConvertConfig(family=args.family, budget=args.budget)  # bad names and budgets fail before any loading
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
+    if args.calibrate and args.allocation != "global":
+        raise ValueError("--calibrate needs --allocation global")
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    print(f"loading {args.model} ...", flush=True)
+    teacher = load_pretrained(args.model)
+    model = copy.deepcopy(teacher.model)
+    objectives = objectives_for(teacher)
+    quality = {"original": objectives.quality(teacher.model)}
+    options = {"steps": args.fit_steps} if args.family == "gblr" else {}
+    print(f"compressing to {args.budget:g} of the replaced layers' cost ({args.family}, {args.allocation}) ...", flush=True)
+    result = compress_(model, args.family, args.budget, args.allocation, options=options,
+                       calibration_loss=objectives.calibration_loss if args.calibrate else None)
+    print(result.to_markdown())
+    quality["compressed"] = objectives.quality(model)
+    if args.finetune_steps:
+        print(f"recovery: {args.finetune_steps} steps ...", flush=True)
+        recovery = recover_(model, objectives.recovery_loss(args.seed), args.finetune_steps, lr=args.lr,
+                            learn_structure=args.learn_structure)
+        quality["recovered"] = objectives.quality(model)
+        quality["recovery_seconds"] = round(recovery.seconds, 1)
+    config = {"model": args.model, "family": args.family, "budget": args.budget, "allocation": args.allocation,
+              "calibrate": args.calibrate, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
+              "learn_structure": args.learn_structure, "lr": args.lr, "seed": args.seed}
+    io.save(model, out, config={**config, "compression": result.to_dict(), "quality": quality}, base_model=teacher.identity)
+    (out / "report.md").write_text(result.to_markdown() + "\n")
+    print("\nquality (held-out Shakespeare):", json.dumps(quality))
+    print(f"saved to {out} in {time.perf_counter() - start:.0f} s; reload with "
+          f"gblr.io.load({str(out)!r}, gblr.pretrained.load_pretrained({args.model!r}).model)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gblr", description="Learned structured (GBLR) layers for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,10 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
+    compress = commands.add_parser("compress", help="compress a pretrained model to a fraction of its cost")
+    compress.add_argument("--model", required=True, help="minilm, smollm2 or a Hugging Face model directory")
+    compress.add_argument("--family", default="gblr", help="structured family (default gblr)")
+    compress.add_argument("--budget", type=float, default=0.5, help="cost of the replaced layers, fraction of dense")
+    compress.add_argument("--allocation", choices=("uniform", "global"), default="global",
+                          help="one budget per layer, or one global budget allocated by error curves")
+    compress.add_argument("--calibrate", action="store_true", help="weight the allocation by the loss on calibration text")
+    compress.add_argument("--fit-steps", type=int, default=0, help="steps of the learned GBLR fit (0: block-low-rank fits only)")
+    compress.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (distillation / next-token loss)")
+    compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")
+    compress.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--out", required=True, help="new directory for the compressed model")
+    compress.set_defaults(handler=_compress)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
         print(f"gblr {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from .fit import relative_error
 from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
 
-__all__ = ["ConvertConfig", "ConversionReport", "convert_", "linear_weight", "default_filter"]
+__all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,28 @@ def _embedding_weights(model: nn.Module) -> set[int]:
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Convert every linear layer except language-model heads (tied embeddings are skipped separately)."""
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf not in ("lm_head", "head", "classifier", "score")
+    """Convert every linear layer except heads: language-model and classifier heads and BERT's pooler
+    (tied embeddings are skipped separately)."""
+    parts = name.split(".")
+    return parts[-1] not in ("lm_head", "head", "classifier", "score") and "pooler" not in parts
+
+
+def select_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
+                  ) -> tuple[dict[str, nn.Module], list[tuple[str, str]]]:
+    """The linear layers ``convert_`` would replace (by name), and the skipped ones with the reason."""
+    filter_fn = filter_fn or default_filter
+    tied = _embedding_weights(model)
+    selected, skipped = {}, []
+    for name, module in model.named_modules():
+        if not name or linear_weight(module) is None:
+            continue
+        if not filter_fn(module, name):
+            skipped.append((name, "excluded by the filter"))
+        elif id(module.weight) in tied:
+            skipped.append((name, "weight tied to an embedding"))
+        else:
+            selected[name] = module
+    return selected, skipped
 
 
 def convert_(
@@ -124,17 +143,9 @@ def convert_(
     other layers get ``config.budget``.
     """
     config = config or ConvertConfig()
-    filter_fn = filter_fn or default_filter
-    tied = _embedding_weights(model)
-    report = ConversionReport()
-    candidates = [(name, m) for name, m in model.named_modules() if name and linear_weight(m) is not None]
-    for name, module in candidates:
-        if not filter_fn(module, name):
-            report.skipped.append((name, "excluded by the filter"))
-            continue
-        if id(module.weight) in tied:
-            report.skipped.append((name, "weight tied to an embedding"))
-            continue
+    selected, skipped = select_layers(model, filter_fn)
+    report = ConversionReport(skipped=skipped)
+    for name, module in selected.items():
         weight = linear_weight(module).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         out_features, in_features = weight.shape

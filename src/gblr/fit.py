@@ -14,16 +14,20 @@ Two kinds of candidates, the best one wins:
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import torch
 
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
 from .structured.gblr import GBLRLinear
 
-__all__ = ["fit_gblr", "learned_fit", "block_low_rank_fit", "relative_error"]
+__all__ = ["fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve", "relative_error"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_GRIDS = (1, 2, 4, 8, 16)
 
 
 def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
@@ -37,6 +41,80 @@ def _splits(length: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in zip(edges, edges[1:])]
 
 
+class _TilePieces:
+    """Every rank-1 SVD piece of every tile of a ``grid x grid`` tiling, sorted by energy per MAC.
+
+    Tiles of equal shape are decomposed in one batched SVD. Pieces of one tile are orthogonal and tiles
+    are disjoint, so the squared error of any chosen set is the total energy minus the chosen energies:
+    error curves over many budgets cost no further SVDs.
+    """
+
+    def __init__(self, weight: torch.Tensor, grid: int) -> None:
+        m, n = weight.shape
+        grid = max(1, min(grid, m, n))
+        target = weight.detach().double()
+        self.shape, self.total = (m, n), float(target.pow(2).sum())
+        by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for row_start, h in _splits(m, grid):
+            for col_start, w in _splits(n, grid):
+                by_shape.setdefault((h, w), []).append((row_start, col_start))
+        self.groups = []  # per tile shape: (h, w, tile origins, U*S, Vh)
+        energy, cost, where = [], [], []
+        for (h, w), origins in by_shape.items():
+            tiles = torch.stack([target[r : r + h, c : c + w] for r, c in origins])
+            u, s, vh = torch.linalg.svd(tiles, full_matrices=False)
+            self.groups.append((h, w, origins, u * s.unsqueeze(1), vh))
+            g = len(self.groups) - 1
+            energy.append(s.pow(2).flatten())
+            cost.append(torch.full((s.numel(),), float(h + w), dtype=torch.float64))
+            tile, rank = torch.meshgrid(torch.arange(len(origins)), torch.arange(s.shape[1]), indexing="ij")
+            where.append(torch.stack([torch.full_like(tile.flatten(), g), tile.flatten(), rank.flatten()], 1))
+        energy, cost, where = torch.cat(energy), torch.cat(cost), torch.cat(where)
+        order = torch.argsort(energy / cost, descending=True, stable=True)
+        self.energy, self.cost, self.where = energy[order].numpy(), cost[order].numpy(), where[order]
+
+    def choose(self, budget: float) -> np.ndarray:
+        """Indices of the greedy choice: the best pieces by energy per MAC, skipping those that do not
+        fit any more, until ``budget * m * n`` MACs are spent."""
+        allowed = budget * self.shape[0] * self.shape[1]
+        cumulative = np.cumsum(self.cost)
+        taken = int(np.searchsorted(cumulative, allowed, side="right"))
+        chosen, spent = list(range(taken)), float(cumulative[taken - 1]) if taken else 0.0
+        smallest = float(self.cost.min())
+        position = taken
+        while position < len(self.cost) and allowed - spent >= smallest:
+            fits = np.nonzero(self.cost[position:] <= allowed - spent)[0]
+            if not len(fits):
+                break
+            position += int(fits[0])
+            chosen.append(position)
+            spent += float(self.cost[position])
+            position += 1
+        return np.asarray(chosen, dtype=np.int64)
+
+    def relative_error(self, budget: float) -> float:
+        kept = float(self.energy[self.choose(budget)].sum())
+        return math.sqrt(max(self.total - kept, 0.0) / self.total) if self.total > 0 else 0.0
+
+    def layer(self, budget: float, dtype: torch.dtype, bias: torch.Tensor | None = None) -> GBLRLinear:
+        chosen = self.choose(budget)
+        if not len(chosen):
+            m, n = self.shape
+            raise ValueError(f"budget {budget:g} is below the cost of one rank-1 piece of a {m}x{n} matrix")
+        m, n = self.shape
+        out_factors = torch.zeros(len(chosen), 1, m, dtype=torch.float64)
+        in_factors = torch.zeros(len(chosen), 1, n, dtype=torch.float64)
+        out_intervals, in_intervals = [], []
+        for i, (g, tile, rank) in enumerate(self.where[torch.from_numpy(chosen)].tolist()):
+            h, w, origins, us, vh = self.groups[g]
+            r0, c0 = origins[tile]
+            out_factors[i, 0, r0 : r0 + h] = us[tile, :, rank]
+            in_factors[i, 0, c0 : c0 + w] = vh[tile, rank]
+            out_intervals.append((r0, h))
+            in_intervals.append((c0, w))
+        return GBLRLinear.from_intervals(out_intervals, in_intervals, out_factors.to(dtype), in_factors.to(dtype), bias)
+
+
 def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None) -> GBLRLinear:
     """Best rank-1 pieces of a ``grid x grid`` tiling, chosen greedily by energy per MAC.
 
@@ -44,33 +122,14 @@ def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None
     the most energy per MAC until the budget is spent gives a block-low-rank matrix with a rank per tile
     adapted to the matrix (a GBLR special case). ``grid=1`` is the optimal low-rank matrix.
     """
-    m, n = weight.shape
-    grid = max(1, min(grid, m, n))
-    target = weight.detach().double()
-    pieces = []  # (energy per MAC, tile row interval, tile column interval, u, v)
-    for row_start, h in _splits(m, grid):
-        for col_start, w in _splits(n, grid):
-            p, sv, qh = torch.linalg.svd(target[row_start : row_start + h, col_start : col_start + w], full_matrices=False)
-            for k in range(sv.shape[0]):
-                pieces.append((float(sv[k] ** 2) / (h + w), (row_start, h), (col_start, w), p[:, k] * sv[k], qh[k]))
-    pieces.sort(key=lambda piece: -piece[0])
-    allowed, spent, chosen = budget * m * n, 0, []
-    for piece in pieces:
-        cost = piece[1][1] + piece[2][1]
-        if spent + cost <= allowed:
-            chosen.append(piece)
-            spent += cost
-    if not chosen:
-        raise ValueError(f"budget {budget:g} is below the cost of one rank-1 piece of a {m}x{n} matrix tiled {grid}x{grid}")
-    out_factors = target.new_zeros(len(chosen), 1, m)
-    in_factors = target.new_zeros(len(chosen), 1, n)
-    for i, (_, (r0, h), (c0, w), u, v) in enumerate(chosen):
-        out_factors[i, 0, r0 : r0 + h] = u
-        in_factors[i, 0, c0 : c0 + w] = v
-    return GBLRLinear.from_intervals(
-        [piece[1] for piece in chosen], [piece[2] for piece in chosen],
-        out_factors.to(weight.dtype), in_factors.to(weight.dtype), bias,
-    )
+    return _TilePieces(weight, grid).layer(budget, weight.dtype, bias)
+
+
+def block_low_rank_error_curve(weight: torch.Tensor, budgets, grids: tuple[int, ...] = DEFAULT_GRIDS) -> list[float]:
+    """Relative error of the best block-low-rank fit over ``grids`` at each budget (an upper bound of
+    :func:`fit_gblr`'s error), from one batched SVD per tiling."""
+    tilings = [_TilePieces(weight, grid) for grid in grids]
+    return [min(t.relative_error(b) for t in tilings) for b in budgets]
 
 
 def learned_fit(
@@ -82,9 +141,13 @@ def learned_fit(
     structure_lr: float = 0.0,
     keep: float = 0.99,
 ) -> GBLRLinear:
-    """SPEC section 5: all rank-1 SVD components (intervals from their energy), Adam on the relative
+    """SPEC section 5: the leading rank-1 SVD components (intervals from their energy), Adam on the relative
     error while the structure learner shrinks the widths to the budget."""
-    layer = GBLRLinear.from_dense(weight.detach(), bias=bias)
+    m, n = weight.shape
+    # Components beyond twice the rank a low-rank matrix affords are shrunk away anyway; not
+    # starting them makes every step cheaper.
+    components = min(m, n, max(1, math.ceil(2 * budget * m * n / (m + n))))
+    layer = GBLRLinear.from_dense(weight.detach(), bias=bias, num_components=components)
     with torch.no_grad():
         for factors, starts, widths in (
             (layer.out_factors, layer.out_starts, layer.out_widths),
@@ -117,22 +180,24 @@ def fit_gblr(
     weight: torch.Tensor,
     budget: float,
     bias: torch.Tensor | None = None,
-    grids: tuple[int, ...] = (1, 2, 4, 8, 16),
+    grids: tuple[int, ...] = DEFAULT_GRIDS,
     **learned_options,
 ) -> GBLRLinear:
     """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
     matrix, so the result is never worse than low-rank) and the learned fit (:func:`learned_fit`,
     skipped with ``steps=0``). Candidates over the budget are discarded."""
     target = weight.detach()
-    candidates = [block_low_rank_fit(target, budget, grid, bias) for grid in grids]
+    tilings = [_TilePieces(target, grid) for grid in grids]
+    errors = [tiling.relative_error(budget) for tiling in tilings]
+    choice = min(range(len(tilings)), key=errors.__getitem__)
+    best, error = tilings[choice].layer(budget, target.dtype, bias), errors[choice]
+    best.fit_method = f"block-low-rank {grids[choice]}x{grids[choice]}"  # for reports; not saved
     if learned_options.get("steps", 200) > 0:
-        candidates.append(learned_fit(target, budget, bias, **learned_options))
-    scored = []
-    for layer in candidates:
-        layer.eval()
-        if layer.relative_cost() <= budget:
-            with torch.no_grad():
-                scored.append((relative_error(layer.to_dense(), target), layer))
-    error, best = min(scored, key=lambda pair: pair[0])
+        learned = learned_fit(target, budget, bias, **learned_options)
+        learned_error = relative_error(learned.to_dense(), target)
+        if learned.relative_cost() <= budget and learned_error < error:
+            best, error = learned, learned_error
+            best.fit_method = "learned"
+    best.eval()
     log.debug("GBLR fit %s at %.3f: error %.4f", tuple(target.shape), budget, error)
     return best

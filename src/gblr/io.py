@@ -98,6 +98,7 @@ def load(directory, base_model: nn.Module) -> nn.Module:
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} cannot be rebuilt: {error}") from None
+        layer.train(current.training)  # an eval-mode model stays in eval mode
         replace_submodule(base_model, name, layer)
     path = directory / TENSOR_FILE
     try:

@@ -1,0 +1,95 @@
+"""Compress a pretrained model to a cost target in one call: per-layer budgets (uniform or one global
+budget allocated by :mod:`gblr.allocate`), then :func:`gblr.convert.convert_` with those budgets.
+
+    result = compress_(model, family="gblr", budget=0.5, allocation="global")
+    print(result.to_markdown())
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocation_table, allocations_to_dicts,
+                       error_curve, layer_sensitivities)
+from .convert import ConversionReport, ConvertConfig, convert_, linear_weight, select_layers
+
+__all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class CompressionResult:
+    conversion: ConversionReport
+    allocation: list[LayerAllocation] = field(default_factory=list)  # empty for a uniform allocation
+    target: float = 0.0
+    reached: float = 0.0  # summed structured MACs / summed dense MACs of the replaced layers
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "reached": self.reached, "conversion": self.conversion.to_dict(),
+                "allocation": allocations_to_dicts(self.allocation)}
+
+    def to_markdown(self) -> str:
+        text = [f"cost of the replaced layers: {self.reached:.4f} of dense (target {self.target:g})", "",
+                self.conversion.to_markdown()]
+        if self.allocation:
+            text += ["", "global budget allocation:", "", allocation_table(self.allocation)]
+        return "\n".join(text)
+
+
+def compress_(
+    model: nn.Module,
+    family: str = "gblr",
+    budget: float = 0.5,
+    allocation: str = "uniform",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    calibration_loss: Callable[[nn.Module], float] | None = None,
+    options: dict | None = None,
+) -> CompressionResult:
+    """Replace the selected linear layers of ``model`` (in place) by ``family`` fits whose summed cost
+    is at most ``budget`` of the replaced layers' dense cost.
+
+    ``allocation="uniform"`` gives every layer ``budget``; ``"global"`` allocates per-layer budgets by
+    error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given.
+    """
+    config = ConvertConfig(family=family, budget=budget, options=dict(options or {}))
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    budgets, allocations = None, []
+    if allocation == "global":
+        selected, _ = select_layers(model, filter_fn)
+        budgets, allocations = _global_budgets(model, selected, config, calibration_loss)
+    elif calibration_loss is not None:
+        raise ValueError("calibration_loss is used only by allocation='global'")
+    report = convert_(model, config, filter_fn, budgets)
+    dense = sum(r.in_features * r.out_features for r in report.replaced)
+    reached = sum(r.reached_cost * r.in_features * r.out_features for r in report.replaced) / max(dense, 1)
+    return CompressionResult(report, allocations, budget, reached)
+
+
+def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss):
+    weights = {name: linear_weight(module).detach() for name, module in selected.items()}
+    curves = {name: error_curve(config.family, w, BUDGET_GRID, **config.options) for name, w in weights.items()}
+    macs = {name: w.numel() for name, w in weights.items()}
+    uniform = {name: error_curve(config.family, w, (config.budget,), **config.options)[0] for name, w in weights.items()}
+    sensitivity = {name: 1.0 for name in weights}
+    if calibration_loss is not None:
+        measured = layer_sensitivities(model, selected, calibration_loss, config.family, config.budget, **config.options)
+        # loss increase per unit of squared relative error, at the uniform budget
+        sensitivity = {name: max(increase, 0.0) / max(error * error, 1e-12) for name, (increase, error) in measured.items()}
+        if not any(sensitivity.values()):
+            raise ValueError("calibration: no layer increased the calibration loss; use more calibration data")
+    budgets = allocate_budgets(curves, macs, config.budget, BUDGET_GRID, sensitivity)
+    allocations = []
+    for name, w in weights.items():
+        index = BUDGET_GRID.index(budgets[name])
+        allocations.append(LayerAllocation(name, w.shape[1], w.shape[0], budgets[name], curves[name][index],
+                                           sensitivity[name], uniform[name]))
+    log.info("global allocation: %s", {n: b for n, b in budgets.items()})
+    return budgets, allocations

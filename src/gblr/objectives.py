@@ -1,0 +1,83 @@
+"""What "quality" means for a compressed pretrained model, on offline Shakespeare text.
+
+- sentence encoders: embeddings should stay those of the original model: calibration loss
+  ``1 - cosine`` on 64 training sentences, distillation by MSE to the original's embeddings, quality as
+  the mean cosine similarity on held-out sentences;
+- causal language models: calibration by next-token loss on 2x256 training tokens, recovery by
+  next-token fine-tuning, quality as validation perplexity.
+Training data is the first 90 % of the works, held-out data the last 10 %.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from .data import load_shakespeare, shakespeare_sentences
+from .pretrained import Pretrained, embed_all, encode_sentences, perplexity, sentence_embeddings, token_ids
+
+__all__ = ["EncoderObjectives", "CausalLMObjectives", "objectives_for"]
+
+
+class EncoderObjectives:
+    def __init__(self, teacher: Pretrained, held_out: int = 512, batch_size: int = 32) -> None:
+        self.teacher, self.tokenizer, self.batch_size = teacher.model, teacher.tokenizer, batch_size
+        self.held_out = shakespeare_sentences("val")[:held_out]
+        training = shakespeare_sentences("train")
+        self.calibration, self.training = encode_sentences(self.tokenizer, training[:64]), training[64:]
+        with torch.no_grad():
+            self.calibration_target = sentence_embeddings(self.teacher, self.calibration)
+        self.reference = embed_all(self.teacher, self.tokenizer, self.held_out)
+
+    def calibration_loss(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(1 - (sentence_embeddings(model, self.calibration) * self.calibration_target).sum(-1).mean())
+
+    def recovery_loss(self, seed: int = 0):
+        rng = random.Random(seed)
+
+        def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
+            batch = encode_sentences(self.tokenizer, rng.sample(self.training, self.batch_size))
+            with torch.no_grad():
+                target = sentence_embeddings(self.teacher, batch)
+            return torch.nn.functional.mse_loss(sentence_embeddings(student, batch), target)
+
+        return batch_loss
+
+    def quality(self, model: nn.Module) -> dict:
+        embeddings = embed_all(model, self.tokenizer, self.held_out)
+        return {"cosine_to_original": float((embeddings * self.reference).sum(-1).mean())}
+
+
+class CausalLMObjectives:
+    def __init__(self, teacher: Pretrained, eval_windows: int = 64, context: int = 256, batch_size: int = 4,
+                 training_characters: int = 2_000_000) -> None:
+        self.context, self.batch_size = context, batch_size
+        self.validation = token_ids(teacher.tokenizer, load_shakespeare("val"))[: eval_windows * context]
+        self.training = token_ids(teacher.tokenizer, load_shakespeare("train")[:training_characters])
+        self.calibration = self.training[: 2 * context].view(2, context)  # window 0 and 1: never trained on
+
+    def calibration_loss(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(model(input_ids=self.calibration, labels=self.calibration).loss)
+
+    def recovery_loss(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        windows = len(self.training) // self.context
+
+        def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
+            picks = torch.randint(2, windows, (self.batch_size,), generator=generator).tolist()
+            batch = torch.stack([self.training[i * self.context : (i + 1) * self.context] for i in picks])
+            return student(input_ids=batch, labels=batch).loss
+
+        return batch_loss
+
+    def quality(self, model: nn.Module) -> dict:
+        return {"perplexity": perplexity(model, self.validation, self.context)}
+
+
+def objectives_for(teacher: Pretrained, **options):
+    """The objectives of ``teacher``'s kind; ``teacher`` must stay unmodified (compress a copy)."""
+    return (EncoderObjectives if teacher.kind == "encoder" else CausalLMObjectives)(teacher, **options)

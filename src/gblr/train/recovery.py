@@ -1,0 +1,86 @@
+"""Short recovery training after compression: a few hundred steps of distillation or fine-tuning.
+
+The caller supplies ``batch_loss(model, step) -> loss tensor`` (e.g. MSE to the original model's
+sentence embeddings, or next-token loss on text); this loop runs AdamW with warm-up and cosine decay
+and gradient clipping. With ``learn_structure=True`` the GBLR widths and starts keep learning under a
+:class:`gblr.learn.StructureLearner` that holds the compressed model's current cost; otherwise they are
+frozen and only weights are trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..learn import StructureLearner, gblr_layers, param_groups
+
+__all__ = ["RecoveryResult", "recover_"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryResult:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # per step
+    cost_fraction: float | None = None  # of the GBLR layers at the end, when the structure learned
+
+
+def recover_(
+    model: nn.Module,
+    batch_loss: Callable[[nn.Module, int], torch.Tensor],
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    learn_structure: bool = False,
+    structure_lr: float = 1e-3,
+    warmup: float = 0.1,
+    clip: float = 1.0,
+    progress: Callable[[int, float], None] | None = None,
+) -> RecoveryResult:
+    """Train ``model`` in place for ``steps`` steps on ``batch_loss``; leaves it in eval mode."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    structured = [layer for _, layer in gblr_layers(model)]
+    learner = None
+    if learn_structure:
+        if not structured:
+            raise ValueError("learn_structure=True needs GBLR layers in the model")
+        optimizer = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=weight_decay, structure_lr=structure_lr))
+        fraction = sum(layer.macs_per_token() for layer in structured) / sum(layer.dense_macs_per_token for layer in structured)
+        learner = StructureLearner(model, optimizer, target=min(fraction, 1.0), total_steps=steps, ramp=(0.0, 0.0))
+    else:
+        frozen = {id(p) for layer in structured for p in layer.structure_parameters()}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(1, round(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    start, losses = time.perf_counter(), []
+    try:
+        for step in range(steps):
+            loss = batch_loss(model, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+            optimizer.step()
+            schedule.step()
+            if learner is not None:
+                learner.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, losses[-1])
+    finally:
+        model.eval()
+    fraction = learner.cost_fraction() if learner is not None else None
+    log.info("recovery: %d steps, loss %.5f -> %.5f", steps, losses[0], losses[-1])
+    return RecoveryResult(steps, time.perf_counter() - start, losses, fraction)
