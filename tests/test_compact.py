@@ -98,3 +98,22 @@ def test_compact_follows_dtype_moves_and_empty_structures():
     empty = CompactGBLRLinear(layer, calibrate=False)
     for execution in EXECUTIONS:
         assert torch.allclose(empty.run(x, execution), layer.bias.expand(4, 40))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+def test_compact_on_cuda_matches_the_eval_layer():
+    torch.manual_seed(0)
+    layer = GBLRLinear(96, 80, rank=4, tile=8, device="cuda")
+    with torch.no_grad():
+        layer.out_widths.uniform_(0.2, 0.6)
+        layer.in_widths.uniform_(0.2, 0.6)
+    layer.eval()
+    fast = CompactGBLRLinear(layer)
+    assert all(g.first.is_cuda and g.out_index.is_cuda for g in fast.groups)
+    x = torch.randn(37, 96, device="cuda")
+    with torch.no_grad():
+        reference = layer(x)
+        for execution in ("dense", "factored", "blocks"):
+            out = fast.run(x, execution)
+            assert out.is_cuda
+            assert (out - reference).norm() / reference.norm() < 1e-5

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from gblr.cli import main
-from gblr.train import load_config, train
+from gblr.compact import compact
+from gblr.train import load_config, load_trained, train
 
 TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",
         "train.lr=3e-3", "structure.structure_lr=1e-2"]
@@ -24,6 +25,13 @@ def test_training_on_digits_learns_and_meets_the_budget(family, tmp_path):
     if family == "gblr":
         assert abs(report["structured_fraction"] - 0.3) <= 0.02 * 0.3
     assert (tmp_path / "report.md").exists() and (tmp_path / "tensorboard").is_dir()
+    # the trained model comes back from the run directory, and its compact form predicts the same
+    model, _, data = load_trained(tmp_path)
+    x, y = data["test"]
+    with torch.no_grad():
+        logits = model(x)
+        assert float((logits.argmax(-1) == y).float().mean()) == pytest.approx(report["test"]["accuracy"])
+        assert torch.equal(compact(model)(x).argmax(-1), logits.argmax(-1))
 
 
 RESUMABLE = ['data.name="mnist5k"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",

@@ -11,11 +11,15 @@ computes the same thing block by block:
    runs as one batched matmul. Activations are kept transposed (features x tokens), so gathering a
    block's input rows and adding into its output rows touch contiguous memory.
 
-Three executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
-matmuls with the full-length masked factors of the active components) and ``"blocks"``. A layer times
-all three on this machine when it is built (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each
-number of tokens, the one that measured fastest at the nearest calibrated size (dense unless another is
-at least 10 % faster), so a layer that cannot gain keeps dense speed.
+Four executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
+matmuls with the full-length masked factors of the active components), ``"blocks"`` (the batched
+groups above) and ``"slices"`` (one product per merged block, reading and accumulating into column
+ranges of the untransposed activations in place: no gathers, no padding; best for few large blocks, as
+the hardware-aware option learns). A layer times all of them on this machine when it is built
+(:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of tokens, the one that measured
+fastest at the nearest calibrated size (dense unless another is at least 10 % faster), so a layer that
+cannot gain keeps dense speed. On CUDA the same tensor operations run on the GPU (calibration
+synchronises before reading the clock); there is no custom kernel.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .structured.gblr import GBLRLinear
 
 __all__ = ["CompactGBLRLinear", "compact", "EXECUTIONS"]
 
-EXECUTIONS = ("dense", "factored", "blocks")
+EXECUTIONS = ("dense", "factored", "blocks", "slices")
 
 
 @dataclass
@@ -57,6 +61,32 @@ class _BlockGroup:
         if self.second is None:
             return blocks * self.rows * self.cols
         return blocks * self.first.shape[1] * (self.rows + self.cols)
+
+
+@dataclass
+class _Slice:
+    """One merged block, run on views of the input and output (no gathering): ``parts`` split an interval
+    that wraps around into (start, stop) of the features and (start, stop) inside the block."""
+
+    in_parts: list[tuple[int, int, int, int]]
+    out_parts: list[tuple[int, int, int, int]]
+    first: torch.Tensor  # (w, R) for low-rank blocks (x @ first), (w, h) for dense blocks
+    second: torch.Tensor | None  # (R, h) for low-rank blocks, None for dense blocks
+
+    @property
+    def macs_per_token(self) -> int:
+        w = self.first.shape[0]
+        if self.second is None:
+            return w * self.first.shape[1]
+        return self.first.shape[1] * (w + self.second.shape[1])
+
+
+def _parts(start: int, size: int, length: int) -> list[tuple[int, int, int, int]]:
+    first = min(size, length - start)
+    parts = [(start, start + first, 0, first)]
+    if size > first:
+        parts.append((0, size - first, first, size))
+    return parts
 
 
 def _padded(size: int, align: int) -> int:
@@ -93,6 +123,8 @@ class CompactGBLRLinear(StructuredLinear):
             self.register_buffer("in_factor", v.reshape(-1, self.in_features).contiguous().to(dtype))
             self.groups = self._build_groups(u, v, dtype)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        device = layer.out_factors.device
+        self._apply(lambda t: t.to(device))  # the groups were assembled on the CPU
         # tokens -> execution; until calibrated, the cheapest by counted MACs.
         self.plan: dict[int, str] = {}
         if calibrate:
@@ -100,7 +132,9 @@ class CompactGBLRLinear(StructuredLinear):
 
     # --- construction ----------------------------------------------------------------------------
     def _build_groups(self, u: torch.Tensor, v: torch.Tensor, dtype) -> list[_BlockGroup]:
+        """Padded batched groups (the "blocks" execution); fills ``self.slices`` (the "slices" execution)."""
         m, n = self.out_features, self.in_features
+        self.slices: list[_Slice] = []
         if u.shape[0] == 0:
             return []
         out_start, out_size = shortest_cyclic_windows(u.pow(2).sum(1))
@@ -116,7 +150,13 @@ class CompactGBLRLinear(StructuredLinear):
             bv = v[members][:, :, cols].reshape(-1, w)  # (R, w)
             rank = bu.shape[0]
             hp, wp = _padded(h, self.align), _padded(w, self.align)
-            if h * w <= rank * (h + w):
+            dense_block = h * w <= rank * (h + w)
+            self.slices.append(_Slice(
+                _parts(c0, w, n), _parts(r0, h, m),
+                ((bu.T @ bv).T if dense_block else bv.T).contiguous().to(dtype),
+                None if dense_block else bu.contiguous().to(dtype),
+            ))
+            if dense_block:
                 key = ("dense", hp, wp, 0)
                 block = torch.zeros(hp, wp, dtype=torch.float64)
                 block[:h, :w] = bu.T @ bv
@@ -150,6 +190,9 @@ class CompactGBLRLinear(StructuredLinear):
             group.second = None if group.second is None else fn(group.second)
             group.out_index = group.out_index.to(self.weight.device)
             group.in_index = group.in_index.to(self.weight.device)
+        for piece in self.slices:
+            piece.first = fn(piece.first)
+            piece.second = None if piece.second is None else fn(piece.second)
         return self
 
     # --- cost ------------------------------------------------------------------------------------
@@ -162,6 +205,8 @@ class CompactGBLRLinear(StructuredLinear):
             return self.in_features * self.out_features
         if execution == "factored":
             return self.in_factor.shape[0] * (self.in_features + self.out_features)
+        if execution == "slices":
+            return sum(piece.macs_per_token for piece in self.slices)
         return self.macs_per_token()
 
     def effective_parameters(self) -> int:
@@ -195,12 +240,30 @@ class CompactGBLRLinear(StructuredLinear):
         y = yt[: self.out_features].T
         return y + self.bias if self.bias is not None else y
 
+    def _slices(self, x2: torch.Tensor) -> torch.Tensor:
+        # Every product reads a column range of x and accumulates into a column range of y in place:
+        # BLAS takes the row stride of these views, so nothing is copied or gathered.
+        y = x2.new_zeros(x2.shape[0], self.out_features) if self.bias is None else self.bias.expand(x2.shape[0], -1).clone()
+        for piece in self.slices:
+            if piece.second is None:
+                for a, b, fa, fb in piece.in_parts:
+                    for c, d, ga, gb in piece.out_parts:
+                        y[:, c:d].addmm_(x2[:, a:b], piece.first[fa:fb, ga:gb])
+                continue
+            a, b, fa, fb = piece.in_parts[0]
+            z = x2[:, a:b] @ piece.first[fa:fb]
+            for a, b, fa, fb in piece.in_parts[1:]:
+                z.addmm_(x2[:, a:b], piece.first[fa:fb])
+            for c, d, ga, gb in piece.out_parts:
+                y[:, c:d].addmm_(z, piece.second[:, ga:gb])
+        return y
+
     def run(self, x: torch.Tensor, execution: str) -> torch.Tensor:
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         self._check_input(x)
         x2 = x.reshape(-1, self.in_features)
-        y = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks}[execution](x2)
+        y = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks, "slices": self._slices}[execution](x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def choose(self, tokens: int) -> str:
@@ -215,15 +278,20 @@ class CompactGBLRLinear(StructuredLinear):
     def calibrate(self, token_counts=(1, 16, 256, 2048), repeats: int = 5) -> dict[int, dict[str, float]]:
         """Time every execution at each token count (median of ``repeats``); returns the timings."""
         timings = {}
+        device = self.weight.device
+        # CUDA runs asynchronously: wait for the kernels before reading the clock.
+        synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         for tokens in token_counts:
-            x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+            x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
             for execution in EXECUTIONS:
                 self.run(x, execution)  # warm-up
                 samples = []
                 for _ in range(repeats):
+                    synchronize()
                     start = time.perf_counter()
                     self.run(x, execution)
+                    synchronize()
                     samples.append(time.perf_counter() - start)
                 per_execution[execution] = statistics.median(samples)
             timings[tokens] = per_execution

@@ -75,9 +75,11 @@ def compress_(
 
 def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss):
     weights = {name: linear_weight(module).detach() for name, module in selected.items()}
-    curves = {name: error_curve(config.family, w, BUDGET_GRID, **config.options) for name, w in weights.items()}
+    # one curve per layer over the grid and, last, the uniform budget (for the report)
+    points = {name: error_curve(config.family, w, (*BUDGET_GRID, config.budget), **config.options) for name, w in weights.items()}
+    curves = {name: errors[:-1] for name, errors in points.items()}
+    uniform = {name: errors[-1] for name, errors in points.items()}
     macs = {name: w.numel() for name, w in weights.items()}
-    uniform = {name: error_curve(config.family, w, (config.budget,), **config.options)[0] for name, w in weights.items()}
     sensitivity = {name: 1.0 for name in weights}
     if calibration_loss is not None:
         measured = layer_sensitivities(model, selected, calibration_loss, config.family, config.budget, **config.options)

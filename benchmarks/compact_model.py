@@ -1,0 +1,134 @@
+"""Whole-model inference with compact GBLR layers: trained Fashion-MNIST ViTs and a compressed MiniLM.
+
+    .venv/bin/python benchmarks/compact_model.py [--runs runs/benchmark-hw/fmnist-vit-small-gblr-0.3 ...]
+
+For each trained GBLR run (``gblr train`` run directories; by default the two runs of the hardware-aware
+quality benchmark) and for MiniLM compressed to 50 % (GBLR, global allocation): the eval-mode model
+(which multiplies by every layer's effective dense weight, i.e. dense speed) against ``compact(model)``:
+latency (median of ``repeats`` interleaved repetitions) at batch 1 and 256 images / 1 and 64 sentences,
+and agreement: identical test-set predictions for the ViTs, maximal embedding difference for MiniLM.
+Writes benchmarks/results/compact_model.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _results import provenance, run_metadata, write_results
+
+from gblr.compact import CompactGBLRLinear, compact
+from gblr.compress import compress_
+from gblr.data import shakespeare_sentences
+from gblr.pretrained import encode_sentences, load_pretrained, sentence_embeddings
+from gblr.train import load_trained
+
+DEFAULT_RUNS = ["runs/benchmark-hw/fmnist-vit-small-gblr-0.3", "runs/benchmark-hw/fmnist-vit-small-gblr-0.3-hw"]
+
+
+@torch.no_grad()
+def latency(models: dict, inputs, repeats: int) -> dict[str, float]:
+    """Median seconds per call of every model on ``inputs``, repetitions interleaved."""
+    call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
+    for model in models.values():
+        call(model)
+    samples = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            call(model)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def executions(model) -> dict[str, int]:
+    """How many compact layers run each execution at 256 tokens (what their calibration chose)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, CompactGBLRLinear):
+            choice = module.choose(256)
+            counts[choice] = counts.get(choice, 0) + 1
+    return counts
+
+
+def vit_rows(run: str, repeats: int) -> list[dict]:
+    model, config, data = load_trained(run)
+    start = time.perf_counter()
+    fast = compact(model)
+    build = time.perf_counter() - start
+    x, y = data["test"]
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in x.split(500)])
+        logits = torch.cat([fast(b) for b in x.split(500)])
+    agreement = {
+        "test_images": len(y), "identical_predictions": int((reference.argmax(-1) == logits.argmax(-1)).sum()),
+        "accuracy": float((reference.argmax(-1) == y).float().mean()),
+        "max_relative_logit_difference": float((logits - reference).abs().max() / reference.abs().max()),
+    }
+    rows = []
+    for batch in (1, 256):
+        times = latency({"eval": model, "compact": fast}, x[:batch], repeats)
+        rows.append({"model": config.name, "structure": f"rank {config.structure.rank}, tile {config.structure.tile}",
+                     "batch": batch, "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
+                     "speedup": times["eval"] / times["compact"], "build_seconds": build,
+                     "executions_at_256_tokens": executions(fast), **agreement})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def minilm_rows(repeats: int) -> list[dict]:
+    pretrained = load_pretrained("minilm")
+    model = pretrained.model
+    compress_(model, "gblr", 0.5, "global", options={"steps": 0})
+    start = time.perf_counter()
+    fast = compact(model)
+    build = time.perf_counter() - start
+    sentences = shakespeare_sentences("val")[:256]
+    rows = []
+    for batch in (1, 64):
+        inputs = encode_sentences(pretrained.tokenizer, sentences[:batch])
+        with torch.no_grad():
+            reference, embeddings = sentence_embeddings(model, inputs), sentence_embeddings(fast, inputs)
+        times = latency({"eval": model, "compact": fast}, inputs, repeats)
+        rows.append({"model": "all-MiniLM-L6-v2, GBLR 0.5 global", "structure": "rank 1, tile 1 (fitted)", "batch": batch,
+                     "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
+                     "speedup": times["eval"] / times["compact"], "build_seconds": build,
+                     "executions_at_256_tokens": executions(fast),
+                     "max_embedding_difference": float((embeddings - reference).abs().max()),
+                     "tokens": int(inputs["attention_mask"].numel())})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-minilm", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = [row for run in args.runs for row in vit_rows(run, args.repeats)]
+    if not args.skip_minilm:
+        rows += minilm_rows(args.repeats)
+    meta = run_metadata("2 cores, CPU, 2 torch threads", repeats=args.repeats)
+    lines = ["# Whole-model inference: eval model vs compact()", "", provenance(meta), "",
+             "`eval` multiplies by every GBLR layer's effective dense weight (dense speed for those layers); "
+             "`compact` runs each layer's calibrated execution (dense / factored / blocks). Latency: median of "
+             f"{args.repeats} interleaved repetitions.", "",
+             "| model | structure | batch | eval ms | compact ms | speedup | executions at 256 tokens | agreement |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "identical_predictions" in r:
+            agree = (f"{r['identical_predictions']}/{r['test_images']} identical test predictions "
+                     f"(max rel. logit diff {r['max_relative_logit_difference']:.1e}); accuracy {r['accuracy']:.4f}")
+        else:
+            agree = f"max embedding difference {r['max_embedding_difference']:.1e} ({r['tokens']} tokens)"
+        lines.append(f"| {r['model']} | {r['structure']} | {r['batch']} | {r['eval_ms']:.2f} | {r['compact_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['executions_at_256_tokens']} | {agree} |")
+    write_results("compact_model", meta, rows, lines)
+
+
+if __name__ == "__main__":
+    main()
