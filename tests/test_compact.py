@@ -49,8 +49,10 @@ def test_identical_intervals_merge_and_small_blocks_go_dense():
     # the two equal components are one rank-2 block 16x8; the 2x2 block is cheaper dense
     assert kinds == [(False, 1, 16, 8), (True, 1, 2, 2)]
     assert fast.macs_per_token() == 2 * (16 + 8) + 2 * 2
+    assert len(fast.slices) == 2 and fast.execution_macs("slices") == 2 * (16 + 8) + 2 * 2  # unpadded
     x = torch.randn(5, 32, dtype=torch.float64)
-    assert torch.allclose(fast.run(x, "blocks"), layer(x), atol=1e-12)
+    for execution in ("blocks", "slices"):  # the 8 columns from 28 wrap around
+        assert torch.allclose(fast.run(x, execution), layer(x), atol=1e-12)
 
 
 def test_uncalibrated_choice_follows_counted_macs():
@@ -90,9 +92,10 @@ def test_compact_follows_dtype_moves_and_empty_structures():
     layer = random_structure(GBLRLinear(48, 40, num_components=6, rank=2))
     fast = CompactGBLRLinear(layer, calibrate=False).to(torch.float64)
     x = torch.randn(4, 48, dtype=torch.float64)
-    out = fast.run(x, "blocks")
-    assert out.dtype == torch.float64
-    assert relative(out, layer.to(torch.float64)(x)) <= 1e-6  # factors were rounded to float32 first
+    for execution in ("blocks", "slices"):
+        out = fast.run(x, execution)
+        assert out.dtype == torch.float64
+        assert relative(out, layer.to(torch.float64)(x)) <= 1e-6  # factors were rounded to float32 first
     with torch.no_grad():
         layer.out_widths.zero_()
     empty = CompactGBLRLinear(layer, calibrate=False)
