@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from _results import provenance, run_metadata, write_results
@@ -25,7 +26,8 @@ from gblr.data import shakespeare_sentences
 from gblr.pretrained import encode_sentences, load_pretrained, sentence_embeddings
 from gblr.train import load_trained
 
-DEFAULT_RUNS = ["runs/benchmark-hw/fmnist-vit-small-gblr-0.3", "runs/benchmark-hw/fmnist-vit-small-gblr-0.3-hw"]
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS = [str(ROOT / "runs/benchmark-hw" / name) for name in ("fmnist-vit-small-gblr-0.3", "fmnist-vit-small-gblr-0.3-hw")]
 
 
 @torch.no_grad()

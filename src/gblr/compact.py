@@ -127,6 +127,7 @@ class CompactGBLRLinear(StructuredLinear):
         self._apply(lambda t: t.to(device))  # the groups were assembled on the CPU
         # tokens -> execution; until calibrated, the cheapest by counted MACs.
         self.plan: dict[int, str] = {}
+        self._choices: dict[int, str] = {}
         if calibrate:
             self.calibrate()
 
@@ -271,8 +272,11 @@ class CompactGBLRLinear(StructuredLinear):
         by counted MACs when not calibrated."""
         if not self.plan:
             return min(EXECUTIONS, key=self.execution_macs)
-        nearest = min(self.plan, key=lambda t: abs(math.log(t) - math.log(max(tokens, 1))))
-        return self.plan[nearest]
+        choice = self._choices.get(tokens)
+        if choice is None:  # remembered: at one token the matmul itself takes only tens of microseconds
+            nearest = min(self.plan, key=lambda t: abs(math.log(t) - math.log(max(tokens, 1))))
+            choice = self._choices[tokens] = self.plan[nearest]
+        return choice
 
     @torch.no_grad()
     def calibrate(self, token_counts=(1, 8, 64, 512, 4096), repeats: int = 5) -> dict[int, dict[str, float]]:
@@ -282,7 +286,9 @@ class CompactGBLRLinear(StructuredLinear):
         # CUDA runs asynchronously: wait for the kernels before reading the clock.
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         hopeless: set[str] = set()  # executions far slower than dense at fewer tokens: not timed again
+        self._choices.clear()
         for tokens in sorted(token_counts):
+            count = repeats if tokens >= 512 else 5 * repeats  # small products are fast and noisy
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
             for execution in EXECUTIONS:
@@ -291,7 +297,7 @@ class CompactGBLRLinear(StructuredLinear):
                     continue
                 self.run(x, execution)  # warm-up
                 samples = []
-                for _ in range(repeats):
+                for _ in range(count):
                     synchronize()
                     start = time.perf_counter()
                     self.run(x, execution)
