@@ -23,13 +23,12 @@ import tempfile
 import time
 
 import torch
-from _results import provenance, run_metadata, write_results
+from _results import monarch_dense_execution, provenance, run_metadata, write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from gblr import io
 from gblr.compress import compress_
-from gblr.structured import MonarchLinear
 from gblr.data import load_movie_review_polarity
 from gblr.objectives import EncoderObjectives
 from gblr.pretrained import embed_all, load_pretrained
@@ -90,7 +89,7 @@ def main() -> None:
             start = time.perf_counter()
             result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
                                calibration_loss=objectives.calibration_loss if calibrated else None)
-            _dense_execution(model)
+            monarch_dense_execution(model)
             common = {"method": label, "family": family, "allocation": allocation, "calibrated": calibrated,
                       "budget": budget, "reached": result.reached, "compress_seconds": time.perf_counter() - start}
             rows.append({**common, "distilled": False, **evaluate(model)})
@@ -151,13 +150,6 @@ def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
                          f"{a['budget']:.2f} | {a['relative_error']:.4f} | {a['sensitivity']:.3g} |")
     return lines
 
-
-
-def _dense_execution(model) -> None:
-    """Monarch layers run through their dense weight: same outputs, 10-20x faster here (see MonarchLinear)."""
-    for module in model.modules():
-        if isinstance(module, MonarchLinear):
-            module.dense_execution = True
 
 
 if __name__ == "__main__":

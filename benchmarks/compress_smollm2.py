@@ -15,10 +15,9 @@ import copy
 import time
 
 import torch
-from _results import provenance, run_metadata, write_results
+from _results import monarch_dense_execution, provenance, run_metadata, write_results
 
 from gblr.compress import compress_
-from gblr.structured import MonarchLinear
 from gblr.objectives import CausalLMObjectives
 from gblr.pretrained import load_pretrained
 from gblr.train.recovery import recover_
@@ -64,7 +63,7 @@ def main() -> None:
         begin = time.perf_counter()
         result = compress_(model, family, args.budget, allocation, options=options,
                            calibration_loss=objectives.calibration_loss if calibrated else None)
-        _dense_execution(model)
+        monarch_dense_execution(model)
         common = {"method": label, "family": family, "budget": args.budget, "reached": result.reached,
                   "layers": len(result.conversion.replaced), "compress_seconds": time.perf_counter() - begin,
                   "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced)}
@@ -118,13 +117,6 @@ def markdown(meta, rows) -> list[str]:
                   f"fitting all layers took {r['compress_seconds']:.0f} s."]
     return lines
 
-
-
-def _dense_execution(model) -> None:
-    """Monarch layers run through their dense weight: same outputs, 10-20x faster here (see MonarchLinear)."""
-    for module in model.modules():
-        if isinstance(module, MonarchLinear):
-            module.dense_execution = True
 
 
 if __name__ == "__main__":

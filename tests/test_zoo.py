@@ -153,3 +153,15 @@ def test_gblr_fit_is_never_worse_than_lowrank():
     gblr = structured_from_dense("gblr", weight, 0.3, steps=0)
     gblr.eval()
     assert (gblr.to_dense() - weight).norm() <= (lowrank.to_dense() - weight).norm() + 1e-10
+
+
+def test_monarch_dense_execution_is_the_same_function():
+    torch.manual_seed(0)
+    layer = structured_from_dense("monarch", torch.randn(40, 24), 0.5)
+    x = torch.randn(5, 24, requires_grad=True)
+    blocks = layer(x)
+    layer.dense_execution = True
+    dense = layer(x)
+    assert torch.allclose(blocks, dense, atol=1e-5)
+    dense.sum().backward()
+    assert layer.left.grad is not None and layer.right.grad is not None
