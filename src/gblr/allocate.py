@@ -24,7 +24,7 @@ from torch import nn
 from .convert import linear_weight
 from .fit import DEFAULT_GRIDS, block_low_rank_error_curve, relative_error
 from .modules import replace_submodule
-from .structured import FAMILIES, structured_from_dense
+from .structured import FAMILIES, LowRankLinear, structured_from_dense
 from .structured.base import check_budget
 
 __all__ = ["BUDGET_GRID", "LayerAllocation", "error_curve", "layer_sensitivities", "allocate_budgets", "allocation_table"]
@@ -58,8 +58,15 @@ def error_curve(family: str, weight: torch.Tensor, budgets=BUDGET_GRID, **option
         energy = torch.linalg.svdvals(weight.double()).pow(2)
         tail = energy.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = energy beyond rank r
         total = max(tail[0], 1e-300)
-        ranks = [min(math.floor(b * m * n / (m + n)), min(m, n)) for b in budgets]
-        return [math.sqrt(tail[r] / total) if r >= 1 else math.inf for r in ranks]
+        errors = []
+        for budget in budgets:
+            try:
+                rank = LowRankLinear.size_for_budget(n, m, budget)["rank"]
+            except ValueError:  # below rank 1
+                errors.append(math.inf)
+                continue
+            errors.append(math.sqrt(tail[rank] / total))
+        return errors
     errors = []
     for budget in budgets:
         try:

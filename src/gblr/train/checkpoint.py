@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_model_state", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint"
 
@@ -43,26 +43,34 @@ def save_checkpoint(directory, model, optimizer, scheduler, meta: dict) -> None:
     os.replace(tmp_meta, directory / f"{CHECKPOINT}.json")
 
 
-def load_checkpoint(directory, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and the torch RNG; returns the JSON metadata."""
+def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON metadata and all tensors of the checkpoint in ``directory``."""
     directory = Path(directory)
     meta_path, tensor_path = directory / f"{CHECKPOINT}.json", directory / f"{CHECKPOINT}.safetensors"
     if not meta_path.is_file() or not tensor_path.is_file():
         raise ValueError(f"no checkpoint in {directory} (expected {meta_path.name} and {tensor_path.name})")
     try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
+        return json.loads(meta_path.read_text()), load_file(str(tensor_path))
     except (json.JSONDecodeError, SafetensorError, OSError) as error:
         raise ValueError(f"checkpoint in {directory} is corrupt: {error}") from None
+
+
+def load_model_state(directory, model, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the ``model.*`` tensors of a checkpoint into ``model``; a missing or misshapen one is an error naming it."""
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.state_dict()
-    for key, value in expected.items():
+    for key, value in model.state_dict().items():
         if key not in model_state:
             raise ValueError(f"checkpoint in {directory} does not match the model: tensor {key!r} is missing")
         if model_state[key].shape != value.shape:
             raise ValueError(f"checkpoint in {directory} does not match the model: tensor {key!r} has shape "
                              f"{tuple(model_state[key].shape)}, the model {tuple(value.shape)}")
     model.load_state_dict(model_state)
+
+
+def load_checkpoint(directory, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and the torch RNG; returns the JSON metadata."""
+    meta, tensors = read_checkpoint(directory)
+    load_model_state(directory, model, tensors)
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ..convert import ConvertConfig, convert_
@@ -20,7 +18,7 @@ from ..cost import cost_report
 from ..data import CharTokenizer, load_digits, load_fashion_mnist, load_mnist5k, load_shakespeare, train_val_split
 from ..learn import SigmaSchedule, StructureLearner, gblr_layers, param_groups
 from ..models import GPT, MLPMixer, ViT, paper_filter
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
 
@@ -87,23 +85,14 @@ def structure_model(model: nn.Module, config: RunConfig):
 
 def load_trained(run_dir) -> tuple[nn.Module, RunConfig, dict]:
     """The trained model of a run directory (eval mode), its config and its data."""
-    run_dir = Path(run_dir)
-    meta_path, tensor_path = run_dir / "checkpoint.json", run_dir / "checkpoint.safetensors"
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise ValueError(f"no checkpoint in {run_dir} (expected {meta_path.name} and {tensor_path.name})")
-    try:
-        config = _build(RunConfig, json.loads(meta_path.read_text())["config"], "").validate()
-        tensors = load_file(str(tensor_path))
-    except (json.JSONDecodeError, KeyError, SafetensorError, OSError) as error:
-        raise ValueError(f"checkpoint in {run_dir} is corrupt: {error}") from None
+    meta, tensors = read_checkpoint(run_dir)
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"checkpoint in {run_dir} is corrupt: field 'config' is missing")
+    config = _build(RunConfig, meta["config"], "").validate()
     data = load_data(config)
     model = build_model(config, data)
     structure_model(model, config)
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"checkpoint in {run_dir} does not match its config's model: {str(error).splitlines()[0]}") from None
+    load_model_state(run_dir, model, tensors)
     return model.eval(), config, data
 
 
