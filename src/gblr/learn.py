@@ -7,22 +7,22 @@ Cost model. The counted cost of a layer is ``sum_k min(r (h_k + w_k), h_k w_k)``
 width is weighted by its side's cost: ``w <- clamp(w - threshold * r * side_length / scale, 0, 1)``.
 That is the proximal step of the penalty ``lambda * (smooth FLOPs of all GBLR layers)``.
 
-The controller targets FLOPs directly: each step it chooses the threshold (by bisection on the exact
-counted cost, which is monotone in it) as the smallest one that brings the model to its current budget.
+The controller targets FLOPs directly: each step it chooses the threshold as the smallest one (on a
+fine grid, searched in a few batched rounds on the device: no host round trip) whose exact counted
+cost, monotone in the threshold, is within the model's current budget.
 The budget ramps linearly from the starting cost to the target, then holds; while holding, a model that
 drifts below the tolerance band is grown back (a negative threshold), so it ends within the band.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .mask import interval_sizes, inverse_two_sigma_squared
+from .mask import inverse_two_sigma_squared
 from .structured.gblr import GBLRLinear
 
 __all__ = [
@@ -36,8 +36,6 @@ __all__ = [
     "SigmaSchedule",
     "StructureLearner",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Name of the optimizer param group holding widths and starts.
 STRUCTURE_GROUP = "gblr_structure"
@@ -127,74 +125,123 @@ def prox_width_step(layers: list[GBLRLinear], lam: float, lr: float) -> None:
     wrap_starts(layers)
 
 
-class _CostModel:
-    """Counted MACs of all GBLR layers as a function of a uniform cost-weighted threshold ``t``:
-    ``cost(t) = sum over layers of macs(clamp(w - t * side_cost / mean_cost))``, non-increasing in t."""
+class _FlatWidths:
+    """All widths of a list of GBLR layers as one flat vector on their device (output sides, then input
+    sides), with what the budget controller needs per entry. The cost of candidate widths and the
+    threshold search are tensor operations with no host round trip, so a step never waits on the device.
+
+    Threshold ``t`` moves every width to ``clamp(w - t * side_cost / mean_cost, 0, 1)``; a negative ``t``
+    grows only components that are active (reviving every pruned one at once would overshoot)."""
 
     def __init__(self, layers: list[GBLRLinear]) -> None:
-        out_w, in_w, out_len, in_len, out_c, in_c, ranks, tiles = [], [], [], [], [], [], [], []
+        self.layers = layers
+        self.widths = [layer.out_widths for layer in layers] + [layer.in_widths for layer in layers]
+        self.starts = [layer.out_starts for layer in layers] + [layer.in_starts for layer in layers]
+        self.lengths = [len(w) for w in self.widths]
+        self.components = sum(self.lengths) // 2
         costs = [_width_costs(layer) for layer in layers]
-        self.mean_cost = _mean_width_cost(costs)
-        for layer, (oc, ic) in zip(layers, costs):
-            k = layer.num_components
-            out_w.append(layer.out_widths.detach().to("cpu", torch.float64))
-            in_w.append(layer.in_widths.detach().to("cpu", torch.float64))
-            out_len.append(torch.full((k,), float(layer.out_features), dtype=torch.float64))
-            in_len.append(torch.full((k,), float(layer.in_features), dtype=torch.float64))
-            out_c.append(torch.full((k,), oc / self.mean_cost, dtype=torch.float64))
-            in_c.append(torch.full((k,), ic / self.mean_cost, dtype=torch.float64))
-            ranks.append(torch.full((k,), float(layer.rank), dtype=torch.float64))
-            tiles.append(torch.full((k,), float(layer.tile), dtype=torch.float64))
-        self.out_w, self.in_w = torch.cat(out_w), torch.cat(in_w)
-        self.out_len, self.in_len = torch.cat(out_len), torch.cat(in_len)
-        self.out_c, self.in_c = torch.cat(out_c), torch.cat(in_c)
-        self.rank = torch.cat(ranks)
-        self.tile = torch.cat(tiles)
-        # Candidate widths are rounded to the parameters' dtype, so the cost evaluated here is the cost
-        # the layers will have once the threshold is applied.
-        self.dtype = layers[0].out_widths.dtype
-        self.active = (
-            (self._sizes(self.out_w, self.out_len) > 0) & (self._sizes(self.in_w, self.in_len) > 0)
-        ).to(torch.float64)
+        mean_cost = _mean_width_cost(costs)
+        sides = [(cost[0], layer.out_features, layer) for layer, cost in zip(layers, costs)]
+        sides += [(cost[1], layer.in_features, layer) for layer, cost in zip(layers, costs)]
+        device, dtype = self.widths[0].device, self.widths[0].dtype
+
+        def per_entry(values, dtype):
+            return torch.cat([torch.full((layer.num_components,), v, dtype=dtype) for v, (_, _, layer) in zip(values, sides)]).to(device)
+
+        self.dtype = dtype
+        self.coefficient = per_entry([c / mean_cost for c, _, _ in sides], dtype)
+        self.tiles_per_width = per_entry([n / layer.tile for _, n, layer in sides], torch.float64)
+        self.tile = per_entry([float(layer.tile) for _, _, layer in sides], torch.float64)
+        self.length = per_entry([float(n) for _, n, _ in sides], torch.float64)
+        self.rank = per_entry([float(layer.rank) for _, _, layer in sides[: len(layers)]], torch.float64)
         # Beyond this threshold every width is 0; below its negative every width is 1.
-        self.max_threshold = float(1.0 / torch.cat([self.out_c, self.in_c]).min())
+        self.max_threshold = float(1.0 / self.coefficient.min())
+        # Operations the cost can skip: tile multiples when every tile is 1, the cap at the length
+        # when every tile divides its length (a width <= 1 then rounds to at most the length).
+        self.all_tiles_one = all(layer.tile == 1 for layer in layers)
+        self.tiles_divide = all(n % layer.tile == 0 for _, n, layer in sides)
+        self._constants: dict[tuple, torch.Tensor] = {}
 
-    def _sizes(self, w: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        return interval_sizes(w, length, self.tile).to(torch.float64)
+    @torch.no_grad()
+    def read(self) -> torch.Tensor:
+        return torch.cat(self.widths)
 
-    def thresholded(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """New (output, input) widths of all components, as stored in the parameters' dtype.
+    @torch.no_grad()
+    def write(self, widths: torch.Tensor) -> None:
+        torch._foreach_copy_(self.widths, list(widths.split(self.lengths)))
 
-        A negative threshold grows only the active components: reviving every pruned component at once
-        would make the cost jump past the budget.
-        """
-        out_c, in_c = self.out_c, self.in_c
-        if threshold < 0:
-            out_c, in_c = out_c * self.active, in_c * self.active
-        out_w = (self.out_w - threshold * out_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
-        in_w = (self.in_w - threshold * in_c).clamp(0.0, 1.0).to(self.dtype).to(torch.float64)
-        return out_w, in_w
+    @torch.no_grad()
+    def wrap_starts(self) -> None:
+        starts = torch.cat(self.starts).remainder_(1.0)
+        torch._foreach_copy_(self.starts, list(starts.split(self.lengths)))
 
-    def cost(self, threshold: float) -> float:
-        out_w, in_w = self.thresholded(threshold)
-        h = self._sizes(out_w, self.out_len)
-        w = self._sizes(in_w, self.in_len)
-        per = torch.minimum(self.rank * (h + w), h * w) * ((h > 0) & (w > 0))
-        return float(per.sum())
+    def cost(self, widths: torch.Tensor) -> torch.Tensor:
+        """Counted MACs per token (float64) of flat widths ``(..., entries)``, as
+        :meth:`GBLRLinear.macs_per_token` counts them (a component with an empty side costs 0)."""
+        tiles = widths.to(torch.float64) * self.tiles_per_width
+        rounded = tiles.round() if self.all_tiles_one else tiles.round() * self.tile
+        sizes = torch.where(tiles >= 1.0, rounded, 0.0)
+        if not self.tiles_divide:
+            sizes = sizes.minimum(self.length)
+        h, w = sizes[..., : self.components], sizes[..., self.components :]
+        return torch.minimum(self.rank * (h + w), h * w).sum(-1)
 
-    def threshold_for(self, budget: float, allow_growth: bool, iterations: int = 60) -> float:
-        """Smallest threshold whose cost is within ``budget`` (non-negative unless growth is allowed)."""
-        lo = -self.max_threshold if allow_growth else 0.0
-        hi = self.max_threshold
-        if self.cost(lo) <= budget:
-            return lo
-        for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            if self.cost(mid) <= budget:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+    def active(self, widths: torch.Tensor) -> torch.Tensor:
+        """1 for the entries whose component has both sides non-empty, else 0 (in the widths' dtype)."""
+        nonempty = (widths.to(torch.float64) * self.tiles_per_width >= 1.0).view(2, -1).all(0)
+        return nonempty.repeat(2).to(widths.dtype)
+
+    def _first_candidates(self, allow_growth: bool, octaves: int) -> torch.Tensor:
+        """Thresholds spaced by factors of sqrt(2) over ``octaves`` octaves below ``max_threshold``,
+        0, and with growth their negatives (made once: constants on the device)."""
+        key = ("first", allow_growth, octaves)
+        if key not in self._constants:
+            self._constants[key] = self._make_first_candidates(allow_growth, octaves)
+        return self._constants[key]
+
+    def _make_first_candidates(self, allow_growth: bool, octaves: int) -> torch.Tensor:
+        exponents = torch.arange(2 * octaves - 1, -1, -1, dtype=torch.float64) / 2
+        magnitudes = self.max_threshold * 2.0**-exponents
+        zero = torch.zeros(1, dtype=torch.float64)
+        values = torch.cat([-magnitudes.flip(0), zero, magnitudes] if allow_growth else [zero, magnitudes])
+        return values.to(self.coefficient.device, self.dtype)
+
+    def _fractions(self, points: int) -> torch.Tensor:
+        key = ("fractions", points)
+        if key not in self._constants:
+            fractions = torch.arange(1, points + 1, dtype=torch.float64) / points
+            self._constants[key] = fractions.to(self.coefficient.device, self.dtype)
+        return self._constants[key]
+
+    def search(self, widths: torch.Tensor, budget: float, allow_growth: bool, octaves: int = 12,
+               points: int = 32) -> tuple[torch.Tensor, ...]:
+        """Smallest threshold (to a fine grid) whose cost is within ``budget``, in two batched rounds:
+        thresholds spaced by factors of sqrt(2) over ``octaves`` octaves below ``max_threshold`` on both
+        sides of 0 (one side without growth), then ``points`` evenly spaced ones inside the bracket
+        found (a step of at most 1.3 % of the threshold, or 2^-octaves / points of the largest one).
+        Returns tensors on the device: the threshold, the new widths and their cost, and the widths
+        and cost at threshold 0 (``widths`` clamped to [0, 1])."""
+        candidates = self._first_candidates(allow_growth, octaves)
+        zero = octaves * 2 if allow_growth else 0
+        coefficient = self.coefficient
+        if allow_growth:
+            coefficient = torch.where(candidates.unsqueeze(-1) < 0, coefficient * self.active(widths), coefficient)
+        for round_ in range(2):
+            trial = (widths - candidates.unsqueeze(-1) * coefficient).clamp(0.0, 1.0)
+            costs = self.cost(trial)
+            # Costs fall as the threshold grows: take the first candidate within budget (with tensor
+            # indices: no host read).
+            first = (costs > budget).sum(0, keepdim=True).clamp(max=len(candidates) - 1)
+            chosen = candidates.index_select(0, first)
+            if round_ == 0:
+                unchanged, unchanged_cost = trial[zero], costs[zero]
+                before = (first - 1).clamp(min=0)
+                below = candidates.index_select(0, before)
+                candidates = below + (chosen - below) * self._fractions(points)
+                if allow_growth:  # the bracket lies on one side of 0 (the threshold 0 changes nothing)
+                    coefficient = coefficient.index_select(0, before)
+        new_widths, new_cost = trial.index_select(0, first)[0], costs.index_select(0, first)[0]
+        return chosen[0], new_widths, new_cost, unchanged, unchanged_cost
 
 
 @torch.no_grad()
@@ -202,16 +249,10 @@ def project_to_budget(layers: list[GBLRLinear], budget_macs: float, allow_growth
     """Soft-threshold all widths (cost-weighted) by the smallest amount that brings the layers' counted
     MACs per token within ``budget_macs``; with ``allow_growth`` a model under budget grows its active
     components up to it. Returns the threshold applied (negative for growth)."""
-    cost_model = _CostModel(layers)
-    threshold = cost_model.threshold_for(budget_macs, allow_growth)
-    out_w, in_w = cost_model.thresholded(threshold)
-    offset = 0
-    for layer in layers:
-        k = layer.num_components
-        layer.out_widths.copy_(out_w[offset : offset + k])
-        layer.in_widths.copy_(in_w[offset : offset + k])
-        offset += k
-    return threshold
+    flat = _FlatWidths(layers)
+    threshold, widths, _, _ = flat.search(flat.read(), budget_macs, allow_growth)
+    flat.write(widths)
+    return float(threshold)
 
 
 @dataclass
@@ -294,7 +335,9 @@ class StructureLearner:
         self.dense_macs = sum(layer.dense_macs_per_token for layer in self.layers)
         self.step_count = 0
         self.start_fraction: float | None = None
-        self.last_threshold = 0.0
+        self.last_threshold: float | torch.Tensor = 0.0
+        self._decay: float | None = None  # the 1/(2 sigma^2) last set on every layer
+        self._flat: _FlatWidths | None = None
         if sigma is not None:
             self._set_sigma(sigma(0))
 
@@ -323,46 +366,63 @@ class StructureLearner:
         return {
             "step_count": self.step_count,
             "start_fraction": self.start_fraction,
-            "last_threshold": self.last_threshold,
+            "last_threshold": float(self.last_threshold),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self.start_fraction = state["start_fraction"]
         self.last_threshold = float(state["last_threshold"])
+        self._decay = None
         if self.sigma_schedule is not None:
             self._set_sigma(self.sigma_schedule(self.step_count))
 
     # --- the step --------------------------------------------------------------------------------
     def _set_sigma(self, sigma: float | None) -> None:
-        for layer in self.layers:
-            layer.sigma = sigma
+        decay = inverse_two_sigma_squared(sigma)
+        if decay == self._decay:
+            return
+        # Two batched in-place operations instead of one fill per layer; no host-to-device copy.
+        decays = [layer.sigma_decay for layer in self.layers]
+        torch._foreach_zero_(decays)
+        torch._foreach_add_(decays, decay)
+        self._decay = decay
+
+    def _flat_widths(self) -> _FlatWidths:
+        widths = self.layers[0].out_widths
+        if self._flat is None or self._flat.widths[0].device != widths.device or self._flat.dtype != widths.dtype:
+            self._flat = _FlatWidths(self.layers)  # built once per device (the model may move)
+        return self._flat
 
     @torch.no_grad()
     def step(self) -> dict:
-        """Apply sigma schedule, proximal step and budget control; returns what it did (for logging)."""
+        """Apply sigma schedule, proximal step and budget control. Returns what it did, for logging: the
+        cost and threshold as tensors on the model's device (reading them waits for the device)."""
         if self.start_fraction is None:
-            self.start_fraction = self.cost_fraction()
+            self.start_fraction = self.cost_fraction()  # one host read, at the first step only
         self.step_count += 1
         eta = structure_lr(self.optimizer)
         budget = self.budget_fraction() * self.dense_macs
-
-        if self.l1 > 0 and self.cost_macs() > budget:
-            prox_width_step(self.layers, self.l1, eta)
+        flat = self._flat_widths()
+        widths = flat.read()
+        if self.l1 > 0:  # the paper's L1 proximal step, while above the budget
+            shrunk = (widths - eta * self.l1 * flat.coefficient).clamp(0.0, 1.0)
+            widths = torch.where(flat.cost(widths) > budget, shrunk, widths)
 
         holding = self.step_count >= self.ramp_steps[1]
-        threshold = 0.0
+        threshold = widths.new_zeros(())
         # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
         # while holding, a second pass grows the surviving components back up to the budget.
         for _ in range(2 if holding else 1):
-            cost = self.cost_macs()
-            if not (cost > budget or (holding and cost < (1.0 - self.tolerance) * budget)):
-                break
-            threshold += project_to_budget(self.layers, budget, allow_growth=holding)
-        for layer in self.layers:  # the optimizer step may have left [0, 1]
-            layer.out_widths.clamp_(0.0, 1.0)
-            layer.in_widths.clamp_(0.0, 1.0)
-        wrap_starts(self.layers)
+            t, new_widths, new_cost, unchanged, cost = flat.search(widths, budget, allow_growth=holding)
+            if holding:  # a model inside its band is left alone
+                in_band = (cost <= budget) & (cost >= (1.0 - self.tolerance) * budget)
+                t = t * ~in_band
+                new_widths = torch.where(in_band, unchanged, new_widths)
+                new_cost = torch.where(in_band, cost, new_cost)
+            threshold, widths, cost = threshold + t, new_widths, new_cost
+        flat.write(widths)
+        flat.wrap_starts()
         self.last_threshold = threshold
 
         sigma = None
@@ -370,11 +430,10 @@ class StructureLearner:
             sigma = self.sigma_schedule(self.step_count)
             self._set_sigma(sigma)
         stats = {
-            "cost_fraction": self.cost_fraction(),
+            "cost_fraction": cost / self.dense_macs,
             "budget_fraction": budget / self.dense_macs,
             "threshold": threshold,
             "lambda": threshold / eta if eta > 0 else float("nan"),
             "sigma": sigma if self.sigma_schedule is not None else self.layers[0].sigma,
         }
-        log.debug("structure step %d: %s", self.step_count, stats)
         return stats

@@ -20,10 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mask import gaudi_mask_with_decay, hard_mask, interval_offsets, interval_sizes, inverse_two_sigma_squared
+from ..mask import (
+    gaudi_mask_with_decay,
+    hard_mask,
+    interval_offsets,
+    interval_sizes,
+    inverse_two_sigma_squared,
+    rounded_gaudi_masks,
+)
 from .base import StructuredLinear, check_budget, check_features, unreachable_budget
 
-__all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths"]
+__all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths", "masked_product"]
 
 
 #: Names accepted by ``width_init``: "splr" (FLOPs-neutral), "full", or "lrX" with X in (0, 1].
@@ -137,6 +144,9 @@ class GBLRLinear(StructuredLinear):
         # 1/(2 sigma^2) as a buffer: changing sigma does not trigger recompilation under torch.compile.
         self.register_buffer("sigma_decay", torch.tensor(inverse_two_sigma_squared(sigma), device=device))
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
+        # Set by gblr.shared_masks for the duration of one forward pass of the model: it computes the
+        # training masks (and effective weights) of all layers together.
+        self.shared = None
         self._reset_parameters(init_widths)
 
     # --- initialisation --------------------------------------------------------------------------
@@ -308,11 +318,25 @@ class GBLRLinear(StructuredLinear):
 
     # --- masks and weights -----------------------------------------------------------------------
     def _soft_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        decay = self.sigma_decay
-        rounded, tile = self.round_to_grid, self.tile
-        out_mask = gaudi_mask_with_decay(self.out_widths, self.out_starts, self.out_features, decay, rounded, tile)
-        in_mask = gaudi_mask_with_decay(self.in_widths, self.in_starts, self.in_features, decay, rounded, tile)
-        return out_mask, in_mask
+        if self.shared is not None:
+            return self.shared.masks(self)
+        m, n, tile = self.out_features, self.in_features, self.tile
+        if not self.round_to_grid:  # masks at fractional intervals: the spectral formula
+            decay = self.sigma_decay
+            return (
+                gaudi_mask_with_decay(self.out_widths, self.out_starts, m, decay, False, tile),
+                gaudi_mask_with_decay(self.in_widths, self.in_starts, n, decay, False, tile),
+            )
+        decay = self.sigma_decay.reshape(1)
+        if m == n:
+            out_mask, in_mask = rounded_gaudi_masks(
+                [self.out_widths, self.in_widths], [self.out_starts, self.in_starts], decay.expand(2), m, tile
+            )
+            return out_mask, in_mask
+        return (
+            rounded_gaudi_masks([self.out_widths], [self.out_starts], decay, m, tile)[0],
+            rounded_gaudi_masks([self.in_widths], [self.in_starts], decay, n, tile)[0],
+        )
 
     def _hard_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.sigma
@@ -396,12 +420,14 @@ class GBLRLinear(StructuredLinear):
         self._check_input(x)
         if not self.training:
             return F.linear(x, self._cached_eval_weight(), self.bias)
-        u, v = self.masked_factors(hard=False)
-        m, n, kr = self.out_features, self.in_features, u.shape[0]
+        m, n, kr = self.out_features, self.in_features, self.num_components * self.rank
         tokens = x.numel() // n
         # Build W (kr*m*n) and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)).
         if kr * m * n + tokens * m * n < tokens * kr * (m + n):
-            return F.linear(x, u.T @ v, self.bias)
+            if self.shared is not None:
+                return F.linear(x, self.shared.weight(self), self.bias)
+            return F.linear(x, masked_product(self.out_factors, self.in_factors, *self._soft_masks()), self.bias)
+        u, v = self.masked_factors(hard=False)
         return F.linear(F.linear(x, v), u.T, self.bias)
 
     def extra_repr(self) -> str:
@@ -410,6 +436,43 @@ class GBLRLinear(StructuredLinear):
             f"bias={self.bias is not None}, num_components={self.num_components}, rank={self.rank}, "
             f"sigma={self.sigma}" + (f", tile={self.tile}" if self.tile > 1 else "")
         )
+
+
+class _MaskedProduct(torch.autograd.Function):
+    """``W = (U * mask_out)^T (V * mask_in)`` summed over components and ranks, for factors ``(..., K, r, m)``,
+    ``(..., K, r, n)`` and masks ``(..., K, m)``, ``(..., K, n)`` (a leading batch of same-shape layers is
+    one batched product). One graph node with a hand-written backward: the autograd composition of the
+    same products costs about twice as many operations."""
+
+    @staticmethod
+    def forward(ctx, u, v, out_mask, in_mask):
+        masked_u = u * out_mask.to(u.dtype).unsqueeze(-2)
+        masked_v = v * in_mask.to(v.dtype).unsqueeze(-2)
+        ctx.save_for_backward(u, v, out_mask, in_mask, masked_u, masked_v)
+        return masked_u.flatten(-3, -2).mT @ masked_v.flatten(-3, -2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, v, out_mask, in_mask, masked_u, masked_v = ctx.saved_tensors
+        grad = grad.to(u.dtype)  # the product may have run under autocast
+        grad_masked_u = (masked_v.flatten(-3, -2) @ grad.mT).view_as(u)
+        grad_masked_v = (masked_u.flatten(-3, -2) @ grad).view_as(v)
+        grads = [None] * 4
+        if ctx.needs_input_grad[0]:
+            grads[0] = grad_masked_u * out_mask.to(u.dtype).unsqueeze(-2)
+        if ctx.needs_input_grad[1]:
+            grads[1] = grad_masked_v * in_mask.to(v.dtype).unsqueeze(-2)
+        if ctx.needs_input_grad[2]:
+            grads[2] = (grad_masked_u * u).sum(-2).to(out_mask.dtype)
+        if ctx.needs_input_grad[3]:
+            grads[3] = (grad_masked_v * v).sum(-2).to(in_mask.dtype)
+        return tuple(grads)
+
+
+def masked_product(out_factors, in_factors, out_mask, in_mask) -> torch.Tensor:
+    """The effective weight ``(..., out_features, in_features)`` of factors and masks of one GBLR layer,
+    or of a stack of same-shape layers (leading dimension)."""
+    return _MaskedProduct.apply(out_factors, in_factors, out_mask, in_mask)
 
 
 def _structure_dtype(dtype: torch.dtype) -> torch.dtype:
