@@ -1,13 +1,13 @@
 """Whole-model inference with compact GBLR layers: trained Fashion-MNIST ViTs and a compressed MiniLM.
 
-    .venv/bin/python benchmarks/compact_model.py [--runs runs/benchmark-hw/fmnist-vit-small-gblr-0.3 ...]
+    .venv/bin/python benchmarks/compact_model.py [--runs runs/benchmark-hw/fmnist-vit-small-gblr-0.3 ...] [--device cuda]
 
 For each trained GBLR run (``gblr train`` run directories; by default the two runs of the hardware-aware
 quality benchmark) and for MiniLM compressed to 50 % (GBLR, global allocation): the eval-mode model
 (which multiplies by every layer's effective dense weight, i.e. dense speed) against ``compact(model)``:
 latency (median of ``repeats`` interleaved repetitions) at batch 1 and 256 images / 1 and 64 sentences,
 and agreement: identical test-set predictions for the ViTs, maximal embedding difference for MiniLM.
-Writes benchmarks/results/compact_model.{json,md}.
+Writes benchmarks/results/compact_model.{json,md} (compact_model_cuda.* on a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from _results import provenance, run_metadata, write_results
 from gblr.compact import CompactGBLRLinear, compact
 from gblr.compress import compress_
 from gblr.data import shakespeare_sentences
+from gblr.device import resolve_device
 from gblr.pretrained import encode_sentences, load_pretrained, sentence_embeddings
 from gblr.train import load_trained
 
@@ -30,8 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = [str(ROOT / "runs/benchmark-hw" / name) for name in ("fmnist-vit-small-gblr-0.3", "fmnist-vit-small-gblr-0.3-hw")]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def latency(models: dict, inputs, repeats: int) -> dict[str, float]:
+def latency(models: dict, inputs, repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of every model on ``inputs``, repetitions interleaved."""
     call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
     for model in models.values():
@@ -39,8 +45,10 @@ def latency(models: dict, inputs, repeats: int) -> dict[str, float]:
     samples = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            synchronize(device)
             start = time.perf_counter()
             call(model)
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -55,12 +63,12 @@ def executions(model) -> dict[str, int]:
     return counts
 
 
-def vit_rows(run: str, repeats: int) -> list[dict]:
-    model, config, data = load_trained(run)
+def vit_rows(run: str, repeats: int, device: torch.device) -> list[dict]:
+    model, config, data = load_trained(run, device)
     start = time.perf_counter()
     fast = compact(model)
     build = time.perf_counter() - start
-    x, y = data["test"]
+    x, y = (t.to(device) for t in data["test"])
     with torch.no_grad():
         reference = torch.cat([model(b) for b in x.split(500)])
         logits = torch.cat([fast(b) for b in x.split(500)])
@@ -71,7 +79,7 @@ def vit_rows(run: str, repeats: int) -> list[dict]:
     }
     rows = []
     for batch in (1, 256):
-        times = latency({"eval": model, "compact": fast}, x[:batch], repeats)
+        times = latency({"eval": model, "compact": fast}, x[:batch], repeats, device)
         rows.append({"model": config.name, "structure": f"rank {config.structure.rank}, tile {config.structure.tile}",
                      "batch": batch, "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
                      "speedup": times["eval"] / times["compact"], "build_seconds": build,
@@ -80,9 +88,9 @@ def vit_rows(run: str, repeats: int) -> list[dict]:
     return rows
 
 
-def minilm_rows(repeats: int) -> list[dict]:
+def minilm_rows(repeats: int, device: torch.device) -> list[dict]:
     pretrained = load_pretrained("minilm")
-    model = pretrained.model
+    model = pretrained.model.to(device)
     compress_(model, "gblr", 0.5, "global", options={"steps": 0})
     start = time.perf_counter()
     fast = compact(model)
@@ -90,10 +98,10 @@ def minilm_rows(repeats: int) -> list[dict]:
     sentences = shakespeare_sentences("val")[:256]
     rows = []
     for batch in (1, 64):
-        inputs = encode_sentences(pretrained.tokenizer, sentences[:batch])
+        inputs = {k: v.to(device) for k, v in encode_sentences(pretrained.tokenizer, sentences[:batch]).items()}
         with torch.no_grad():
             reference, embeddings = sentence_embeddings(model, inputs), sentence_embeddings(fast, inputs)
-        times = latency({"eval": model, "compact": fast}, inputs, repeats)
+        times = latency({"eval": model, "compact": fast}, inputs, repeats, device)
         rows.append({"model": "all-MiniLM-L6-v2, GBLR 0.5 global", "structure": "rank 1, tile 1 (fitted)", "batch": batch,
                      "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
                      "speedup": times["eval"] / times["compact"], "build_seconds": build,
@@ -109,12 +117,15 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(2)
-    rows = [row for run in args.runs for row in vit_rows(run, args.repeats)]
+    rows = [row for run in args.runs for row in vit_rows(run, args.repeats, device)]
     if not args.skip_minilm:
-        rows += minilm_rows(args.repeats)
-    meta = run_metadata("2 cores, CPU, 2 torch threads", repeats=args.repeats)
+        rows += minilm_rows(args.repeats, device)
+    note = torch.cuda.get_device_name(device) if device.type == "cuda" else "2 cores, CPU, 2 torch threads"
+    meta = run_metadata(note, repeats=args.repeats)
     lines = ["# Whole-model inference: eval model vs compact()", "", provenance(meta), "",
              "`eval` multiplies by every GBLR layer's effective dense weight (dense speed for those layers); "
              "`compact` runs each layer's calibrated execution (dense / factored / blocks). Latency: median of "
@@ -129,7 +140,7 @@ def main() -> None:
             agree = f"max embedding difference {r['max_embedding_difference']:.1e} ({r['tokens']} tokens)"
         lines.append(f"| {r['model']} | {r['structure']} | {r['batch']} | {r['eval_ms']:.2f} | {r['compact_ms']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['executions_at_256_tokens']} | {agree} |")
-    write_results("compact_model", meta, rows, lines)
+    write_results("compact_model" if device.type == "cpu" else f"compact_model_{device.type}", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _results import provenance, run_metadata, write_results
 
 DEFAULT = ["configs/fmnist-vit-small-dense.toml", "configs/fmnist-vit-small-gblr-0.3.toml",
@@ -48,7 +49,11 @@ def main() -> None:
             "train_seconds": report["wall_seconds"], "command_seconds": time.perf_counter() - start,
         })
         print(rows[-1], flush=True)
-    meta = run_metadata("2 torch threads, runs one after the other")
+    if any(o.startswith("train.device") and "cuda" in o for o in args.overrides):
+        note = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, runs one after the other"
+    else:
+        note = "2 torch threads, runs one after the other"
+    meta = run_metadata(note)
     lines = [
         "# Fashion-MNIST ViT: dense vs GBLR vs low-rank at the same cost",
         "",

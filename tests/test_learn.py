@@ -8,6 +8,7 @@ from gblr.learn import (
     SigmaSchedule,
     StructureLearner,
     param_groups,
+    project_to_budget,
     prox_width_step,
     structure_lr,
 )
@@ -151,3 +152,23 @@ def test_budget_controller_with_hardware_aware_tiles():
     for layer in (model[0], model[2]):
         h, w = layer.interval_sizes()
         assert (h % 16 == 0).all() and (w % 16 == 0).all()
+
+
+def test_project_to_budget_shrinks_and_grows_to_the_budget():
+    torch.manual_seed(0)
+    layers = [GBLRLinear(64, 96), GBLRLinear(96, 32, rank=2)]
+    dense = sum(layer.dense_macs_per_token for layer in layers)
+
+    def cost():
+        return sum(layer.macs_per_token() for layer in layers)
+
+    assert project_to_budget(layers, 0.3 * dense) > 0
+    # Components with equal widths empty at the same threshold: the cost can fall well below the
+    # budget; growing the surviving components brings it back.
+    assert cost() <= 0.3 * dense
+    assert project_to_budget(layers, 0.3 * dense, allow_growth=True) <= 0
+    assert 0.99 * 0.3 * dense <= cost() <= 0.3 * dense
+    assert project_to_budget(layers, 0.5 * dense) == 0.0  # already within budget: nothing moves
+    assert project_to_budget(layers, 0.5 * dense, allow_growth=True) < 0
+    assert 0.99 * 0.5 * dense <= cost() <= 0.5 * dense
+    assert all(((layer.out_widths >= 0) & (layer.out_widths <= 1)).all() for layer in layers)

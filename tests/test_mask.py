@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from gblr.mask import boxcar_mask, gaudi_mask, hard_mask, interval_sizes, round_to_grid
+from gblr.mask import (
+    boxcar_mask,
+    gaudi_mask,
+    gaudi_mask_with_decay,
+    hard_mask,
+    interval_sizes,
+    inverse_two_sigma_squared,
+    round_to_grid,
+    rounded_gaudi_masks,
+)
 
 
 def reference_boxcar(size: int, start: int, n: int) -> torch.Tensor:
@@ -123,3 +132,41 @@ def test_tiles_round_intervals_to_whole_tiles():
     assert torch.allclose(soft, mask[:1], atol=1e-6)
     with pytest.raises(ValueError, match="tile"):
         gaudi_mask(w, l, 64, tile=0)
+
+
+@pytest.mark.parametrize("n, tile", [(1, 1), (2, 1), (7, 1), (12, 1), (12, 4), (13, 1), (64, 8), (100, 1)])
+@pytest.mark.parametrize("sigma", [None, 0.7, 3.0, 100.0])
+def test_fast_rounded_masks_equal_the_spectral_formula(n, tile, sigma):
+    # The rounded masks come from prefix sums of a blur kernel with a closed-form backward; values and
+    # gradients must be those of the spectral formula at the rounded point, for several sides at once.
+    gen = torch.Generator().manual_seed(n * 10 + tile)
+    widths = torch.rand(9, generator=gen, dtype=torch.float64)
+    widths[:3] = torch.tensor([0.0, 1.0, 0.999])
+    starts = torch.rand(9, generator=gen, dtype=torch.float64) * 1.5  # starts past 1 wrap around
+    decay = inverse_two_sigma_squared(sigma)
+    w_ref, l_ref = widths.clone().requires_grad_(), starts.clone().requires_grad_()
+    w_fast, l_fast = widths.clone().requires_grad_(), starts.clone().requires_grad_()
+    reference = gaudi_mask_with_decay(w_ref, l_ref, n, decay, True, tile)
+    decays = torch.tensor([decay, decay], dtype=torch.float64)
+    fast = torch.cat(rounded_gaudi_masks([w_fast[:4], w_fast[4:]], [l_fast[:4], l_fast[4:]], decays, n, tile))
+    assert (fast - reference).abs().max() <= 1e-9
+    upstream = torch.randn(9, n, generator=gen, dtype=torch.float64)
+    (reference * upstream).sum().backward()
+    (fast * upstream).sum().backward()
+    for fast_grad, ref_grad in ((w_fast.grad, w_ref.grad), (l_fast.grad, l_ref.grad)):
+        assert (fast_grad - ref_grad).abs().max() <= 1e-9 * max(1.0, ref_grad.abs().max().item())
+
+
+def test_fast_masks_cut_into_pieces_and_mixed_sigmas():
+    gen = torch.Generator().manual_seed(3)
+    widths = [torch.rand(k, generator=gen) for k in (3, 5, 2)]
+    starts = [torch.rand(k, generator=gen) for k in (3, 5, 2)]
+    sigmas = [None, 2.0, 50.0]
+    decays = torch.tensor([inverse_two_sigma_squared(s) for s in sigmas])
+    sides = rounded_gaudi_masks(widths, starts, decays, 16)
+    pieces = rounded_gaudi_masks(widths, starts, decays, 16, pieces=[8, 2])
+    assert [tuple(m.shape) for m in pieces] == [(8, 16), (2, 16)]
+    assert torch.equal(torch.cat(sides), torch.cat(pieces))
+    for w, l, s, mask in zip(widths, starts, sigmas, sides):
+        assert mask.dtype == torch.float32
+        assert torch.allclose(mask, gaudi_mask_with_decay(w, l, 16, inverse_two_sigma_squared(s), True), atol=1e-6)

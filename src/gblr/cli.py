@@ -68,7 +68,11 @@ def _compress(args) -> int:
     from .pretrained import load_pretrained
     from .train.recovery import recover_
 
+    from .device import check_precision, resolve_device
+
     ConvertConfig(family=args.family, budget=args.budget)  # bad names and budgets fail before any loading
+    device = resolve_device(args.device)
+    check_precision(args.precision, device)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
@@ -78,6 +82,7 @@ def _compress(args) -> int:
     start = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
     teacher = load_pretrained(args.model)
+    teacher.model.to(device)
     model = copy.deepcopy(teacher.model)
     objectives = objectives_for(teacher)
     quality = {"original": objectives.quality(teacher.model)}
@@ -90,7 +95,7 @@ def _compress(args) -> int:
     if args.finetune_steps:
         print(f"recovery: {args.finetune_steps} steps ...", flush=True)
         recovery = recover_(model, objectives.recovery_loss(args.seed), args.finetune_steps, lr=args.lr,
-                            learn_structure=args.learn_structure)
+                            learn_structure=args.learn_structure, precision=args.precision)
         quality["recovered"] = objectives.quality(model)
         quality["recovery_seconds"] = round(recovery.seconds, 1)
     config = {"model": args.model, "family": args.family, "budget": args.budget, "allocation": args.allocation,
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")
     compress.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
     compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (fitting, recovery, evaluation)")
+    compress.add_argument("--precision", default="fp32", help="fp32, or bf16 autocast for recovery")
     compress.add_argument("--out", required=True, help="new directory for the compressed model")
     compress.set_defaults(handler=_compress)
     args = parser.parse_args(argv)

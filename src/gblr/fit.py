@@ -162,7 +162,7 @@ def learned_fit(
     # matrix worse here (relative error 0.005 without, 0.05 to 0.3 with lr 0.002 to 0.03).
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, weight_decay=0.0, structure_lr=structure_lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.01, 1.0 - s / steps))
-    learner = StructureLearner(layer, optimizer, target=budget, total_steps=steps, ramp=(0.0, 0.5))
+    learner = StructureLearner(layer, optimizer, target=budget, total_steps=steps, ramp=(0.0, 0.5), share_masks=False)
     target = weight.detach()
     scale = target.double().pow(2).sum().to(target.dtype)
     for _ in range(steps):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .mask import inverse_two_sigma_squared
+from .shared_masks import SharedMasks
 from .structured.gblr import GBLRLinear
 
 __all__ = [
@@ -250,7 +251,7 @@ def project_to_budget(layers: list[GBLRLinear], budget_macs: float, allow_growth
     MACs per token within ``budget_macs``; with ``allow_growth`` a model under budget grows its active
     components up to it. Returns the threshold applied (negative for growth)."""
     flat = _FlatWidths(layers)
-    threshold, widths, _, _ = flat.search(flat.read(), budget_macs, allow_growth)
+    threshold, widths, *_ = flat.search(flat.read(), budget_macs, allow_growth)
     flat.write(widths)
     return float(threshold)
 
@@ -298,6 +299,9 @@ class StructureLearner:
         tolerance: relative band below the target that the holding phase keeps the cost in.
         l1: optional extra proximal penalty ``lambda`` (applied only while above the budget).
         sigma: a :class:`SigmaSchedule`, or None to leave each layer's sigma as it is.
+        share_masks: compute the training masks and weights of all GBLR layers of ``model`` in a few
+            batched calls per forward pass of ``model`` (:func:`gblr.shared_masks.share_masks`; same
+            values and gradients, far fewer operations). ``learner.shared_masks.remove()`` undoes it.
     """
 
     def __init__(
@@ -310,6 +314,7 @@ class StructureLearner:
         tolerance: float = 0.01,
         l1: float = 0.0,
         sigma: SigmaSchedule | None = None,
+        share_masks: bool = True,
     ) -> None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0.0 < target <= 1.0):
             raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target!r}")
@@ -338,6 +343,7 @@ class StructureLearner:
         self.last_threshold: float | torch.Tensor = 0.0
         self._decay: float | None = None  # the 1/(2 sigma^2) last set on every layer
         self._flat: _FlatWidths | None = None
+        self.shared_masks = SharedMasks(model) if share_masks else None
         if sigma is not None:
             self._set_sigma(sigma(0))
 
@@ -434,6 +440,6 @@ class StructureLearner:
             "budget_fraction": budget / self.dense_macs,
             "threshold": threshold,
             "lambda": threshold / eta if eta > 0 else float("nan"),
-            "sigma": sigma if self.sigma_schedule is not None else self.layers[0].sigma,
+            "sigma": sigma,  # None without a schedule (reading a layer's sigma would wait for the device)
         }
         return stats

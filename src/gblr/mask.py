@@ -127,10 +127,17 @@ def _bin_factors(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 @functools.lru_cache(maxsize=256)
 def _layout(sizes: tuple[int, ...], n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Index constants of a batch of sides (made once per layout: no host-to-device copy per step):
-    positions ``(n,)``, and per row the offset of its side's row in tables of ``2n+1`` (prefix sums)
-    and of ``2n`` entries (two derivative kernels), as ``(rows, 1)`` columns."""
+    positions ``(n,)``, and per row (as ``(rows, 1)`` columns) where its side's tables start, shifted
+    by two periods so that ``position - start`` (in ``(-n, n)``) indexes them without a remainder: the
+    prefix sums (``3n+1`` entries per side) and the two derivative kernels (``2 x 3n``)."""
     side = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).unsqueeze(1)
-    return tuple(t.to(device) for t in (torch.arange(n), side * (2 * n + 1), side * (2 * n)))
+    prefix_row, kernel_row = side * (3 * n + 1) + 2 * n + 1, side * (6 * n) + 2 * n
+    return tuple(t.to(device) for t in (torch.arange(n), prefix_row, kernel_row))
+
+
+def _cached(function, *args):
+    # Under torch.compile the constants are traced into the graph instead (dynamo skips caches).
+    return function.__wrapped__(*args) if torch.compiler.is_compiling() else function(*args)
 
 
 class _RoundedMasks(torch.autograd.Function):
@@ -141,32 +148,33 @@ class _RoundedMasks(torch.autograd.Function):
     def forward(ctx, n: int, tile: int, decays: torch.Tensor, sizes: list[int], pieces: list[int], *intervals):
         sides = len(sizes)
         widths, starts = torch.cat(intervals[:sides]), torch.cat(intervals[sides:])
-        squared_k, factors = _bin_factors(n, widths.device)
+        squared_k, factors = _cached(_bin_factors, n, widths.device)
         gauss = torch.exp(squared_k * -decays.to(torch.float64).unsqueeze(-1))  # (sides, bins)
-        kernels = torch.fft.irfft(gauss.unsqueeze(1) * factors, n=n, dim=-1)  # (sides, 3, n): g, e, f
-        blur = kernels[:, 0]
-        # Cyclic prefix sums of the blur kernel over two periods: prefix[j] = sum of blur[t mod n], t < j.
-        prefix = torch.nn.functional.pad(torch.cat([blur, blur], dim=1).cumsum(1), (1, 0))
-        position, prefix_row, kernel_row = _layout(tuple(sizes), n, widths.device)
+        # The kernels g, e, f over three periods (sides, 3, 3n), so that shifts in (-2n, n) need no remainder.
+        kernels = torch.fft.irfft(gauss.unsqueeze(1) * factors, n=n, dim=-1).repeat(1, 1, 3)
+        # Cyclic prefix sums of the blur kernel: prefix[j] = sum of g[t mod n] for t < j, j = 0..3n.
+        dtype = _output_dtype(widths)
+        prefix = torch.nn.functional.pad(kernels[:, 0].cumsum(1), (1, 0)).to(dtype)
+        position, prefix_row, kernel_row = _cached(_layout, tuple(sizes), n, widths.device)
         grid = n / tile
-        size = (torch.round(widths * grid) * tile).clamp(0, n).to(torch.long)
-        start = torch.remainder(torch.round(starts * grid) * tile, n).to(torch.long)
-        end = torch.remainder(position - start.unsqueeze(1), n) + prefix_row + (n + 1)  # sums [x-L-W+1, x-L]
-        masks = torch.take(prefix, end) - torch.take(prefix, end - size.unsqueeze(1))
+        size = (torch.round(widths * grid) * tile).clamp(0, n).to(torch.long).unsqueeze(1)
+        start = torch.remainder(torch.round(starts * grid) * tile, n).to(torch.long).unsqueeze(1)
+        # mask[x] sums g over [x-L-W+1, x-L]; offsets are combined per row before the (rows, n) adds.
+        row_end = prefix_row - start
+        masks = torch.take(prefix, position + row_end) - torch.take(prefix, position + (row_end - size))
         ctx.n, ctx.sizes = n, sizes
-        ctx.save_for_backward(kernels[:, 1:].to(_output_dtype(widths)), position, kernel_row, start, size)
-        return masks.to(_output_dtype(widths)).split(pieces)
+        ctx.save_for_backward(kernels[:, 1:].to(dtype), position, kernel_row, start, size)
+        return masks.split(pieces)
 
     @staticmethod
     def backward(ctx, *grads):
         derivative_kernels, position, kernel_row, start, size = ctx.saved_tensors
         n = ctx.n
         grad = torch.cat(grads)
-        from_start = torch.remainder(position - start.unsqueeze(1), n)
-        at_start = from_start + kernel_row
-        at_end = torch.remainder(from_start - size.unsqueeze(1), n) + kernel_row
-        d_start = torch.take(derivative_kernels, at_start) - torch.take(derivative_kernels, at_end)
-        d_width = torch.take(derivative_kernels, at_end + n) * n
+        row_start = kernel_row - start  # e[x - L] at position + row_start; f follows e at +3n
+        row_end = row_start - size  # e[x - L - W]
+        d_start = torch.take(derivative_kernels, position + row_start) - torch.take(derivative_kernels, position + row_end)
+        d_width = torch.take(derivative_kernels, position + (row_end + 3 * n)) * n
         grad_widths = (grad * d_width).sum(1)
         grad_starts = (grad * d_start).sum(1)
         return (None,) * 5 + (*grad_widths.split(ctx.sizes), *grad_starts.split(ctx.sizes))

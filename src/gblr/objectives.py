@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from .data import load_shakespeare, shakespeare_sentences
-from .pretrained import Pretrained, embed_all, encode_sentences, perplexity, sentence_embeddings, token_ids
+from .pretrained import (
+    Pretrained,
+    embed_all,
+    encode_sentences,
+    model_device,
+    perplexity,
+    sentence_embeddings,
+    token_ids,
+)
 
 __all__ = ["EncoderObjectives", "CausalLMObjectives", "objectives_for"]
 
@@ -61,7 +69,8 @@ class CausalLMObjectives:
 
     def calibration_loss(self, model: nn.Module) -> float:
         with torch.no_grad():
-            return float(model(input_ids=self.calibration, labels=self.calibration).loss)
+            calibration = self.calibration.to(model_device(model))
+            return float(model(input_ids=calibration, labels=calibration).loss)
 
     def recovery_loss(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
@@ -70,6 +79,7 @@ class CausalLMObjectives:
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
             picks = torch.randint(2, windows, (self.batch_size,), generator=generator).tolist()
             batch = torch.stack([self.training[i * self.context : (i + 1) * self.context] for i in picks])
+            batch = batch.to(model_device(student))
             return student(input_ids=batch, labels=batch).loss
 
         return batch_loss

@@ -74,8 +74,15 @@ def encode_sentences(tokenizer, sentences: list[str], max_length: int = 64) -> d
     return dict(tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def sentence_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean of the last hidden states over real tokens, L2-normalised (how all-MiniLM-L6-v2 embeds)."""
+    """Mean of the last hidden states over real tokens, L2-normalised (how all-MiniLM-L6-v2 embeds);
+    computed on the model's device."""
+    device = model_device(model)
+    batch = {key: value.to(device) for key, value in batch.items()}
     hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -100,7 +107,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, context: int = 256, batch_si
         raise ValueError(f"perplexity needs at least {context} tokens, got {len(ids)}")
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
+        batch = windows[i : i + batch_size].to(model_device(model))
         logits = model(input_ids=batch).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total, count = total + float(loss), count + batch[:, 1:].numel()

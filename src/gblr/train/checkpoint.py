@@ -31,9 +31,10 @@ def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def save_checkpoint(directory, model, optimizer, scheduler, meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    # Everything is written from the CPU, so a run saved on a GPU resumes on a CPU and the other way round.
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     optimizer_tensors, optimizer_meta = _split_optimizer(optimizer.state_dict())
-    tensors.update({k: v.contiguous() for k, v in optimizer_tensors.items()})
+    tensors.update({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = dict(meta, optimizer=optimizer_meta, scheduler=scheduler.state_dict())
     tmp_tensors, tmp_meta = directory / f"{CHECKPOINT}.safetensors.tmp", directory / f"{CHECKPOINT}.json.tmp"

@@ -8,11 +8,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..device import PRECISIONS
 from ..structured import FAMILIES
 
 __all__ = ["ModelConfig", "DataConfig", "StructureConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
 MODELS = ("vit", "mixer", "gpt")
+RUNTIME_FIELDS = ("device", "compile", "log_every")
 DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
 
 
@@ -60,6 +62,10 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
     eval_batch_size: int = 500
     checkpoint_every: int = 200  # steps; 0 = only the final checkpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10  # steps between reads of the loss and the structure statistics (each waits for the device)
 
 
 @dataclass
@@ -84,6 +90,8 @@ class RunConfig:
             ("train.batch_size", self.train.batch_size >= 1, ">= 1"),
             ("train.lr", self.train.lr > 0, "> 0"),
             ("train.warmup", 0 <= self.train.warmup < 1, "in [0, 1)"),
+            ("train.precision", self.train.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("train.log_every", self.train.log_every >= 1, ">= 1"),
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
             ("model.depth", self.model.depth >= 1, ">= 1"),
         ]
@@ -96,6 +104,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def what_is_learned(self) -> dict:
+        """The config without the fields that only say where and how fast it runs (a run may resume on
+        another device, compiled or not, logging at another interval)."""
+        values = self.to_dict()
+        values["train"] = {k: v for k, v in values["train"].items() if k not in RUNTIME_FIELDS}
+        return values
 
 
 def _get(config, dotted: str):

@@ -40,7 +40,7 @@ def save_structure_pictures(model: nn.Module, path) -> Path | None:
     rows = math.ceil(len(layers) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
     for axis, (name, layer) in zip(axes.flat, layers):
-        image = axis.imshow(coverage(layer).numpy(), cmap="viridis", interpolation="nearest", aspect="auto")
+        image = axis.imshow(coverage(layer).cpu().numpy(), cmap="viridis", interpolation="nearest", aspect="auto")
         axis.set_title(f"{name}\ncost {layer.relative_cost():.2f}", fontsize=7)
         axis.set_xticks([]), axis.set_yticks([])
         figure.colorbar(image, ax=axis, fraction=0.046)

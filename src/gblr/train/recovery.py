@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..learn import StructureLearner, gblr_layers, param_groups
+from ..device import check_precision
+from ..learn import StructureLearner, gblr_layers
+from .step import make_optimizer, training_step
 
 __all__ = ["RecoveryResult", "recover_"]
 
@@ -44,8 +46,11 @@ def recover_(
     warmup: float = 0.1,
     clip: float = 1.0,
     progress: Callable[[int, float], None] | None = None,
+    precision: str = "fp32",
 ) -> RecoveryResult:
-    """Train ``model`` in place for ``steps`` steps on ``batch_loss``; leaves it in eval mode."""
+    """Train ``model`` in place, on the device it is on, for ``steps`` steps on ``batch_loss`` (``precision``
+    ``fp32`` or ``bf16`` autocast); leaves it in eval mode. ``progress(step, loss)`` is called every step
+    when given (reading the loss waits for the device)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     structured = [layer for _, layer in gblr_layers(model)]
@@ -53,34 +58,33 @@ def recover_(
     if learn_structure:
         if not structured:
             raise ValueError("learn_structure=True needs GBLR layers in the model")
-        optimizer = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=weight_decay, structure_lr=structure_lr))
+        optimizer = make_optimizer(model, lr, weight_decay, structure_lr)
         fraction = sum(layer.macs_per_token() for layer in structured) / sum(layer.dense_macs_per_token for layer in structured)
         learner = StructureLearner(model, optimizer, target=min(fraction, 1.0), total_steps=steps, ramp=(0.0, 0.0))
     else:
         frozen = {id(p) for layer in structured for p in layer.structure_parameters()}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     warm = max(1, round(warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    device = trainable[0].device
+    check_precision(precision, device)
     model.train()
-    start, losses = time.perf_counter(), []
+    start, step_losses = time.perf_counter(), []
     try:
         for step in range(steps):
-            loss = batch_loss(model, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, clip)
-            optimizer.step()
-            schedule.step()
-            if learner is not None:
-                learner.step()
-            losses.append(float(loss.detach()))
+            loss, _ = training_step(lambda: batch_loss(model, step), optimizer, schedule, learner, trainable,
+                                    clip, device, precision)
+            step_losses.append(loss)
             if progress is not None:
-                progress(step, losses[-1])
+                progress(step, float(loss))
     finally:
         model.eval()
+        if learner is not None:
+            learner.shared_masks.remove()  # leave the caller's model without our hooks
+    losses = torch.stack(step_losses).float().tolist()
     fraction = learner.cost_fraction() if learner is not None else None
     log.info("recovery: %d steps, loss %.5f -> %.5f", steps, losses[0], losses[-1])
     return RecoveryResult(steps, time.perf_counter() - start, losses, fraction)

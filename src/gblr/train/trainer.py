@@ -15,12 +15,14 @@ from torch import nn
 
 from ..convert import ConvertConfig, convert_
 from ..cost import cost_report
+from ..device import autocast, check_precision, resolve_device
 from ..data import CharTokenizer, load_digits, load_fashion_mnist, load_mnist5k, load_shakespeare, train_val_split
-from ..learn import SigmaSchedule, StructureLearner, gblr_layers, param_groups
+from ..learn import SigmaSchedule, StructureLearner, gblr_layers
 from ..models import GPT, MLPMixer, ViT, paper_filter
 from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
+from .step import make_optimizer, training_step
 
 __all__ = ["train", "build_model", "load_data", "load_trained"]
 
@@ -83,8 +85,10 @@ def structure_model(model: nn.Module, config: RunConfig):
     return convert_(model, ConvertConfig(family=s.family, budget=budget, init="random", options=options), layer_filter)
 
 
-def load_trained(run_dir) -> tuple[nn.Module, RunConfig, dict]:
-    """The trained model of a run directory (eval mode), its config and its data."""
+def load_trained(run_dir, device="cpu") -> tuple[nn.Module, RunConfig, dict]:
+    """The trained model of a run directory (eval mode, on ``device``: a name as in ``train.device`` or a
+    ``torch.device``), its config and its data (on the CPU)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     meta, tensors = read_checkpoint(run_dir)
     if not isinstance(meta.get("config"), dict):
         raise ValueError(f"checkpoint in {run_dir} is corrupt: field 'config' is missing")
@@ -93,45 +97,66 @@ def load_trained(run_dir) -> tuple[nn.Module, RunConfig, dict]:
     model = build_model(config, data)
     structure_model(model, config)
     load_model_state(run_dir, model, tensors)
-    return model.eval(), config, data
+    return model.to(device).eval(), config, data
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, data: dict, split: str, config: RunConfig) -> dict:
+def evaluate(model: nn.Module, data: dict, split: str, config: RunConfig, device=None) -> dict:
+    """Test metric of ``split`` on ``device`` (default: the model's), in the run's precision."""
+    device = device or next(model.parameters()).device
     model.eval()
-    if config.model.name == "gpt":
-        tokens, context = data[split], config.model.context
-        windows = tokens[: (len(tokens) - 1) // context * context + 1]
-        starts = torch.arange(0, len(windows) - 1 - context, context)[:64]  # a fixed evaluation set
-        x = torch.stack([windows[i : i + context] for i in starts])
-        y = torch.stack([windows[i + 1 : i + 1 + context] for i in starts])
-        loss = float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
-        result = {"loss": loss, "perplexity": math.exp(loss)}
-    else:
-        x, y = data[split]
-        correct = sum(
-            int((model(xb).argmax(-1) == yb).sum())
-            for xb, yb in zip(x.split(config.train.eval_batch_size), y.split(config.train.eval_batch_size))
-        )
-        result = {"accuracy": correct / len(y)}
+    with autocast(device, config.train.precision):
+        if config.model.name == "gpt":
+            tokens, context = data[split], config.model.context
+            windows = tokens[: (len(tokens) - 1) // context * context + 1]
+            starts = torch.arange(0, len(windows) - 1 - context, context)[:64]  # a fixed evaluation set
+            x = torch.stack([windows[i : i + context] for i in starts]).to(device)
+            y = torch.stack([windows[i + 1 : i + 1 + context] for i in starts]).to(device)
+            loss = float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()))
+            result = {"loss": loss, "perplexity": math.exp(loss)}
+        else:
+            x, y = data[split]
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            for xb, yb in zip(x.split(config.train.eval_batch_size), y.split(config.train.eval_batch_size)):
+                correct += (model(xb.to(device)).argmax(-1) == yb.to(device)).sum()
+            result = {"accuracy": int(correct) / len(y)}
     model.train()
     return result
 
 
 # --- training ------------------------------------------------------------------------------------
-def _batch(data: dict, config: RunConfig, epoch: int, position: int, step: int):
-    if config.model.name == "gpt":
-        context, tokens = config.model.context, data["train"]
-        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(tokens) - context - 1, (config.train.batch_size,), generator=generator)
-        x = torch.stack([tokens[i : i + context] for i in starts])
-        y = torch.stack([tokens[i + 1 : i + 1 + context] for i in starts])
-        return x, y
-    x, y = data["train"]
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch))
-    index = order[position * config.train.batch_size : (position + 1) * config.train.batch_size]
-    return x[index], y[index]
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-GPU copies from pinned memory, asynchronous: a step never waits for them."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class _Batches:
+    """The training batches of a run, drawn from the seed, the epoch and the step (so a resumed run
+    sees the same ones), gathered on the device from training data moved there once."""
+
+    def __init__(self, data: dict, config: RunConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+        train = data["train"]
+        self.train = tuple(t.to(device) for t in train) if isinstance(train, tuple) else train.to(device)
+        self._epoch, self._order = None, None
+
+    def __call__(self, epoch: int, position: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, batch_size = self.config.train.seed * 1_000_003, self.config.train.batch_size
+        if self.config.model.name == "gpt":
+            context, tokens = self.config.model.context, self.train
+            generator = torch.Generator().manual_seed(seed + step)
+            starts = torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator)
+            window = _to_device(starts.unsqueeze(1) + torch.arange(context), self.device)
+            return tokens[window], tokens[window + 1]
+        x, y = self.train
+        if self._epoch != epoch:  # one permutation per epoch, made on the CPU as always
+            generator = torch.Generator().manual_seed(seed + epoch)
+            self._epoch, self._order = epoch, _to_device(torch.randperm(len(y), generator=generator), self.device)
+        index = self._order[position * batch_size : (position + 1) * batch_size]
+        return x[index], y[index]
 
 
 def _steps_per_epoch(data: dict, config: RunConfig) -> int:
@@ -150,7 +175,12 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     out_dir = Path(out_dir)
     if not resume and (out_dir / "checkpoint.json").exists():
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another directory")
-    rank, world = _distributed_setup()
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    device = resolve_device(config.train.device, local_rank)  # bad devices fail before any data is loaded
+    precision = check_precision(config.train.precision, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = _distributed_setup(device)
     if config.train.batch_size % world:
         raise ValueError(f"config field 'train.batch_size' ({config.train.batch_size}) must be divisible by the {world} processes")
     main_process = rank == 0  # alone writes logs, checkpoints and the report
@@ -158,14 +188,16 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.train.seed)
     data = load_data(config)
-    model = build_model(config, data)
+    model = build_model(config, data)  # built on the CPU from the seed: the same weights on every device
     conversion = structure_model(model, config)
+    model.to(device)
+    batches = _Batches(data, config, device)
     per_epoch = _steps_per_epoch(data, config)
     total = per_epoch * config.train.epochs
     if config.train.max_steps:
         total = min(total, config.train.max_steps)
     s = config.structure
-    optimizer = torch.optim.AdamW(param_groups(model, config.train.lr, config.train.weight_decay, s.structure_lr))
+    optimizer = make_optimizer(model, config.train.lr, config.train.weight_decay, s.structure_lr)
     warmup = max(1, int(config.train.warmup * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
@@ -179,7 +211,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     step, epoch, position, elapsed, history = 0, 0, 0, 0.0, []
     if resume:
         meta = load_checkpoint(out_dir, model, optimizer, scheduler)
-        if meta.get("config") != config.to_dict():
+        if _build(RunConfig, meta.get("config", {}), "").what_is_learned() != config.what_is_learned():
             raise ValueError(f"checkpoint in {out_dir} was written with another config; refusing to resume")
         step, epoch, position, elapsed, history = (meta[k] for k in ("step", "epoch", "position", "elapsed", "history"))
         if learner is not None:
@@ -189,7 +221,9 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     # each global batch, so optimizer steps, proximal steps and the controller agree on every rank.
     forward_model = model
     if world > 1:
-        forward_model = nn.parallel.DistributedDataParallel(model)
+        forward_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if config.train.compile:
+        forward_model = torch.compile(forward_model)
 
     def checkpoint():
         if not main_process:
@@ -205,30 +239,19 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     bar = tqdm(total=total, initial=step, disable=not (progress and main_process), desc=config.name, leave=False)
     started = time.perf_counter()
     model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
     while step < total:
-        x, y = _batch(data, config, epoch, position, step)
+        x, y = batches(epoch, position, step)
         shard = len(x) // world  # this process's part of the global batch
         x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
-        loss = _loss(forward_model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
-        optimizer.step()
-        scheduler.step()
-        stats = learner.step() if learner is not None else {}
+        loss, stats = training_step(lambda: _loss(forward_model, x, y), optimizer, scheduler, learner,
+                                    parameters, config.train.clip, device, precision)
         step, position = step + 1, position + 1
-        if writer is not None:
-            writer.add_scalar("train/loss", float(loss.detach()), step)
-            for group in optimizer.param_groups:
-                writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
-            for key in ("cost_fraction", "sigma", "threshold"):
-                if stats.get(key) is not None:
-                    writer.add_scalar(f"structure/{key}", stats[key], step)
-        last_metric = {k: f"{v:.3f}" for k, v in history[-1].items() if k in ("accuracy", "perplexity")} if history else {}
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cost=f"{stats.get('cost_fraction', 1.0):.3f}", **last_metric)
+        if step % config.train.log_every == 0 or step == total:
+            _log_step(writer, bar, step, loss, stats, optimizer, history)
         bar.update()
         if (position == per_epoch or step == total) and main_process:
-            result = evaluate(model, data, "val", config)
+            result = evaluate(model, data, "val", config, device)
             history.append({"epoch": epoch, "step": step, **result})
             if writer is not None:
                 for key, value in result.items():
@@ -256,15 +279,30 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     return report
 
 
-def _distributed_setup() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+def _log_step(writer, bar, step: int, loss: torch.Tensor, stats: dict, optimizer, history: list) -> None:
+    """Read the loss and the structure statistics back from the device (every ``train.log_every`` steps)."""
+    values = {"loss": float(loss.detach())}
+    values.update({k: float(v) for k, v in stats.items() if k in ("cost_fraction", "sigma", "threshold") and v is not None})
+    if writer is not None:
+        writer.add_scalar("train/loss", values["loss"], step)
+        for group in optimizer.param_groups:
+            writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+        for key in ("cost_fraction", "sigma", "threshold"):
+            if key in values:
+                writer.add_scalar(f"structure/{key}", values[key], step)
+    last_metric = {k: f"{v:.3f}" for k, v in history[-1].items() if k in ("accuracy", "perplexity")} if history else {}
+    bar.set_postfix(loss=f"{values['loss']:.3f}", cost=f"{values.get('cost_fraction', 1.0):.3f}", **last_metric)
+
+
+def _distributed_setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (nccl on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
 
@@ -276,6 +314,8 @@ def _structure_identical_across_ranks(model: nn.Module) -> bool:
     if not layers:
         return True
     mine = torch.cat([p.detach().flatten().double() for _, layer in layers for p in layer.structure_parameters()])
+    if dist.get_backend() == "gloo":
+        mine = mine.cpu()
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return all(torch.equal(g, mine) for g in gathered)
@@ -294,7 +334,7 @@ def _report(model, data, config: RunConfig, conversion, history, wall: float, ou
     model.eval()
     test = evaluate(model, data, "test", config)
     example = data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
-    costs = cost_report(model, example)
+    costs = cost_report(model, example.to(next(model.parameters()).device))
     report = {
         "name": config.name,
         "config": config.to_dict(),
