@@ -150,3 +150,9 @@ def test_resume_on_another_device(first, then, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 150
     assert report["test"]["accuracy"] > 0.5
+
+
+def test_compiled_training_run(tmp_path):
+    config = load_config(None, TINY + ["train.max_steps=4", "train.compile=true", "model.depth=1"])
+    report = train(config, tmp_path, progress=False)
+    assert report["structured_fraction"] <= 1.0 and (tmp_path / "checkpoint.json").exists()
