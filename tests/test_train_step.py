@@ -136,7 +136,9 @@ def _kill_after_first_checkpoint(command, out):
 def _train_command(tmp_path, out, *extra):
     empty = tmp_path / "empty.toml"
     empty.write_text("")
-    settings = TINY + ["train.epochs=20", "train.max_steps=150", "train.checkpoint_every=20"]
+    # Fashion-MNIST (a GPU machine may lack scikit-learn's digits), a slice of it.
+    settings = TINY + ['data.name="fashion_mnist"', "data.limit=3000", "train.epochs=20", "train.max_steps=150",
+                       "train.checkpoint_every=20"]
     return [sys.executable, "-m", "gblr.cli", "train", str(empty), *settings, *extra, "--out", str(out), "--quiet"]
 
 
@@ -149,7 +151,7 @@ def test_resume_on_another_device(first, then, tmp_path):
     subprocess.run(_train_command(tmp_path, out, f'train.device="{then}"', "--resume"), check=True, capture_output=True)
     report = json.loads((out / "report.json").read_text())
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 150
-    assert report["test"]["accuracy"] > 0.5
+    assert report["test"]["accuracy"] > 0.3  # it learned (chance is 0.1) after resuming
 
 
 def test_compiled_training_run(tmp_path):
