@@ -110,7 +110,7 @@ def gaudi_mask_with_decay(widths, starts, n: int, decay, rounded: bool, tile: in
 #   d mask[x] / d l = e[x - L] - e[x - L - W],  e = irfft(-2 pi i k G_k / (1 - exp(-2 pi i k / n)))
 #   d mask[x] / d w = n f[x - L - W],           f = irfft(G_k exp(i pi k / n) / sinc(k / n))
 # (k = 0..n//2; irfft drops the imaginary Nyquist term exactly as it does for the spectral mask). So a
-# whole batch of masks costs a few gathers from three (sides x n) tables instead of one complex FFT
+# whole batch of masks costs a few gathers from three small (sides x 3n) tables instead of one complex FFT
 # per row, in any precision, with a closed-form backward.
 
 
