@@ -86,7 +86,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr=-1.0", "'train.lr' must be > 0"),
+    ("train.lr=-1.0", "'train.lr' must be a finite number > 0"),
     ("train.epoch=3", "'train.epoch' is unknown"),
     ('train.epochs="three"', "'train.epochs' must be a int"),
     ('structure.family="butterfly"', "'structure.family' must be one of"),

@@ -98,9 +98,22 @@ TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", 
         ('train.device="cuda:99"', "cuda"),
         ('train.precision="fp16"', "train.precision"),
         ("train.log_every=0", "train.log_every"),
+        ("model.heads=0", "model.heads"),
+        ("model.patch=0", "model.patch"),
+        ("model.dim=-4", "model.dim"),
+        ("structure.rank=0", "structure.rank"),
+        ("structure.tile=0", "structure.tile"),
+        ("structure.sigma_end=1e200", "structure.sigma_end"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.clip=-1.0", "train.clip"),
+        ("train.lr=nan", "train.lr"),
+        ("data.limit=-100", "data.limit"),
+        ("train.checkpoint_every=-1", "train.checkpoint_every"),
+        ('name="../../escape"', "'name'"),
+        ("train.batch_size.x=1", "train.batch_size"),
     ],
 )
-def test_bad_device_or_precision_is_a_one_line_error_before_anything_is_written(override, message, tmp_path, capsys):
+def test_bad_run_settings_are_a_one_line_error_before_anything_is_written(override, message, tmp_path, capsys):
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     out = tmp_path / "run"
@@ -158,3 +171,26 @@ def test_compiled_training_run(tmp_path):
     config = load_config(None, TINY + ["train.max_steps=4", "train.compile=true", "model.depth=1"])
     report = train(config, tmp_path, progress=False)
     assert report["structured_fraction"] <= 1.0 and (tmp_path / "checkpoint.json").exists()
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from gblr.train import trainer
+
+    calls = {"n": 0}
+    real_loss = trainer._loss
+
+    def loss_that_diverges(model, x, y):
+        calls["n"] += 1
+        loss = real_loss(model, x, y)
+        return loss * float("nan") if calls["n"] > 7 else loss
+
+    monkeypatch.setattr(trainer, "_loss", loss_that_diverges)
+    config = load_config(None, TINY + ["train.max_steps=20", "train.checkpoint_every=5", "train.log_every=1"])
+    with pytest.raises(FloatingPointError, match="diverged at step 8"):
+        train(config, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["step"] == 5
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "checkpoint.safetensors")).values()
+               if t.is_floating_point())

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError) as error:
         print(f"gblr {args.command}: {error}", file=sys.stderr)
         return 2
 

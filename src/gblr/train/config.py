@@ -4,6 +4,8 @@ the bad field. Overrides use the same dotted names: ``train.lr=3e-3 structure.bu
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from ..structured import FAMILIES
 __all__ = ["ModelConfig", "DataConfig", "StructureConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
 MODELS = ("vit", "mixer", "gpt")
+SIGMA_MAX = 1e6  # far past the point where the Gaudi mask is the Dirichlet mask
 RUNTIME_FIELDS = ("device", "compile", "log_every")
 DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
 
@@ -77,26 +80,47 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
+        m, d, s, t = self.model, self.data, self.structure, self.train
+        # In order, each evaluated only when the ones before it hold (model.dim % model.heads needs heads >= 1).
         checks = [
-            ("model.name", self.model.name in MODELS, f"one of {MODELS}"),
-            ("data.name", self.data.name in DATASETS, f"one of {DATASETS}"),
-            ("structure.family", self.structure.family in FAMILIES, f"one of {tuple(FAMILIES)}"),
-            ("structure.budget", 0 < self.structure.budget <= 1, "in (0, 1]"),
-            ("structure.layers", self.structure.layers in ("paper", "all"), "'paper' or 'all'"),
-            ("structure.ramp_end", 0 <= self.structure.ramp_start <= self.structure.ramp_end <= 1,
+            ("name", lambda: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
+             "a plain name (letters, digits, '.', '_', '-'; it names the run directory)"),
+            ("model.name", lambda: m.name in MODELS, f"one of {MODELS}"),
+            ("model.dim", lambda: m.dim >= 1, ">= 1"),
+            ("model.heads", lambda: m.heads >= 1, ">= 1"),
+            ("model.dim", lambda: m.dim % m.heads == 0, "divisible by model.heads"),
+            ("model.depth", lambda: m.depth >= 1, ">= 1"),
+            ("model.mlp_ratio", lambda: math.isfinite(m.mlp_ratio) and 0 < m.mlp_ratio <= 64, "in (0, 64]"),
+            ("model.patch", lambda: m.patch >= 1, ">= 1"),
+            ("model.context", lambda: m.context >= 2, ">= 2"),
+            ("data.name", lambda: d.name in DATASETS, f"one of {DATASETS}"),
+            ("data.val_fraction", lambda: 0 < d.val_fraction < 1, "in (0, 1)"),
+            ("data.limit", lambda: d.limit >= 0, ">= 0 (0 = all)"),
+            ("structure.family", lambda: s.family in FAMILIES, f"one of {tuple(FAMILIES)}"),
+            ("structure.budget", lambda: 0 < s.budget <= 1, "in (0, 1]"),
+            ("structure.layers", lambda: s.layers in ("paper", "all"), "'paper' or 'all'"),
+            ("structure.structure_lr", lambda: math.isfinite(s.structure_lr) and s.structure_lr >= 0, "a finite number >= 0"),
+            ("structure.sigma_start", lambda: 0 < s.sigma_start <= SIGMA_MAX, f"in (0, {SIGMA_MAX:g}]"),
+            ("structure.sigma_end", lambda: 0 < s.sigma_end <= SIGMA_MAX, f"in (0, {SIGMA_MAX:g}]"),
+            ("structure.ramp_end", lambda: 0 <= s.ramp_start <= s.ramp_end <= 1,
              "at least structure.ramp_start and at most 1"),
-            ("data.val_fraction", 0 < self.data.val_fraction < 1, "in (0, 1)"),
-            ("train.epochs", self.train.epochs >= 1, ">= 1"),
-            ("train.batch_size", self.train.batch_size >= 1, ">= 1"),
-            ("train.lr", self.train.lr > 0, "> 0"),
-            ("train.warmup", 0 <= self.train.warmup < 1, "in [0, 1)"),
-            ("train.precision", self.train.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            ("train.log_every", self.train.log_every >= 1, ">= 1"),
-            ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
-            ("model.depth", self.model.depth >= 1, ">= 1"),
+            ("structure.rank", lambda: s.rank >= 1, ">= 1"),
+            ("structure.tile", lambda: s.tile >= 1, ">= 1"),
+            ("train.epochs", lambda: t.epochs >= 1, ">= 1"),
+            ("train.batch_size", lambda: t.batch_size >= 1, ">= 1"),
+            ("train.lr", lambda: math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+            ("train.weight_decay", lambda: math.isfinite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
+            ("train.warmup", lambda: 0 <= t.warmup < 1, "in [0, 1)"),
+            ("train.clip", lambda: t.clip > 0, "> 0 (the largest gradient norm; inf = no clipping)"),
+            ("train.seed", lambda: t.seed >= 0, ">= 0"),
+            ("train.max_steps", lambda: t.max_steps >= 0, ">= 0 (0 = all epochs)"),
+            ("train.eval_batch_size", lambda: t.eval_batch_size >= 1, ">= 1"),
+            ("train.checkpoint_every", lambda: t.checkpoint_every >= 0, ">= 0 (0 = only the final checkpoint)"),
+            ("train.precision", lambda: t.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("train.log_every", lambda: t.log_every >= 1, ">= 1"),
         ]
         for name, ok, expected in checks:
-            if not ok:
+            if not ok():
                 raise ValueError(f"config field '{name}' must be {expected}, got {_get(self, name)!r}")
         if (self.model.name == "gpt") != (self.data.name == "shakespeare"):  # text needs the GPT, images the others
             raise ValueError(f"config field 'model.name' {self.model.name!r} does not fit data.name {self.data.name!r}")
@@ -157,8 +181,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         key, text = override.split("=", 1)
         table = values
         *parents, last = key.strip().split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {override!r}: config field '{'.'.join(parents[: depth + 1])}' is not a table")
         table[last] = _parse_value(text.strip())
     return values
 

@@ -247,7 +247,9 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         loss, stats = training_step(lambda: _loss(forward_model, x, y), optimizer, scheduler, learner,
                                     parameters, config.train.clip, device, precision)
         step, position = step + 1, position + 1
-        if step % config.train.log_every == 0 or step == total:
+        checkpoint_due = config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total
+        if step % config.train.log_every == 0 or step == total or checkpoint_due:
+            _check_finite(loss, parameters if checkpoint_due or step == total else None, step, out_dir)
             _log_step(writer, bar, step, loss, stats, optimizer, history)
         bar.update()
         if (position == per_epoch or step == total) and main_process:
@@ -261,7 +263,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
                     writer.add_histogram(f"widths/{name}", torch.cat([layer.out_widths, layer.in_widths]).detach(), step)
         if position == per_epoch or step == total:
             epoch, position = epoch + 1, 0
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total:
+        if checkpoint_due:
             checkpoint()
     bar.close()
     checkpoint()
@@ -277,6 +279,21 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return report
+
+
+def _check_finite(loss: torch.Tensor, parameters, step: int, out_dir: Path) -> None:
+    """Stop a diverged run with a one-line error before it can write a non-finite checkpoint (reading
+    the loss, and at checkpoints the parameters, waits for the device: done only at log/checkpoint steps)."""
+    value = float(loss)
+    finite = math.isfinite(value)
+    if finite and parameters is not None:
+        finite = bool(torch.stack(torch._foreach_norm([p.detach() for p in parameters])).isfinite().all())
+        value = "finite" if finite else "finite, but a parameter is not"
+    if not finite:
+        raise FloatingPointError(
+            f"training diverged at step {step} (loss {value}); the last good checkpoint in {out_dir} is kept "
+            "(lower train.lr or structure.structure_lr, or raise train.warmup)"
+        )
 
 
 def _log_step(writer, bar, step: int, loss: torch.Tensor, stats: dict, optimizer, history: list) -> None:
