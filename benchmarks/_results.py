@@ -35,6 +35,12 @@ def write_results(name: str, meta: dict, rows: list[dict], markdown_lines: list[
     (RESULTS / f"{name}.md").write_text("\n".join(markdown_lines) + "\n")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU before reading a clock (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def monarch_dense_execution(model) -> None:
     """Monarch layers run through their dense weight: same outputs, 10-20x faster here (see MonarchLinear)."""
     from gblr.structured import MonarchLinear

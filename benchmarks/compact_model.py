@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import provenance, run_metadata, write_results
+from _results import provenance, run_metadata, synchronize, write_results
 
 from gblr.compact import CompactGBLRLinear, compact
 from gblr.compress import compress_
@@ -29,11 +29,6 @@ from gblr.train import load_trained
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = [str(ROOT / "runs/benchmark-hw" / name) for name in ("fmnist-vit-small-gblr-0.3", "fmnist-vit-small-gblr-0.3-hw")]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _results import provenance, run_metadata, write_results
+from _results import provenance, run_metadata, synchronize, write_results
 
 from gblr.convert import ConvertConfig, convert_
 from gblr.device import check_precision, resolve_device
@@ -68,11 +68,6 @@ class Run:
         """Move the learner to its holding phase (two controller passes per step: the heavier one)."""
         if self.learner is not None:
             self.learner.step_count = max(self.learner.step_count, TOTAL_STEPS // 2)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device) -> float:
