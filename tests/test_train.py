@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.torch import load_file
 from gblr.cli import main
 from gblr.compact import compact
 from gblr.train import load_config, load_trained, train
+from run_helpers import kill_after_first_checkpoint
 
 TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",
         "train.lr=3e-3", "structure.structure_lr=1e-2"]
@@ -49,14 +47,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
     uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
     subprocess.run(command(uninterrupted), check=True, capture_output=True)
-    process = subprocess.Popen(command(interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoint.json").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads((interrupted / "checkpoint.json").read_text())["step"]
+    killed_at = kill_after_first_checkpoint(command(interrupted), interrupted)
     assert killed_at < 300, "the run finished before it could be killed"
     subprocess.run(command(interrupted, "--resume"), check=True, capture_output=True)
 

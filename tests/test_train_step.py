@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from gblr.models import ViT, paper_filter
 from gblr.profiling import count_ops
 from gblr.train import load_config, train
 from gblr.train.step import make_optimizer, training_step
+from run_helpers import kill_after_first_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
 
@@ -135,17 +133,6 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert report["test"]["accuracy"] > 0.2
 
 
-def _kill_after_first_checkpoint(command, out):
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.json").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    return json.loads((out / "checkpoint.json").read_text())["step"]
-
-
 def _train_command(tmp_path, out, *extra):
     empty = tmp_path / "empty.toml"
     empty.write_text("")
@@ -159,7 +146,7 @@ def _train_command(tmp_path, out, *extra):
     pytest.param("cuda", "cpu", marks=needs_cuda), pytest.param("cpu", "cuda", marks=needs_cuda)])
 def test_resume_on_another_device(first, then, tmp_path):
     out = tmp_path / "run"
-    killed_at = _kill_after_first_checkpoint(_train_command(tmp_path, out, f'train.device="{first}"'), out)
+    killed_at = kill_after_first_checkpoint(_train_command(tmp_path, out, f'train.device="{first}"'), out, timeout=300)
     assert killed_at < 150, "the run finished before it could be killed"
     subprocess.run(_train_command(tmp_path, out, f'train.device="{then}"', "--resume"), check=True, capture_output=True)
     report = json.loads((out / "report.json").read_text())

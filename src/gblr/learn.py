@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -107,9 +108,10 @@ def _mean_width_cost(costs: list[tuple[float, float]]) -> float:
 
 @torch.no_grad()
 def wrap_starts(layers: list[GBLRLinear]) -> None:
-    for layer in layers:
-        layer.out_starts.remainder_(1.0)
-        layer.in_starts.remainder_(1.0)
+    """Starts to [0, 1) for all layers at once (one concatenation, one remainder, one batched copy)."""
+    starts = [layer.out_starts for layer in layers] + [layer.in_starts for layer in layers]
+    wrapped = torch.cat(starts).remainder_(1.0)
+    torch._foreach_copy_(starts, list(wrapped.split([len(s) for s in starts])))
 
 
 @torch.no_grad()
@@ -118,11 +120,8 @@ def prox_width_step(layers: list[GBLRLinear], lam: float, lr: float) -> None:
     ``lr * lam * side_cost / mean_side_cost``, clamp to [0, 1] and wrap the starts to [0, 1)."""
     if not layers:
         return
-    costs = [_width_costs(layer) for layer in layers]
-    mean_cost = _mean_width_cost(costs)
-    for layer, (out_cost, in_cost) in zip(layers, costs):
-        layer.out_widths.sub_(lr * lam * out_cost / mean_cost).clamp_(0.0, 1.0)
-        layer.in_widths.sub_(lr * lam * in_cost / mean_cost).clamp_(0.0, 1.0)
+    flat = _FlatWidths(layers)
+    flat.write((flat.read() - lr * lam * flat.coefficient).clamp(0.0, 1.0))
     wrap_starts(layers)
 
 
@@ -137,7 +136,6 @@ class _FlatWidths:
     def __init__(self, layers: list[GBLRLinear]) -> None:
         self.layers = layers
         self.widths = [layer.out_widths for layer in layers] + [layer.in_widths for layer in layers]
-        self.starts = [layer.out_starts for layer in layers] + [layer.in_starts for layer in layers]
         self.lengths = [len(w) for w in self.widths]
         self.components = sum(self.lengths) // 2
         costs = [_width_costs(layer) for layer in layers]
@@ -171,11 +169,6 @@ class _FlatWidths:
     def write(self, widths: torch.Tensor) -> None:
         torch._foreach_copy_(self.widths, list(widths.split(self.lengths)))
 
-    @torch.no_grad()
-    def wrap_starts(self) -> None:
-        starts = torch.cat(self.starts).remainder_(1.0)
-        torch._foreach_copy_(self.starts, list(starts.split(self.lengths)))
-
     def cost(self, widths: torch.Tensor) -> torch.Tensor:
         """Counted MACs per token (float64) of flat widths ``(..., entries)``, as
         :meth:`GBLRLinear.macs_per_token` counts them (a component with an empty side costs 0)."""
@@ -192,27 +185,26 @@ class _FlatWidths:
         nonempty = (widths.to(torch.float64) * self.tiles_per_width >= 1.0).view(2, -1).all(0)
         return nonempty.repeat(2).to(widths.dtype)
 
+    def _constant(self, key: tuple, values: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``values()`` (float64, on the CPU) moved once to the widths' device and dtype, then reused."""
+        if key not in self._constants:
+            self._constants[key] = values().to(self.coefficient.device, self.dtype)
+        return self._constants[key]
+
     def _first_candidates(self, allow_growth: bool, octaves: int) -> torch.Tensor:
         """Thresholds spaced by factors of sqrt(2) over ``octaves`` octaves below ``max_threshold``,
-        0, and with growth their negatives (made once: constants on the device)."""
-        key = ("first", allow_growth, octaves)
-        if key not in self._constants:
-            self._constants[key] = self._make_first_candidates(allow_growth, octaves)
-        return self._constants[key]
+        0, and with growth their negatives."""
 
-    def _make_first_candidates(self, allow_growth: bool, octaves: int) -> torch.Tensor:
-        exponents = torch.arange(2 * octaves - 1, -1, -1, dtype=torch.float64) / 2
-        magnitudes = self.max_threshold * 2.0**-exponents
-        zero = torch.zeros(1, dtype=torch.float64)
-        values = torch.cat([-magnitudes.flip(0), zero, magnitudes] if allow_growth else [zero, magnitudes])
-        return values.to(self.coefficient.device, self.dtype)
+        def values() -> torch.Tensor:
+            exponents = torch.arange(2 * octaves - 1, -1, -1, dtype=torch.float64) / 2
+            magnitudes = self.max_threshold * 2.0**-exponents
+            zero = torch.zeros(1, dtype=torch.float64)
+            return torch.cat([-magnitudes.flip(0), zero, magnitudes] if allow_growth else [zero, magnitudes])
+
+        return self._constant(("first", allow_growth, octaves), values)
 
     def _fractions(self, points: int) -> torch.Tensor:
-        key = ("fractions", points)
-        if key not in self._constants:
-            fractions = torch.arange(1, points + 1, dtype=torch.float64) / points
-            self._constants[key] = fractions.to(self.coefficient.device, self.dtype)
-        return self._constants[key]
+        return self._constant(("fractions", points), lambda: torch.arange(1, points + 1, dtype=torch.float64) / points)
 
     def search(self, widths: torch.Tensor, budget: float, allow_growth: bool, octaves: int = 12,
                points: int = 32) -> tuple[torch.Tensor, ...]:
@@ -428,7 +420,7 @@ class StructureLearner:
                 new_cost = torch.where(in_band, cost, new_cost)
             threshold, widths, cost = threshold + t, new_widths, new_cost
         flat.write(widths)
-        flat.wrap_starts()
+        wrap_starts(self.layers)
         self.last_threshold = threshold
 
         sigma = None

@@ -249,8 +249,8 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         step, position = step + 1, position + 1
         checkpoint_due = config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total
         if step % config.train.log_every == 0 or step == total or checkpoint_due:
-            _check_finite(loss, parameters if checkpoint_due or step == total else None, step, out_dir)
-            _log_step(writer, bar, step, loss, stats, optimizer, history)
+            loss_value = _finite_loss(loss, parameters if checkpoint_due or step == total else None, step, out_dir)
+            _log_step(writer, bar, step, loss_value, stats, optimizer, history)
         bar.update()
         if (position == per_epoch or step == total) and main_process:
             result = evaluate(model, data, "val", config, device)
@@ -281,24 +281,26 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     return report
 
 
-def _check_finite(loss: torch.Tensor, parameters, step: int, out_dir: Path) -> None:
-    """Stop a diverged run with a one-line error before it can write a non-finite checkpoint (reading
-    the loss, and at checkpoints the parameters, waits for the device: done only at log/checkpoint steps)."""
+def _finite_loss(loss: torch.Tensor, parameters, step: int, out_dir: Path) -> float:
+    """The loss as a float; a diverged run stops with a one-line error before it can write a non-finite
+    checkpoint (reading the loss, and at checkpoints the parameters, waits for the device: done only at
+    log/checkpoint steps)."""
     value = float(loss)
-    finite = math.isfinite(value)
-    if finite and parameters is not None:
-        finite = bool(torch.stack(torch._foreach_norm([p.detach() for p in parameters])).isfinite().all())
-        value = "finite" if finite else "finite, but a parameter is not"
-    if not finite:
+    problem = None if math.isfinite(value) else f"loss {value}"
+    if problem is None and parameters is not None:
+        if not bool(torch.stack(torch._foreach_norm([p.detach() for p in parameters])).isfinite().all()):
+            problem = "loss finite, but a parameter is not"
+    if problem is not None:
         raise FloatingPointError(
-            f"training diverged at step {step} (loss {value}); the last good checkpoint in {out_dir} is kept "
+            f"training diverged at step {step} ({problem}); the last good checkpoint in {out_dir} is kept "
             "(lower train.lr or structure.structure_lr, or raise train.warmup)"
         )
+    return value
 
 
-def _log_step(writer, bar, step: int, loss: torch.Tensor, stats: dict, optimizer, history: list) -> None:
-    """Read the loss and the structure statistics back from the device (every ``train.log_every`` steps)."""
-    values = {"loss": float(loss.detach())}
+def _log_step(writer, bar, step: int, loss: float, stats: dict, optimizer, history: list) -> None:
+    """Log the loss and the structure statistics (read back from the device every ``train.log_every`` steps)."""
+    values = {"loss": loss}
     values.update({k: float(v) for k, v in stats.items() if k in ("cost_fraction", "sigma", "threshold") and v is not None})
     if writer is not None:
         writer.add_scalar("train/loss", values["loss"], step)
