@@ -35,6 +35,13 @@ def write_results(name: str, meta: dict, rows: list[dict], markdown_lines: list[
     (RESULTS / f"{name}.md").write_text("\n".join(markdown_lines) + "\n")
 
 
+def device_note(device: torch.device) -> str:
+    """The provenance words for ``device``: the GPU's name and CUDA version, or the CPU threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return f"CPU, {torch.get_num_threads()} torch threads"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU before reading a clock (nothing to wait for on a CPU)."""
     if device.type == "cuda":

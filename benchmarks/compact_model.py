@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import provenance, run_metadata, synchronize, write_results
+from _results import device_note, provenance, run_metadata, synchronize, write_results
 
 from gblr.compact import CompactGBLRLinear, compact
 from gblr.compress import compress_
@@ -83,8 +83,8 @@ def vit_rows(run: str, repeats: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def minilm_rows(repeats: int, device: torch.device) -> list[dict]:
-    pretrained = load_pretrained("minilm")
+def minilm_rows(repeats: int, device: torch.device, source: str) -> list[dict]:
+    pretrained = load_pretrained(source)
     model = pretrained.model.to(device)
     compress_(model, "gblr", 0.5, "global", options={"steps": 0})
     start = time.perf_counter()
@@ -97,7 +97,8 @@ def minilm_rows(repeats: int, device: torch.device) -> list[dict]:
         with torch.no_grad():
             reference, embeddings = sentence_embeddings(model, inputs), sentence_embeddings(fast, inputs)
         times = latency({"eval": model, "compact": fast}, inputs, repeats, device)
-        rows.append({"model": "all-MiniLM-L6-v2, GBLR 0.5 global", "structure": "rank 1, tile 1 (fitted)", "batch": batch,
+        carried = "" if source == "minilm" else " (weights from " + source + ")"
+        rows.append({"model": f"all-MiniLM-L6-v2{carried}, GBLR 0.5 global", "structure": "rank 1, tile 1 (fitted)", "batch": batch,
                      "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
                      "speedup": times["eval"] / times["compact"], "build_seconds": build,
                      "executions_at_256_tokens": executions(fast),
@@ -109,21 +110,22 @@ def minilm_rows(repeats: int, device: torch.device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--minilm", default="minilm", help="the installed package (default) or a copy's directory")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--name", default="compact_model", help="results file name (_cuda is added on a GPU)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(2)
     rows = [row for run in args.runs for row in vit_rows(run, args.repeats, device)]
     if not args.skip_minilm:
-        rows += minilm_rows(args.repeats, device)
-    note = torch.cuda.get_device_name(device) if device.type == "cuda" else "2 cores, CPU, 2 torch threads"
-    meta = run_metadata(note, repeats=args.repeats)
+        rows += minilm_rows(args.repeats, device, args.minilm)
+    meta = run_metadata(device_note(device), repeats=args.repeats)
     lines = ["# Whole-model inference: eval model vs compact()", "", provenance(meta), "",
              "`eval` multiplies by every GBLR layer's effective dense weight (dense speed for those layers); "
-             "`compact` runs each layer's calibrated execution (dense / factored / blocks). Latency: median of "
+             "`compact` runs each layer's calibrated execution (dense / factored / blocks / slices / kernel). Latency: median of "
              f"{args.repeats} interleaved repetitions.", "",
              "| model | structure | batch | eval ms | compact ms | speedup | executions at 256 tokens | agreement |",
              "|---|---|---:|---:|---:|---:|---|---|"]
@@ -135,7 +137,7 @@ def main() -> None:
             agree = f"max embedding difference {r['max_embedding_difference']:.1e} ({r['tokens']} tokens)"
         lines.append(f"| {r['model']} | {r['structure']} | {r['batch']} | {r['eval_ms']:.2f} | {r['compact_ms']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['executions_at_256_tokens']} | {agree} |")
-    write_results("compact_model" if device.type == "cpu" else f"compact_model_{device.type}", meta, rows, lines)
+    write_results(args.name if device.type == "cpu" else f"{args.name}_{device.type}", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Inference speed of compact GBLR layers (and low-rank / Monarch at the same cost) vs nn.Linear.
 
-    .venv/bin/python benchmarks/compact_speed.py [--repeats 10] [--shapes 768x3072 3072x768 384x1536 576x1536]
+    .venv/bin/python benchmarks/compact_speed.py [--repeats 10] [--shapes 768x3072 ...]     # CPU
+    PYTHONPATH=src python3 benchmarks/compact_speed.py --device cuda                          # GPU
 
-For each shape (in x out), cost and token count, every variant is timed in the same process as an
-``nn.Linear`` of the same shape (median of ``repeats`` after warm-up, interleaved). Reported: time
-relative to nn.Linear, speedup, and the fraction of the ideal speedup (speedup x cost; 1.0 = the time
-follows the FLOPs exactly). GBLR structures are random intervals shrunk to the cost by the budget
-projection (as a trained layer would have): "free" = rank-1 components, K = min(in, out); "hw" =
-hardware-aware, rank-32 components on 32-row/column tiles. The compact layer runs its calibrated choice
-of execution (dense / factored / blocks). Writes benchmarks/results/compact_speed.{json,md}.
+For each shape (in x out), cost, dtype and token count, every variant is timed in the same process as an
+``nn.Linear`` of the same shape and dtype (median over ``repeats`` interleaved pairs of the ratio; on a
+GPU each sample is a loop of calls between two synchronisations). Reported: time relative to nn.Linear,
+speedup, and the fraction of the ideal speedup (speedup x cost; 1.0 = the time follows the FLOPs
+exactly). GBLR structures are random intervals shrunk to the cost by the budget projection (as a trained
+layer would have): "free" = rank-1 components, K = min(in, out); "hw" = hardware-aware, rank-32
+components on 32-row/column tiles. The compact layer runs the execution its calibration chose for that
+token count (timed on first use); on a GPU the time of each execution is listed too.
+Writes benchmarks/results/compact_speed.{json,md} (compact_speed_cuda.* on a GPU).
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ import statistics
 import time
 
 import torch
-from _results import provenance, run_metadata, write_results
+from _results import device_note, provenance, run_metadata, synchronize, write_results
 from torch import nn
 
 from gblr import GBLRLinear
 from gblr.compact import CompactGBLRLinear
+from gblr.device import resolve_device
 from gblr.learn import project_to_budget
 from gblr.structured import make_structured
 
-TOKENS = (1, 64, 1024, 4096)
-COSTS = (0.1, 0.3, 0.5)
+DEFAULTS = {  # tokens, costs, shapes, dtypes
+    "cpu": ((1, 64, 1024, 4096), (0.1, 0.3, 0.5), ("768x3072", "3072x768", "384x1536", "576x1536"), ("fp32",)),
+    "cuda": ((1, 1024, 4096, 16384, 65536), (0.1, 0.3), ("768x3072", "3072x768"), ("fp32", "bf16", "fp16")),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def gblr_at_cost(n: int, m: int, cost: float, hardware_aware: bool, seed: int) -> GBLRLinear:
@@ -43,68 +50,108 @@ def gblr_at_cost(n: int, m: int, cost: float, hardware_aware: bool, seed: int) -
     return layer.eval()
 
 
-def median_time(fn, x, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def compact_layer(layer: GBLRLinear, device: torch.device, dtype: torch.dtype) -> CompactGBLRLinear:
+    """The compact form on ``device`` in ``dtype``, timed in that dtype on first use of each token count."""
+    fast = CompactGBLRLinear(layer.to(device), calibrate=False).to(dtype)
+    fast.calibrate_on_use = True
+    return fast
+
+
+def seconds_per_call(fn, x, device: torch.device, calls: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         fn(x)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def relative_time(fn, dense, x, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median over interleaved repeats of time(fn) / time(dense), and dense's median seconds per call."""
+    for _ in range(2):  # warm-up (and the compact layer's calibration for this token count)
+        fn(x), dense(x)
+    # On a GPU one call of a small product takes microseconds: time loops of about 2 ms.
+    calls = 1 if device.type == "cpu" else max(1, min(200, int(2e-3 / max(seconds_per_call(dense, x, device, 3), 1e-6))))
+    ratios, dense_times = [], []
+    for _ in range(repeats):
+        ours, theirs = seconds_per_call(fn, x, device, calls), seconds_per_call(dense, x, device, calls)
+        ratios.append(ours / theirs)
+        dense_times.append(theirs)
+    return statistics.median(ratios), statistics.median(dense_times)
+
+
+def write(rows: list[dict], device: torch.device, repeats: int) -> None:
+    meta = run_metadata(device_note(device), repeats=repeats)
+    gpu = device.type == "cuda"
+    lines = [
+        f"# Compact GBLR inference speed vs nn.Linear ({device.type})",
+        "",
+        f"{provenance(meta)} Time relative to `nn.Linear` of the same shape and dtype (median of {repeats} "
+        "interleaved repeats), speedup, and fraction of the ideal speedup (speedup x cost). `exec` is the "
+        "execution the compact layer's calibration picked for that token count"
+        + ("; the last column times every execution it did not rule out (time / nn.Linear)." if gpu else "."),
+        "",
+        "| shape (in x out) | dtype | cost | tokens | variant | nn.Linear ms | exec | time / dense | speedup | fraction of ideal |"
+        + (" executions |" if gpu else ""),
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|" + ("---|" if gpu else ""),
+    ]
+    for r in rows:
+        line = (f"| {r['shape']} | {r['dtype']} | {r['cost']} | {r['tokens']} | {r['variant']} | {r['dense_ms']:.3f} | "
+                f"{r['execution']} | {r['time_vs_dense']:.2f} | {r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |")
+        if gpu:
+            line += " " + ", ".join(f"{e} {t:.2f}" for e, t in r.get("executions_vs_dense", {}).items()) + " |"
+        lines.append(line)
+    write_results("compact_speed" if device.type == "cpu" else f"compact_speed_{device.type}", meta, rows, lines)
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["768x3072", "3072x768", "384x1536", "576x1536"])
-    parser.add_argument("--costs", type=float, nargs="+", default=list(COSTS))
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--shapes", nargs="+")
+    parser.add_argument("--costs", type=float, nargs="+")
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    tokens_list, costs, shapes, dtypes = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    tokens_list, costs = args.tokens or tokens_list, args.costs or costs
+    shapes, dtypes = args.shapes or shapes, args.dtypes or dtypes
     rows = []
-    for shape in args.shapes:
+    for shape in shapes:
         n, m = (int(v) for v in shape.split("x"))
-        dense = nn.Linear(n, m).eval()
-        for cost in args.costs:
-            variants = {
-                "gblr free (r=1)": CompactGBLRLinear(gblr_at_cost(n, m, cost, False, 0)),
-                "gblr hw (r=32, tile=32)": CompactGBLRLinear(gblr_at_cost(n, m, cost, True, 0)),
-                "lowrank": make_structured("lowrank", n, m, cost).eval(),
-                "monarch": make_structured("monarch", n, m, cost).eval(),
-            }
-            for tokens in args.tokens:
-                x = torch.randn(tokens, n)
-                for name, layer in variants.items():
-                    for _ in range(2):
-                        dense(x), layer(x)
-                    ratios = []
-                    for _ in range(args.repeats):  # interleaved: both see the same machine state
-                        ratios.append(median_time(layer, x, 1) / median_time(dense, x, 1))
-                    ratio = statistics.median(ratios)
-                    reached = layer.macs_per_token() / (n * m) if name.startswith("gblr") else layer.relative_cost()
-                    execution = layer.choose(tokens) if isinstance(layer, CompactGBLRLinear) else "-"
-                    rows.append({
-                        "shape": shape, "cost": cost, "reached_cost": reached, "tokens": tokens, "variant": name,
-                        "execution": execution, "time_vs_dense": ratio, "speedup": 1 / ratio,
-                        "fraction_of_ideal": (1 / ratio) * cost,
-                    })
-                    print(rows[-1], flush=True)
-    meta = run_metadata(f"torch threads {torch.get_num_threads()}", repeats=args.repeats)
-    lines = [
-        "# Compact GBLR inference speed vs nn.Linear",
-        "",
-        f"{provenance(meta)} Time relative to `nn.Linear` of the same shape (median of {args.repeats} "
-        "interleaved repeats), speedup, and fraction of the ideal speedup (speedup x cost). `exec` is the "
-        "execution the compact layer's calibration picked. GBLR block cost includes padding to 8.",
-        "",
-        "| shape (in x out) | cost | tokens | variant | exec | time / dense | speedup | fraction of ideal |",
-        "|---|---:|---:|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['cost']} | {r['tokens']} | {r['variant']} | {r['execution']} | "
-            f"{r['time_vs_dense']:.2f} | {r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
-        )
-    write_results("compact_speed", meta, rows, lines)
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            dense = nn.Linear(n, m).eval().to(device, dtype)
+            for cost in costs:
+                variants = {
+                    "gblr free (r=1)": compact_layer(gblr_at_cost(n, m, cost, False, 0), device, dtype),
+                    "gblr hw (r=32, tile=32)": compact_layer(gblr_at_cost(n, m, cost, True, 0), device, dtype),
+                    "lowrank": make_structured("lowrank", n, m, cost).eval().to(device, dtype),
+                }
+                if device.type == "cpu":
+                    variants["monarch"] = make_structured("monarch", n, m, cost).eval()
+                for tokens in tokens_list:
+                    x = torch.randn(tokens, n, device=device, dtype=dtype)
+                    for name, layer in variants.items():
+                        ratio, dense_seconds = relative_time(layer, dense, x, device, args.repeats)
+                        compact = isinstance(layer, CompactGBLRLinear)
+                        row = {
+                            "shape": shape, "dtype": dtype_name, "cost": cost, "tokens": tokens, "variant": name,
+                            "reached_cost": layer.execution_macs("kernel") / (n * m) if compact else layer.relative_cost(),
+                            "execution": layer.choose(tokens) if compact else "-",
+                            "dense_ms": dense_seconds * 1e3, "time_vs_dense": ratio, "speedup": 1 / ratio,
+                            "fraction_of_ideal": (1 / ratio) * cost,
+                        }
+                        if compact and device.type == "cuda":  # every execution the calibration did not rule out
+                            row["executions_vs_dense"] = {
+                                e: relative_time(lambda t, e=e: layer.run(t, e), dense, x, device, max(3, args.repeats // 2))[0]
+                                for e in layer.executions() if e not in layer._hopeless or e in ("dense", "kernel")
+                            }
+                        rows.append(row)
+                        print(row, flush=True)
+            write(rows, device, args.repeats)  # so far: a run stopped early keeps what it measured
 
 
 if __name__ == "__main__":

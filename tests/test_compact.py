@@ -2,8 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from gblr import GBLRLinear
+from gblr import GBLRLinear, compact_kernel
 from gblr.compact import EXECUTIONS, CompactGBLRLinear, compact
+
+# The Triton kernels run here in Triton's interpreter when Triton is installed (tests/conftest.py).
+RUNNABLE = tuple(e for e in EXECUTIONS if e != "kernel" or compact_kernel.available(torch.device("cpu")))
 
 
 def random_structure(layer, seed=0, max_width=0.6):
@@ -36,7 +39,7 @@ def test_compact_computes_what_the_eval_layer_computes(options):
     fast = CompactGBLRLinear(layer, calibrate=False)
     x = torch.randn(3, 7, 96)
     expected = layer(x)
-    for execution in EXECUTIONS:
+    for execution in RUNNABLE:
         assert relative(fast.run(x, execution), expected) <= 1e-5, execution
     assert relative(fast(x), expected) <= 1e-5
 
@@ -66,8 +69,24 @@ def test_calibration_plans_every_token_count():
     fast = CompactGBLRLinear(layer, calibrate=False)
     timings = fast.calibrate(token_counts=(1, 32), repeats=2)
     assert set(timings) == {1, 32} and set(fast.plan) == {1, 32}
-    assert all(set(t) == set(EXECUTIONS) for t in timings.values())
-    assert fast.choose(1) == fast.plan[1] and fast.choose(1000) == fast.plan[32]
+    assert all(set(t) == set(fast.executions()) for t in timings.values())
+    assert "kernel" not in fast.executions()  # on the CPU only Triton's interpreter could run it
+    assert fast.choose(1) == fast.plan[1] and fast.choose(50) == fast.plan[32]
+    assert set(fast.plan) == {1, 32}  # 50 is within a factor 2 of a calibrated count
+
+
+def test_new_token_counts_and_moves_are_timed_on_first_use():
+    layer = random_structure(GBLRLinear(64, 64, num_components=8))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    fast.calibrate(token_counts=(1, 32), repeats=1)
+    fast.choose(1000)
+    assert set(fast.plan) == {1, 32}  # not calibrating on use
+    fast.calibrate_on_use = True
+    assert fast.choose(2000) == fast.plan[2000]
+    fast.to(torch.float64)  # timings of another dtype do not carry over
+    assert fast.plan == {}
+    fast(torch.randn(3, 5, 64, dtype=torch.float64))
+    assert set(fast.plan) == {15}
 
 
 def test_compact_model_same_predictions():
@@ -99,7 +118,7 @@ def test_compact_follows_dtype_moves_and_empty_structures():
     with torch.no_grad():
         layer.out_widths.zero_()
     empty = CompactGBLRLinear(layer, calibrate=False)
-    for execution in EXECUTIONS:
+    for execution in RUNNABLE:
         assert torch.allclose(empty.run(x, execution), layer.bias.expand(4, 40))
 
 

@@ -11,15 +11,17 @@ computes the same thing block by block:
    runs as one batched matmul. Activations are kept transposed (features x tokens), so gathering a
    block's input rows and adding into its output rows touch contiguous memory.
 
-Four executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
+Five executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
 matmuls with the full-length masked factors of the active components), ``"blocks"`` (the batched
-groups above) and ``"slices"`` (one product per merged block, reading and accumulating into column
+groups above), ``"slices"`` (one product per merged block, reading and accumulating into column
 ranges of the untransposed activations in place: no gathers, no padding; best for few large blocks, as
-the hardware-aware option learns). A layer times all of them on this machine when it is built
+the hardware-aware option learns) and, on CUDA with Triton, ``"kernel"`` (all blocks in two launches,
+see :mod:`gblr.compact_kernel`). A layer times them on this machine when it is built
 (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of tokens, the one that measured
 fastest at the nearest calibrated size (dense unless another is at least 10 % faster), so a layer that
-cannot gain keeps dense speed. On CUDA the same tensor operations run on the GPU (calibration
-synchronises before reading the clock); there is no custom kernel.
+cannot gain keeps dense speed. A token count more than twice away from every calibrated one (or the
+first call after a move to another device or dtype) is timed on first use, so the plan covers the sizes
+the model really runs at.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compact_kernel
 from .mask import shortest_cyclic_windows
 from .modules import replace_submodule
 from .structured.base import StructuredLinear
@@ -41,7 +44,7 @@ from .structured.gblr import GBLRLinear
 
 __all__ = ["CompactGBLRLinear", "compact", "EXECUTIONS"]
 
-EXECUTIONS = ("dense", "factored", "blocks", "slices")
+EXECUTIONS = ("dense", "factored", "blocks", "slices", "kernel")
 
 
 @dataclass
@@ -105,6 +108,8 @@ class CompactGBLRLinear(StructuredLinear):
     family = "gblr-compact"
 
     def __init__(self, layer: GBLRLinear, align: int = 8, chunk_tokens: int = 256, calibrate: bool = True) -> None:
+        """``calibrate``: time the executions now and at new token counts on first use (False: choose by
+        counted MACs)."""
         if not isinstance(layer, GBLRLinear):
             raise ValueError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
         super().__init__(layer.in_features, layer.out_features)
@@ -128,6 +133,9 @@ class CompactGBLRLinear(StructuredLinear):
         # tokens -> execution; until calibrated, the cheapest by counted MACs.
         self.plan: dict[int, str] = {}
         self._choices: dict[int, str] = {}
+        self._hopeless: set[str] = set()  # executions far slower than dense at fewer tokens: not timed again
+        self.calibrate_on_use = calibrate
+        self._kernel_layout = None
         if calibrate:
             self.calibrate()
 
@@ -194,6 +202,9 @@ class CompactGBLRLinear(StructuredLinear):
         for piece in self.slices:
             piece.first = fn(piece.first)
             piece.second = None if piece.second is None else fn(piece.second)
+        # Timings and the kernels' packed copy belong to the old device and dtype.
+        self._kernel_layout = None
+        self.plan, self._choices, self._hopeless = {}, {}, set()
         return self
 
     # --- cost ------------------------------------------------------------------------------------
@@ -206,7 +217,7 @@ class CompactGBLRLinear(StructuredLinear):
             return self.in_features * self.out_features
         if execution == "factored":
             return self.in_factor.shape[0] * (self.in_features + self.out_features)
-        if execution == "slices":
+        if execution in ("slices", "kernel"):
             return sum(piece.macs_per_token for piece in self.slices)
         return self.macs_per_token()
 
@@ -259,24 +270,53 @@ class CompactGBLRLinear(StructuredLinear):
                 y[:, c:d].addmm_(z, piece.second[:, ga:gb])
         return y
 
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._kernel_layout is None:
+            blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
+            self._kernel_layout = compact_kernel.KernelLayout(
+                blocks, self.in_features, self.out_features, self.weight.device, self.weight.dtype)
+        return self._kernel_layout.run(x2, self.bias)
+
+    def executions(self) -> tuple[str, ...]:
+        """The executions calibration chooses from (``"kernel"`` needs Triton and a CUDA device)."""
+        if self.weight.device.type == "cuda" and compact_kernel.available(self.weight.device):
+            return EXECUTIONS
+        return tuple(e for e in EXECUTIONS if e != "kernel")
+
     def run(self, x: torch.Tensor, execution: str) -> torch.Tensor:
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if execution == "kernel" and not compact_kernel.available(self.weight.device):
+            raise ValueError(f"execution 'kernel' needs Triton and a CUDA device; this layer is on {self.weight.device}")
         self._check_input(x)
         x2 = x.reshape(-1, self.in_features)
-        y = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks, "slices": self._slices}[execution](x2)
+        runs = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks, "slices": self._slices,
+                "kernel": self._kernel}
+        y = runs[execution](x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def choose(self, tokens: int) -> str:
-        """The execution for ``tokens`` tokens: measured fastest at the nearest calibrated size, or
-        by counted MACs when not calibrated."""
-        if not self.plan:
-            return min(EXECUTIONS, key=self.execution_macs)
+        """The execution for ``tokens`` tokens: measured fastest at the nearest calibrated size (timed
+        now if none is within a factor 2 and the layer calibrates on use), or by counted MACs when not
+        calibrated."""
         choice = self._choices.get(tokens)
-        if choice is None:  # remembered: at one token the matmul itself takes only tens of microseconds
-            nearest = min(self.plan, key=lambda t: abs(math.log(t) - math.log(max(tokens, 1))))
-            choice = self._choices[tokens] = self.plan[nearest]
+        if choice is not None:  # remembered: at one token the matmul itself takes only tens of microseconds
+            return choice
+        tokens = max(tokens, 1)
+        distance = lambda t: abs(math.log(t) - math.log(tokens))  # noqa: E731
+        if self.calibrate_on_use and (not self.plan or min(map(distance, self.plan)) > math.log(2)) and self._may_time():
+            self.calibrate((tokens,))
+        if not self.plan:
+            return min(self.executions(), key=self.execution_macs)
+        choice = self._choices[tokens] = self.plan[min(self.plan, key=distance)]
         return choice
+
+    @staticmethod
+    def _may_time() -> bool:
+        """Not while tracing or capturing a CUDA graph: timing runs real kernels and reads the clock."""
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     @torch.no_grad()
     def calibrate(self, token_counts=(1, 8, 64, 512, 4096), repeats: int = 5) -> dict[int, dict[str, float]]:
@@ -285,14 +325,13 @@ class CompactGBLRLinear(StructuredLinear):
         device = self.weight.device
         # CUDA runs asynchronously: wait for the kernels before reading the clock.
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        hopeless: set[str] = set()  # executions far slower than dense at fewer tokens: not timed again
         self._choices.clear()
         for tokens in sorted(token_counts):
             count = repeats if tokens >= 512 else 5 * repeats  # small products are fast and noisy
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
-            for execution in EXECUTIONS:
-                if execution in hopeless:
+            for execution in self.executions():
+                if execution in self._hopeless and tokens > min(self.plan, default=tokens):
                     per_execution[execution] = math.inf
                     continue
                 self.run(x, execution)  # warm-up
@@ -305,7 +344,7 @@ class CompactGBLRLinear(StructuredLinear):
                     samples.append(time.perf_counter() - start)
                 per_execution[execution] = statistics.median(samples)
             timings[tokens] = per_execution
-            hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
+            self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
             fastest = min(per_execution, key=per_execution.get)
             # Leave dense only for a clear win: timings of tiny products are mostly noise.
             beats_dense = per_execution[fastest] < self.required_gain * per_execution["dense"]
@@ -314,6 +353,8 @@ class CompactGBLRLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         execution = self.choose(x.numel() // max(self.in_features, 1))
+        if execution == "kernel" and torch.is_grad_enabled() and x.requires_grad:
+            execution = "slices"  # the kernels have no backward
         if execution == "dense" and x.dim() >= 1 and x.shape[-1] == self.in_features:
             return F.linear(x, self.weight, self.bias)  # as cheap to call as nn.Linear
         return self.run(x, execution)

@@ -5,8 +5,8 @@ Two kinds of candidates, the best one wins:
 - adaptive block-low-rank fits: tile the matrix, take every tile's rank-1 SVD pieces, and keep those
   with the most energy per MAC until the budget is spent (one grid is the whole matrix: the optimal
   low-rank matrix, so the result is never worse than low-rank, which GBLR contains);
-- the learned fit of SPEC section 5: all rank-1 SVD components, each starting on the shortest intervals
-  that hold most of its singular vectors' energy (SPEC starts from full widths and random starts, which
+- the learned fit the paper describes: all rank-1 SVD components, each starting on the shortest intervals
+  that hold most of its singular vectors' energy (the paper starts from full widths and random starts, which
   cannot find blocks), then Adam on ``||W_hat - W||_F^2 / ||W||_F^2`` with exact masks while the structure
   learner shrinks the widths to the budget.
 """
@@ -141,7 +141,7 @@ def learned_fit(
     structure_lr: float = 0.0,
     keep: float = 0.99,
 ) -> GBLRLinear:
-    """SPEC section 5: the leading rank-1 SVD components (intervals from their energy), Adam on the relative
+    """The paper's learned fit: the leading rank-1 SVD components (intervals from their energy), Adam on the relative
     error while the structure learner shrinks the widths to the budget."""
     m, n = weight.shape
     # Components beyond twice the rank a low-rank matrix affords are shrunk away anyway; not
@@ -158,7 +158,7 @@ def learned_fit(
             starts.copy_(start / length)
             widths.copy_(size / length)
     # Default 0: the intervals stay where the energy put them and only the budget controller shrinks
-    # them. Gradient steps on widths/starts (SPEC: 20/min(m, n)) made the fit of a block-diagonal
+    # them. Gradient steps on widths/starts (the paper: 20/min(m, n)) made the fit of a block-diagonal
     # matrix worse here (relative error 0.005 without, 0.05 to 0.3 with lr 0.002 to 0.03).
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, weight_decay=0.0, structure_lr=structure_lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.01, 1.0 - s / steps))
