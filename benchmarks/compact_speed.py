@@ -89,7 +89,9 @@ def write(rows: list[dict], device: torch.device, repeats: int) -> None:
         f"{provenance(meta)} Time relative to `nn.Linear` of the same shape and dtype (median of {repeats} "
         "interleaved repeats), speedup, and fraction of the ideal speedup (speedup x cost). `exec` is the "
         "execution the compact layer's calibration picked for that token count"
-        + ("; the last column times every execution it did not rule out (time / nn.Linear)." if gpu else "."),
+        + ("; the last column times every execution it did not rule out (time / nn.Linear). The Triton kernel's "
+           "output differs from the dense execution's by at most "
+           f"{max((r.get('kernel_relative_error', 0) for r in rows), default=0):.1e} (relative)." if gpu else "."),
         "",
         "| shape (in x out) | dtype | cost | tokens | variant | nn.Linear ms | exec | time / dense | speedup | fraction of ideal |"
         + (" executions |" if gpu else ""),
@@ -145,6 +147,8 @@ def main() -> None:
                             "fraction_of_ideal": (1 / ratio) * cost,
                         }
                         if compact and device.type == "cuda":  # every execution the calibration did not rule out
+                            reference = layer.run(x, "dense").float()
+                            row["kernel_relative_error"] = float((layer.run(x, "kernel").float() - reference).norm() / reference.norm())
                             row["executions_vs_dense"] = {
                                 e: relative_time(lambda t, e=e: layer.run(t, e), dense, x, device, max(3, args.repeats // 2))[0]
                                 for e in layer.executions() if e not in layer._hopeless or e in ("dense", "kernel")

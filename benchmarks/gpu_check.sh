@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu_check.sh --pack RUN_DIR   # here, once: what the GPU machine cannot fetch, into .gpu_data/
 #   bash benchmarks/gpu_check.sh                  # GPU, carrying .gpu_data/data and .gpu_data/run (~5 min)
 #   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~1 min)
+#   bash benchmarks/gpu_check.sh tests speed      # or any of the steps below, in this order
 #
-# The first runs the CUDA tests (compact layers and their Triton kernels, the training step), the
-# compact-layer speed benchmark (fp32 / bf16 / fp16), the kernels' tile sizes, the training-step
-# benchmark (dense / low-rank / GBLR) and whole-model compact inference of the trained hardware-aware
-# Fashion-MNIST ViT RUN_DIR; the second whole-model compact inference of MiniLM compressed to 50 %
-# (weights carried in float16). Runs from source, with no installation. Results:
+# Steps: `tests` (CUDA tests of the compact layers, their Triton kernels and the training step), `speed`
+# (compact-layer speed, fp32 / bf16 / fp16), `train` (training step of dense / low-rank / GBLR), `vit`
+# (whole-model compact inference of the trained hardware-aware Fashion-MNIST ViT RUN_DIR), `minilm` (the
+# same for MiniLM compressed to 50 %, weights carried in float16), `tiles` (the kernels' tile sizes, to
+# choose defaults). The default is all but `minilm`. Runs from source, with no installation. Results:
 # benchmarks/results/{compact_speed,train_step,compact_model,compact_model_minilm}_cuda.{json,md} and the
 # test summary in benchmarks/results/gpu_tests.txt.
 set -uo pipefail
@@ -53,22 +54,21 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
 status=0
-if [ "${1:-}" = "minilm" ]; then
-    echo "== whole-model compact inference: MiniLM"
-    GBLR_DATA=$PWD/.gpu_data/text timeout 240 "$PY" benchmarks/compact_model.py --device cuda --runs \
-        --minilm .gpu_data/minilm --name compact_model_minilm || status=1
-    exit $status
-fi
-export GBLR_DATA=$PWD/.gpu_data/data
-echo "== CUDA tests"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
-    tests/test_train_step.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 || status=1
-echo "== compact layer speed"
-timeout 180 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 || status=1
-echo "== training step"
-timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 || status=1
-echo "== whole-model compact inference: the trained ViT"
-timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm || status=1
-echo "== kernel tile sizes (for choosing defaults)"
-timeout 45 "$PY" benchmarks/kernel_tiles.py || status=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests speed train vit tiles)
+for step in "${steps[@]}"; do
+    echo "== $step"
+    case $step in
+    tests)  # the compact layers, their Triton kernels and the training step
+        timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
+            tests/test_train_step.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 ;;
+    speed) timeout 180 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 ;;
+    train) timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 ;;
+    vit) GBLR_DATA=$PWD/.gpu_data/data timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm ;;
+    minilm) GBLR_DATA=$PWD/.gpu_data/text timeout 120 "$PY" benchmarks/compact_model.py --device cuda --runs \
+        --minilm .gpu_data/minilm --name compact_model_minilm ;;
+    tiles) timeout 50 "$PY" benchmarks/kernel_tiles.py ;;  # for choosing the kernels' default tile sizes
+    *) echo "unknown step $step"; false ;;
+    esac || status=1
+done
 exit $status

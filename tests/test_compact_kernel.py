@@ -24,6 +24,7 @@ def relative(a, b):
         {"rank": 4, "tile": 8},  # low-rank and dense blocks, intervals wrapping around
         {"rank": 2, "bias": False},
         {"rank": 24, "num_components": 3},  # few wide blocks: several rank tiles per block
+        {"rank": 16, "tile": 16, "num_components": 6},  # every offset a multiple of 16: aligned loads
     ],
 )
 @pytest.mark.parametrize("tokens", [1, 37, 130])
@@ -36,6 +37,8 @@ def test_kernel_computes_what_the_layer_computes(options, tokens):
     x = torch.randn(tokens, 96, device=DEVICE)
     with torch.no_grad():
         assert relative(fast.run(x, "kernel"), layer(x)) <= 1e-5
+    aligned = fast._kernel_layout.steps(64, 16)[-1]
+    assert aligned == (options.get("tile") == 16)
 
 
 def test_both_kinds_of_blocks_and_every_tile_shape():
@@ -49,7 +52,7 @@ def test_both_kinds_of_blocks_and_every_tile_shape():
     expected = layer.to(DEVICE)(x).detach()
     layout = compact_kernel.KernelLayout([(p.in_parts, p.out_parts, p.first, p.second) for p in fast.slices],
                                          40, 40, x.device, x.dtype)
-    for tiles in (compact_kernel.Tiles(64, 16, 64, 32), compact_kernel.Tiles(16, 32, 16, 16), compact_kernel.Tiles(32, 16, 32, 64)):
+    for tiles in (compact_kernel.Tiles(64, 16, 64, 32, 16), compact_kernel.Tiles(16, 32, 16, 16, 32), compact_kernel.Tiles(32, 16, 32, 64, 64)):
         assert relative(layout.run(x, fast.bias, tiles), expected) <= 1e-5, tiles
 
 

@@ -74,7 +74,7 @@ def compress_(
 
 
 def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss):
-    weights = {name: linear_weight(module).detach() for name, module in selected.items()}
+    weights = {name: linear_weight(module).detach().cpu() for name, module in selected.items()}  # fits run on the CPU
     # one curve per layer over the grid and, last, the uniform budget (for the report)
     points = {name: error_curve(config.family, w, (*BUDGET_GRID, config.budget), **config.options) for name, w in weights.items()}
     curves = {name: errors[:-1] for name, errors in points.items()}

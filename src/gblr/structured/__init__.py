@@ -44,5 +44,7 @@ def make_structured(name: str, in_features: int, out_features: int, budget: floa
 
 def structured_from_dense(name: str, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
                           **options) -> StructuredLinear:
-    """Project a dense ``(out, in)`` weight into family ``name`` at ``budget``."""
-    return _family(name).from_dense(weight, budget, bias, **options)
+    """Project a dense ``(out, in)`` weight into family ``name`` at ``budget``. The fit runs on the CPU
+    (SVDs in float64, greedy choices on the host); the layer comes back on the weight's device."""
+    bias = None if bias is None else bias.cpu()
+    return _family(name).from_dense(weight.cpu(), budget, bias, **options).to(weight.device)
