@@ -60,7 +60,7 @@ for step in "${steps[@]}"; do
     echo "== $step"
     case $step in
     tests)  # the compact layers, their Triton kernels and the training step
-        timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
+        GBLR_DATA=$PWD/.gpu_data/data timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
             tests/test_train_step.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 ;;
     speed) timeout 180 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 ;;
     train) timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 ;;

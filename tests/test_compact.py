@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,20 @@ def test_compact_on_cuda_matches_the_eval_layer():
             out = fast.run(x, execution)
             assert out.is_cuda
             assert (out - reference).norm() / reference.norm() < 1e-5
+
+
+def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(monkeypatch):
+    layer = random_structure(GBLRLinear(32, 32, num_components=4))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    slow = fast._slices
+
+    def slices_with_overhead(x2):
+        time.sleep(2e-3)  # like thousands of kernel launches: hopeless at any size
+        return slow(x2)
+
+    monkeypatch.setattr(fast, "_slices", slices_with_overhead)
+    fast.calibrate((1, 64), repeats=1)
+    assert not fast._hopeless  # few tokens: timed again at larger counts
+    fast.calibrate((2048,), repeats=1)
+    assert "slices" in fast._hopeless
+    assert fast.calibrate((4096,), repeats=1)[4096]["slices"] == float("inf")

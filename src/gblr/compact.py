@@ -45,6 +45,7 @@ from .structured.gblr import GBLRLinear
 __all__ = ["CompactGBLRLinear", "compact", "EXECUTIONS"]
 
 EXECUTIONS = ("dense", "factored", "blocks", "slices", "kernel")
+HOPELESS_FROM = 1024
 
 
 @dataclass
@@ -133,7 +134,8 @@ class CompactGBLRLinear(StructuredLinear):
         # tokens -> execution; until calibrated, the cheapest by counted MACs.
         self.plan: dict[int, str] = {}
         self._choices: dict[int, str] = {}
-        self._hopeless: set[str] = set()  # executions far slower than dense at fewer tokens: not timed again
+        # Executions far slower than dense at a smaller token count of at least HOPELESS_FROM: not timed again.
+        self._hopeless: set[str] = set()
         self.calibrate_on_use = calibrate
         self._kernel_layout = None
         if calibrate:
@@ -331,7 +333,7 @@ class CompactGBLRLinear(StructuredLinear):
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
             for execution in self.executions():
-                if execution in self._hopeless and tokens > min(self.plan, default=tokens):
+                if execution in self._hopeless:
                     per_execution[execution] = math.inf
                     continue
                 self.run(x, execution)  # warm-up
@@ -344,7 +346,8 @@ class CompactGBLRLinear(StructuredLinear):
                     samples.append(time.perf_counter() - start)
                 per_execution[execution] = statistics.median(samples)
             timings[tokens] = per_execution
-            self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
+            if tokens >= HOPELESS_FROM:  # below, launch overheads hide what an execution costs at scale
+                self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
             fastest = min(per_execution, key=per_execution.get)
             # Leave dense only for a clear win: timings of tiny products are mostly noise.
             beats_dense = per_execution[fastest] < self.required_gain * per_execution["dense"]
