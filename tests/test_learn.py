@@ -35,6 +35,19 @@ def test_param_groups():
     assert optimizer.param_groups[-1]["betas"] == (0.0, 0.999)
 
 
+@pytest.mark.parametrize("lr", [1e-4, 3e-2])
+def test_the_learning_rate_reaches_the_optimizer(lr):
+    """The weights move by about lr in the first Adam step, whatever the optimizer's own default."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=0.0))
+    assert [g["lr"] for g in optimizer.param_groups] == [lr, lr]
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    optimizer.step()
+    moved = max(float((p - b).abs().max()) for p, b in zip(model.parameters(), before))
+    assert 0.5 * lr < moved <= 1.01 * lr
+
+
 def test_structure_lr_found_by_name_not_position():
     model = small_model()
     groups = param_groups(model, lr=1e-3, structure_lr=2e-2)

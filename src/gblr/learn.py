@@ -73,8 +73,8 @@ def param_groups(
         else:
             no_decay.append(p)
     groups = [
-        {"name": "weights", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "weights", "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
         {
             "name": STRUCTURE_GROUP,
             "params": structure,
