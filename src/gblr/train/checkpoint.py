@@ -1,20 +1,43 @@
-"""Checkpoints that lose nothing and never run code: every tensor (model, optimizer state, RNG states) in
-one safetensors file, every other value (steps, schedules, controller, data position) in JSON. Both are
-written to temporary names and renamed, JSON last, so a killed write leaves the previous checkpoint."""
+"""Checkpoints that lose nothing, never run code and are committed in one step: every tensor (model,
+optimizer state, RNG states) in one safetensors file, every other value (steps, schedules, controller,
+data position) in ``checkpoint.json``, which also names the tensor file and holds its SHA-256 digest.
+
+A save writes the tensors to whichever of two file names the current JSON does not reference, then the
+new JSON under a temporary name, and renames it over ``checkpoint.json``: that rename is the commit. A
+save killed before it leaves the previous checkpoint as it was; after it, the new one is complete.
+Reading checks the digest and the step stored in both files, so a damaged or mismatched tensor file is
+refused rather than resumed from.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_model_state", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint"
+TENSOR_FILES = (f"{CHECKPOINT}.a.safetensors", f"{CHECKPOINT}.b.safetensors")
+LEGACY_TENSOR_FILE = f"{CHECKPOINT}.safetensors"  # written before digests existed; read without one
+
+
+# The file operations of a save, one function each (a test interrupts a save between any two of them).
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def _replace(source: Path, target: Path) -> None:
+    os.replace(source, target)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -28,6 +51,13 @@ def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _referenced_tensor_file(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / f"{CHECKPOINT}.json").read_text())["tensors"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_checkpoint(directory, model, optimizer, scheduler, meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,24 +66,58 @@ def save_checkpoint(directory, model, optimizer, scheduler, meta: dict) -> None:
     optimizer_tensors, optimizer_meta = _split_optimizer(optimizer.state_dict())
     tensors.update({k: v.cpu().contiguous() for k, v in optimizer_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = dict(meta, optimizer=optimizer_meta, scheduler=scheduler.state_dict())
-    tmp_tensors, tmp_meta = directory / f"{CHECKPOINT}.safetensors.tmp", directory / f"{CHECKPOINT}.json.tmp"
-    save_file(tensors, str(tmp_tensors))
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_tensors, directory / f"{CHECKPOINT}.safetensors")
-    os.replace(tmp_meta, directory / f"{CHECKPOINT}.json")
+    data = save(tensors, metadata={"step": str(meta["step"])})
+    new = TENSOR_FILES[1] if _referenced_tensor_file(directory) == TENSOR_FILES[0] else TENSOR_FILES[0]
+    meta = dict(meta, optimizer=optimizer_meta, scheduler=scheduler.state_dict(),
+                tensors={"file": new, "sha256": hashlib.sha256(data).hexdigest()})
+    _write_bytes(directory / new, data)  # not referenced yet: a partial file is harmless
+    _write_bytes(directory / f"{CHECKPOINT}.json.tmp", json.dumps(meta, indent=1).encode())
+    _replace(directory / f"{CHECKPOINT}.json.tmp", directory / f"{CHECKPOINT}.json")  # the commit
+    for stale in sorted({*TENSOR_FILES, LEGACY_TENSOR_FILE} - {new}):
+        _remove(directory / stale)
 
 
 def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON metadata and all tensors of the checkpoint in ``directory``."""
+    """The JSON metadata and all tensors of the checkpoint in ``directory``, checked against each other."""
     directory = Path(directory)
-    meta_path, tensor_path = directory / f"{CHECKPOINT}.json", directory / f"{CHECKPOINT}.safetensors"
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise ValueError(f"no checkpoint in {directory} (expected {meta_path.name} and {tensor_path.name})")
+    meta_path = directory / f"{CHECKPOINT}.json"
+    if not meta_path.is_file():
+        raise ValueError(f"no checkpoint in {directory} (expected {meta_path.name})")
+    corrupt = f"checkpoint in {directory} is corrupt"
     try:
-        return json.loads(meta_path.read_text()), load_file(str(tensor_path))
-    except (json.JSONDecodeError, SafetensorError, OSError) as error:
-        raise ValueError(f"checkpoint in {directory} is corrupt: {error}") from None
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{corrupt}: {meta_path.name}: {error}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{corrupt}: {meta_path.name} does not hold a JSON object")
+    record = meta.get("tensors")
+    if record is None:
+        name, digest = LEGACY_TENSOR_FILE, None
+    elif isinstance(record, dict) and record.get("file") in TENSOR_FILES and isinstance(record.get("sha256"), str):
+        name, digest = record["file"], record["sha256"]
+    else:
+        raise ValueError(f"{corrupt}: field 'tensors' must name one of {TENSOR_FILES} and its sha256")
+    try:
+        data = (directory / name).read_bytes()
+    except OSError:
+        raise ValueError(f"{corrupt}: {name} is missing") from None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{corrupt}: {name} does not match the digest in {meta_path.name}")
+    try:
+        tensors, stored_step = load(data), _stored_step(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{corrupt}: {name}: {error}") from None
+    if digest is not None and stored_step != str(meta.get("step")):
+        raise ValueError(f"{corrupt}: {name} holds step {stored_step}, {meta_path.name} step {meta.get('step')}")
+    return meta, tensors
+
+
+def _stored_step(data: bytes) -> str | None:
+    """The step in a safetensors file's header metadata (its first 8 bytes give the header's length)."""
+    length = int.from_bytes(data[:8], "little")
+    if not 0 < length <= len(data) - 8:
+        raise ValueError("the header is damaged")
+    return (json.loads(data[8 : 8 + length]).get("__metadata__") or {}).get("step")
 
 
 def load_model_state(directory, model, tensors: dict[str, torch.Tensor]) -> None:
