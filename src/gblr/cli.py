@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,11 @@ def _compress(args) -> int:
     from .device import check_precision, resolve_device
 
     ConvertConfig(family=args.family, budget=args.budget)  # bad names and budgets fail before any loading
+    for name in ("fit_steps", "finetune_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     device = resolve_device(args.device)
     check_precision(args.precision, device)
     out = Path(args.out)

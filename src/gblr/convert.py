@@ -11,6 +11,7 @@ layer keeps the replaced layer's bias, device and dtype, and is initialised from
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,15 +20,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .fit import relative_error
+from .fit import fit_gblr, learned_fit, relative_error
 from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
 
-__all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter"]
+__all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter",
+           "family_options"]
 
 log = logging.getLogger(__name__)
 
 INITS = ("dense", "random")
+EXCLUDED, TIED = "excluded by the filter", "weight tied to an embedding"  # reasons a layer is not selected
 
 
 @dataclass
@@ -47,6 +50,28 @@ class ConvertConfig:
             raise ValueError(f"budget must be a fraction of the dense cost in (0, 1], got {self.budget!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a dict of keyword arguments, got {type(self.options).__name__}")
+        known = family_options(self.family, self.init)
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ValueError(f"options {unknown} are not options of family {self.family!r} with init {self.init!r}; "
+                             f"it takes {sorted(known)}")
+
+
+def _keywords(function) -> set[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds}
+
+
+def family_options(family: str, init: str = "dense") -> set[str]:
+    """The option names ``ConvertConfig.options`` may hold for ``family`` and ``init``: those of the GBLR
+    fit (dense init of GBLR), else of the family's constructor and its budget sizing."""
+    if family == "gblr" and init == "dense":
+        return (_keywords(fit_gblr) | _keywords(learned_fit)) - {"weight", "budget", "bias"}
+    cls = FAMILIES[family]
+    return (_keywords(cls.__init__) | _keywords(cls.size_for_budget)) - {
+        "self", "cls", "in_features", "out_features", "bias", "device", "dtype", "budget"}
 
 
 @dataclass
@@ -65,6 +90,11 @@ class ConvertedLayer:
 class ConversionReport:
     replaced: list[ConvertedLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """Selected layers that could not be converted (e.g. a budget the family cannot reach), with why."""
+        return [(name, reason) for name, reason in self.skipped if reason not in (EXCLUDED, TIED)]
 
     def to_dict(self) -> dict:
         return {"replaced": [asdict(r) for r in self.replaced], "skipped": [list(s) for s in self.skipped]}
@@ -123,9 +153,9 @@ def select_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] 
         if not name or linear_weight(module) is None:
             continue
         if not filter_fn(module, name):
-            skipped.append((name, "excluded by the filter"))
+            skipped.append((name, EXCLUDED))
         elif id(module.weight) in tied:
-            skipped.append((name, "weight tied to an embedding"))
+            skipped.append((name, TIED))
         else:
             selected[name] = module
     return selected, skipped

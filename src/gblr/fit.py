@@ -21,6 +21,7 @@ import torch
 
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
+from .structured.base import check_weight
 from .structured.gblr import GBLRLinear
 
 __all__ = ["fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve", "relative_error"]
@@ -186,13 +187,17 @@ def fit_gblr(
     """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
     matrix, so the result is never worse than low-rank) and the learned fit (:func:`learned_fit`,
     skipped with ``steps=0``). Candidates over the budget are discarded."""
+    check_weight(weight)
+    steps = learned_options.get("steps", 200)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     target = weight.detach()
     tilings = [_TilePieces(target, grid) for grid in grids]
     errors = [tiling.relative_error(budget) for tiling in tilings]
     choice = min(range(len(tilings)), key=errors.__getitem__)
     best, error = tilings[choice].layer(budget, target.dtype, bias), errors[choice]
     best.fit_method = f"block-low-rank {grids[choice]}x{grids[choice]}"  # for reports; not saved
-    if learned_options.get("steps", 200) > 0:
+    if steps > 0:
         learned = learned_fit(target, budget, bias, **learned_options)
         learned_error = relative_error(learned.to_dense(), target)
         if learned.relative_cost() <= budget and learned_error < error:

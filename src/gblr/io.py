@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .convert import linear_weight
 from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear
 
@@ -85,11 +86,18 @@ def load(directory, base_model: nn.Module) -> nn.Module:
     same architecture) and load all tensors; returns ``base_model``, modified in place."""
     directory = Path(directory)
     structure = read_structure(directory)
-    for name, spec in structure["layers"].items():
+    targets = {}
+    for name, spec in structure["layers"].items():  # every layer checked against the base model before any is built
         try:
-            current = base_model.get_submodule(name)
+            current = targets[name] = base_model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} does not exist in the base model") from None
+        shape = _features(current)
+        if shape != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} is saved as {spec['in_features']}->"
+                             f"{spec['out_features']}, the base model's is {shape[0]}->{shape[1]}")
+    for name, spec in structure["layers"].items():
+        current = targets[name]
         reference = next(iter(current.parameters()), None)
         factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
         try:
@@ -115,6 +123,14 @@ def load(directory, base_model: nn.Module) -> nn.Module:
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
     base_model.load_state_dict(tensors, strict=False)
     return base_model
+
+
+def _features(module: nn.Module) -> tuple[int | None, int | None]:
+    """(in, out) of a linear, Conv1D or structured layer; (None, None) for anything else."""
+    if isinstance(module, (StructuredLinear, nn.Linear)):
+        return module.in_features, module.out_features
+    weight = linear_weight(module)
+    return (None, None) if weight is None else (weight.shape[1], weight.shape[0])
 
 
 def _is_shared_alias(key: str, state: dict, tensors: dict) -> bool:

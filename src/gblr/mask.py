@@ -53,16 +53,17 @@ def _check_intervals(widths: torch.Tensor, starts: torch.Tensor) -> None:
         )
 
 
+SIGMA_MIN, SIGMA_MAX = 1e-6, 1e6  # beyond SIGMA_MAX the Gaudi mask is the Dirichlet mask to float precision
+
+
 def inverse_two_sigma_squared(sigma) -> float:
     """Map sigma (None = Dirichlet, no Gaussian) to the spectral decay ``1 / (2 sigma^2)``."""
     if sigma is None:
         return 0.0
     if isinstance(sigma, torch.Tensor):
         sigma = float(sigma)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(f"sigma must be a positive finite number or None, got {sigma!r}")
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a positive finite number or None, got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not SIGMA_MIN <= sigma <= SIGMA_MAX:
+        raise ValueError(f"sigma must be None or a number in [{SIGMA_MIN:g}, {SIGMA_MAX:g}], got {sigma!r}")
     return 1.0 / (2.0 * float(sigma) ** 2)
 
 

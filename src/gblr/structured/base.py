@@ -14,6 +14,14 @@ def check_features(name: str, value) -> int:
     return value
 
 
+def check_weight(weight) -> None:
+    """A dense weight to fit: a non-empty 2-D tensor of finite values."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must hold finite values only; it holds NaN or infinity")
+
+
 def check_budget(budget) -> float:
     """A budget is a fraction of the dense layer's MACs, in (0, 1]."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < budget <= 1.0):
@@ -69,14 +77,16 @@ class StructuredLinear(nn.Module):
                    device=None, dtype=None, **options) -> "StructuredLinear":
         """A randomly initialised layer whose cost is at most ``budget`` of the dense cost."""
         sizes = cls.size_for_budget(in_features, out_features, check_budget(budget), **options)
+        overridden = sorted(k for k in options if k in sizes and sizes[k] != options[k])
+        if overridden:  # the budget decides these; a value given alongside would be silently replaced
+            raise ValueError(f"options {overridden} of {cls.family} are set by the budget; leave them out")
         return cls(in_features, out_features, bias=bias, device=device, dtype=dtype, **(options | sizes))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
                    **options) -> "StructuredLinear":
         """Project a dense ``(out, in)`` weight into the family at ``budget``; ``bias`` is copied."""
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+        check_weight(weight)
         out_features, in_features = weight.shape
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")

@@ -28,7 +28,9 @@ from ..mask import (
     inverse_two_sigma_squared,
     rounded_gaudi_masks,
 )
-from .base import StructuredLinear, check_budget, check_features, unreachable_budget
+from .base import StructuredLinear, check_budget, check_features, check_weight, unreachable_budget
+
+MAX_RANK_PER_FEATURE = 8  # components x rank beyond 8 x the larger dimension add nothing a layer can use
 
 __all__ = ["GBLRLinear", "WIDTH_INITS", "splr_widths", "lowrank_widths", "masked_product"]
 
@@ -125,6 +127,10 @@ class GBLRLinear(StructuredLinear):
                 raise ValueError(f"rank_ratio must be a positive finite number, got {rank_ratio!r}")
             num_components = max(1, round(rank_ratio * min(in_features, out_features) / rank))
         self.num_components = check_features("num_components", num_components)
+        most = MAX_RANK_PER_FEATURE * max(in_features, out_features)
+        if self.num_components * self.rank > most:  # refused before minutes of allocation
+            raise ValueError(f"num_components x rank must be at most {MAX_RANK_PER_FEATURE} x max(in_features, out_features) "
+                             f"= {most} for a {in_features}->{out_features} layer, got {self.num_components} x {self.rank}")
         self.width_init = width_init
         self.round_to_grid = bool(round_to_grid)
         self.tile = check_features("tile", tile)
@@ -212,8 +218,7 @@ class GBLRLinear(StructuredLinear):
         ``weight``. With ``budget``: fit widths, starts and factors under that budget
         (:func:`gblr.fit.fit_gblr`; ``kwargs`` go to it).
         """
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+        check_weight(weight)
         m, n = weight.shape
         if bias is not None and tuple(bias.shape) != (m,):
             raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")

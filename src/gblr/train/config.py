@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..device import PRECISIONS
+from ..mask import SIGMA_MAX
 from ..structured import FAMILIES
 
 __all__ = ["ModelConfig", "DataConfig", "StructureConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
 MODELS = ("vit", "mixer", "gpt")
-SIGMA_MAX = 1e6  # far past the point where the Gaudi mask is the Dirichlet mask
 RUNTIME_FIELDS = ("device", "compile", "log_every")
 DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
 

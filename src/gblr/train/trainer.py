@@ -82,7 +82,12 @@ def structure_model(model: nn.Module, config: RunConfig):
     options = {"rank": s.rank, "tile": s.tile} if s.family == "gblr" else {}
     budget = 1.0 if s.family == "gblr" else s.budget
     layer_filter = paper_filter if s.layers == "paper" else None
-    return convert_(model, ConvertConfig(family=s.family, budget=budget, init="random", options=options), layer_filter)
+    report = convert_(model, ConvertConfig(family=s.family, budget=budget, init="random", options=options), layer_filter)
+    if report.failed:  # never train a silently dense model
+        name, reason = report.failed[0]
+        raise ValueError(f"structure: {len(report.failed)} of the chosen layers cannot be {s.family} at budget "
+                         f"{budget:g} ({name}: {reason})")
+    return report
 
 
 def load_trained(run_dir, device="cpu") -> tuple[nn.Module, RunConfig, dict]:
@@ -175,6 +180,12 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     out_dir = Path(out_dir)
     if not resume and (out_dir / "checkpoint.json").exists():
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a directory")
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):  # never overwrite files a run did not write
+        raise FileExistsError(f"{out_dir} is not empty and holds no run; choose a new or empty directory")
+    if resume and not (out_dir / "checkpoint.json").is_file():
+        raise FileNotFoundError(f"nothing to resume: {out_dir} holds no run (no checkpoint.json)")
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
     device = resolve_device(config.train.device, local_rank)  # bad devices fail before any data is loaded
     precision = check_precision(config.train.precision, device)
@@ -184,12 +195,12 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     if config.train.batch_size % world:
         raise ValueError(f"config field 'train.batch_size' ({config.train.batch_size}) must be divisible by the {world} processes")
     main_process = rank == 0  # alone writes logs, checkpoints and the report
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.train.seed)
     data = load_data(config)
     model = build_model(config, data)  # built on the CPU from the seed: the same weights on every device
     conversion = structure_model(model, config)
+    if main_process:  # only now: a run that cannot start writes nothing
+        out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     batches = _Batches(data, config, device)
     per_epoch = _steps_per_epoch(data, config)
