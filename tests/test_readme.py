@@ -1,3 +1,4 @@
+import pytest
 """The README's Python snippets run as written, and .ci/run calls the README's test command."""
 
 import re
@@ -6,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_python_snippets_run():
     readme = (ROOT / "README.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", readme, re.S)

@@ -5,6 +5,7 @@ import pytest
 from gblr.demos.hidden_structure import recover
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["block_sparse", "low_rank"])
 def test_recovers_hidden_structure(kind):
     result = recover(kind, seed=0, steps=3000)

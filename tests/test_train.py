@@ -15,6 +15,7 @@ TINY = ['data.name="digits"', "model.dim=32", "model.depth=2", "model.heads=2", 
         "train.lr=3e-3", "structure.structure_lr=1e-2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dense", "gblr"])
 def test_training_on_digits_learns_and_meets_the_budget(family, tmp_path):
     config = load_config(None, TINY + ["train.epochs=8", f'structure.family="{family}"', "structure.budget=0.3"])
@@ -36,6 +37,7 @@ RESUMABLE = ['data.name="mnist5k"', "model.dim=32", "model.depth=2", "model.head
              "train.epochs=10", "train.max_steps=300", "train.checkpoint_every=50", 'structure.family="gblr"', "structure.budget=0.4"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     # Every run goes through the command line in its own process, so all use the same thread count
     # (a different number of threads changes float reduction order, hence the bits).
@@ -111,6 +113,7 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tmp_path):
     empty = tmp_path / "empty.toml"
     empty.write_text("")

@@ -56,6 +56,7 @@ def test_gblr_step_dispatches_at_most_twice_the_dense_operations():
     assert count_ops(learner.step).total <= 200
 
 
+@pytest.mark.slow
 def test_controller_cost_matches_the_layers_and_stays_within_budget():
     step, learner = vit_step("gblr", batch=8)
     for _ in range(60):
@@ -143,6 +144,7 @@ def _train_command(tmp_path, out, *extra):
     return [sys.executable, "-m", "gblr.cli", "train", str(empty), *settings, *extra, "--out", str(out), "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [("cpu", "auto")] + [
     pytest.param("cuda", "cpu", marks=needs_cuda), pytest.param("cpu", "cuda", marks=needs_cuda)])
 def test_resume_on_another_device(first, then, tmp_path):
@@ -155,6 +157,7 @@ def test_resume_on_another_device(first, then, tmp_path):
     assert report["test"]["accuracy"] > 0.3  # it learned (chance is 0.1) after resuming
 
 
+@pytest.mark.slow
 def test_compiled_training_run(tmp_path):
     config = load_config(None, TINY + ["train.max_steps=4", "train.compile=true", "model.depth=1"])
     report = train(config, tmp_path, progress=False)
