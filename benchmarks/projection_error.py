@@ -20,7 +20,8 @@ import time
 import torch
 from _results import provenance, run_metadata, write_results
 
-from gblr.structured import family_names, structured_from_dense
+from gblr.fit import structured_from_dense
+from gblr.structured import family_names
 BUDGETS = (0.1, 0.25, 0.5)
 FAMILIES = [name for name in family_names() if name != "dense"]
 

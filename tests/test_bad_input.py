@@ -14,10 +14,10 @@ from gblr.compact import CompactGBLRLinear
 from gblr.compress import compress_
 from gblr.convert import ConvertConfig, convert_
 from gblr.device import check_precision, resolve_device
-from gblr.fit import fit_gblr
+from gblr.fit import fit_gblr, structured_from_dense
 from gblr.io import load, save
 from gblr.learn import SigmaSchedule, StructureLearner, param_groups
-from gblr.structured import make_structured, structured_from_dense
+from gblr.structured import make_structured
 from gblr.train import load_config, load_trained
 from gblr.train.checkpoint import read_checkpoint
 

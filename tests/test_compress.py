@@ -10,7 +10,7 @@ from gblr.allocate import BUDGET_GRID, allocate_budgets, error_curve
 from gblr.compress import compress_
 from gblr.fit import block_low_rank_error_curve, fit_gblr, relative_error
 from gblr.learn import gblr_layers
-from gblr.structured import structured_from_dense
+from gblr.fit import structured_from_dense
 from gblr.train.recovery import recover_
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gblr.structured import FAMILIES, family_names, make_structured, structured_from_dense
+from gblr.fit import structured_from_dense
+from gblr.structured import FAMILIES, family_names, make_structured
 
 STRUCTURED = [name for name in family_names() if name != "dense"]
 SHAPES = [(384, 384), (384, 1536), (1536, 384), (576, 192)]  # (in, out)

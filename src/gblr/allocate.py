@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .convert import linear_weight
-from .fit import DEFAULT_GRIDS, block_low_rank_error_curve, relative_error
+from .fit import DEFAULT_GRIDS, block_low_rank_error_curve, relative_error, structured_from_dense
 from .modules import replace_submodule
-from .structured import FAMILIES, LowRankLinear, structured_from_dense
+from .structured import FAMILIES, LowRankLinear
 from .structured.base import check_budget
 
 __all__ = ["BUDGET_GRID", "LayerAllocation", "error_curve", "layer_sensitivities", "allocate_budgets", "allocation_table"]

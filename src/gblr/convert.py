@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .fit import fit_gblr, learned_fit, relative_error
+from .fit import fit_gblr, learned_fit, relative_error, structured_from_dense
 from .modules import replace_submodule
-from .structured import FAMILIES, StructuredLinear, make_structured, structured_from_dense
+from .structured import FAMILIES, StructuredLinear, make_structured
 
 __all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter",
            "family_options"]

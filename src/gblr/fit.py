@@ -21,10 +21,12 @@ import torch
 
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
-from .structured.base import check_weight
+from .structured import StructuredLinear, family_class
+from .structured.base import check_budget, check_weight
 from .structured.gblr import GBLRLinear
 
-__all__ = ["fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve", "relative_error"]
+__all__ = ["structured_from_dense", "fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve",
+           "relative_error"]
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +208,18 @@ def fit_gblr(
     best.eval()
     log.debug("GBLR fit %s at %.3f: error %.4f", tuple(target.shape), budget, error)
     return best
+
+
+def structured_from_dense(name: str, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
+                          **options) -> StructuredLinear:
+    """Fit family ``name`` to a dense ``(out, in)`` weight at ``budget``: :func:`fit_gblr` for GBLR, the
+    family's projection for the others. The fit runs on the CPU (SVDs in float64, greedy choices on the
+    host); the layer comes back on the weight's device."""
+    family = family_class(name)
+    check_weight(weight)
+    bias = None if bias is None else bias.detach().cpu()
+    if name == "gblr":
+        layer = fit_gblr(weight.detach().cpu(), check_budget(budget), bias, **options)
+    else:
+        layer = family.from_dense(weight.detach().cpu(), budget, bias, **options)
+    return layer.to(weight.device)

@@ -28,7 +28,7 @@ from ..mask import (
     inverse_two_sigma_squared,
     rounded_gaudi_masks,
 )
-from .base import StructuredLinear, check_budget, check_features, check_weight, unreachable_budget
+from .base import StructuredLinear, check_features, check_weight, unreachable_budget
 
 MAX_RANK_PER_FEATURE = 8  # components x rank beyond 8 x the larger dimension add nothing a layer can use
 
@@ -222,10 +222,9 @@ class GBLRLinear(StructuredLinear):
         m, n = weight.shape
         if bias is not None and tuple(bias.shape) != (m,):
             raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
-        if budget is not None:
-            from ..fit import fit_gblr  # fit builds on this module
-
-            return fit_gblr(weight, check_budget(budget), bias, **kwargs)
+        if budget is not None:  # fitting to a budget builds on this module: it lives above it
+            raise ValueError("GBLRLinear.from_dense takes no budget; fit one with gblr.fit.fit_gblr or "
+                             "gblr.fit.structured_from_dense('gblr', weight, budget)")
         layer = cls(
             n, m, bias=bias is not None, num_components=num_components, rank=rank,
             width_init=width_init, device=weight.device, dtype=weight.dtype, **kwargs,
