@@ -23,7 +23,6 @@ from torch import nn
 
 from .convert import linear_weight
 from .fit import DEFAULT_GRIDS, block_low_rank_error_curve, relative_error, structured_from_dense
-from .modules import replace_submodule
 from .structured import FAMILIES, LowRankLinear
 from .structured.base import check_budget
 
@@ -98,11 +97,11 @@ def layer_sensitivities(
         trial = structured_from_dense(family, weight, budget, bias, **options).eval()
         with torch.no_grad():
             error = relative_error(trial.to_dense(), weight)
-        replace_submodule(model, name, trial)
+        model.set_submodule(name, trial)
         try:
             increase = loss_fn(model) - base
         finally:
-            replace_submodule(model, name, module)
+            model.set_submodule(name, module)
         result[name] = (increase, error)
         log.info("sensitivity of %s: loss +%.5f at error %.4f", name, increase, error)
     return result

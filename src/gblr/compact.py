@@ -38,7 +38,6 @@ from torch import nn
 
 from . import compact_kernel
 from .mask import shortest_cyclic_windows
-from .modules import replace_submodule
 from .structured.base import StructuredLinear
 from .structured.gblr import GBLRLinear
 
@@ -381,5 +380,5 @@ def compact(model: nn.Module, inplace: bool = False, **options) -> nn.Module:
         return CompactGBLRLinear(model, **options)
     for name, module in list(model.named_modules()):
         if isinstance(module, GBLRLinear):
-            replace_submodule(model, name, CompactGBLRLinear(module, **options))
+            model.set_submodule(name, CompactGBLRLinear(module, **options))
     return model

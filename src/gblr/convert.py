@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .fit import fit_gblr, learned_fit, relative_error, structured_from_dense
-from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear, make_structured
 
 __all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter",
@@ -200,7 +199,7 @@ def convert_(
                 layer.eval()
                 error = relative_error(layer.to_dense(), weight)
                 layer.train(was_training)
-        replace_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         report.replaced.append(
             ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),
                            error, time.perf_counter() - start)

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modules import replace_submodule
 from .structured.base import StructuredLinear
 
 __all__ = ["LayerCost", "CostReport", "cost_report"]
@@ -134,11 +133,11 @@ def _probes(model: nn.Module, names: list[str]):
     probes = {name: _TokenProbe(layer) for name, layer in originals.items()}
     try:
         for name, probe in probes.items():
-            replace_submodule(model, name, probe)
+            model.set_submodule(name, probe)
         yield probes
     finally:
         for name, layer in originals.items():
-            replace_submodule(model, name, layer)
+            model.set_submodule(name, layer)
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .convert import linear_weight
-from .modules import replace_submodule
 from .structured import FAMILIES, StructuredLinear
 
 __all__ = ["save", "load", "read_structure", "FORMAT"]
@@ -107,7 +106,7 @@ def load(directory, base_model: nn.Module) -> nn.Module:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} cannot be rebuilt: {error}") from None
         layer.train(current.training)  # an eval-mode model stays in eval mode
-        replace_submodule(base_model, name, layer)
+        base_model.set_submodule(name, layer)
     path = directory / TENSOR_FILE
     try:
         tensors = load_file(str(path))
