@@ -15,11 +15,12 @@ def import_graph() -> dict[str, set[str]]:
         package = module if parts[-1] == "__init__" else module.rsplit(".", 1)[0]
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                targets.add(".".join(base + ([node.module] if node.module else [])))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gblr"):
-                targets.add(node.module)
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gblr")):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:  # `from . import submodule` depends on the submodule alone
+                    submodule = f"{source}.{alias.name}"
+                    targets.add(submodule if (SOURCE.parent / (submodule.replace(".", "/") + ".py")).is_file() else source)
             elif isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names if alias.name.startswith("gblr")}
         graph[module] = targets

@@ -57,6 +57,10 @@ def compress_(
 
     ``allocation="uniform"`` gives every layer ``budget``; ``"global"`` allocates per-layer budgets by
     error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given.
+    Example::
+
+        result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
+        print(result.target, result.reached)       # asked and reached cost of the replaced layers
     """
     config = ConvertConfig(family=family, budget=budget, options=dict(options or {}))
     if allocation not in ALLOCATIONS:

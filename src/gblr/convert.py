@@ -169,7 +169,12 @@ def convert_(
     """Replace the selected linear layers of ``model`` in place; returns what was replaced and skipped.
 
     ``budgets`` optionally gives a per-layer budget by qualified name (e.g. from a global allocation);
-    other layers get ``config.budget``.
+    other layers get ``config.budget``. Example::
+
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10))
+        report = gblr.convert_(model, gblr.ConvertConfig("gblr", budget=0.5),
+                               filter_fn=lambda module, name: name != "2")   # keep the head dense
+        print(report.to_markdown())                # per layer: reached cost and relative error
     """
     config = config or ConvertConfig()
     selected, skipped = select_layers(model, filter_fn)

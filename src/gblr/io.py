@@ -30,7 +30,12 @@ TENSOR_FILE = "model.safetensors"
 
 def save(model: nn.Module, directory, config: dict | None = None, base_model: str | None = None,
          overwrite: bool = False) -> Path:
-    """Write ``model``'s structured layers and state to ``directory`` (created if needed)."""
+    """Write ``model``'s structured layers and state to ``directory`` (created if needed): the layers'
+    families and shapes in ``structure.json``, every tensor in safetensors (nothing is pickled). Example::
+
+        gblr.save(model, "out/compressed", config={"budget": 0.5})
+        model = gblr.load("out/compressed", make_base_model())   # the same architecture, unconverted
+    """
     directory = Path(directory)
     if (directory / STRUCTURE_FILE).exists() and not overwrite:
         raise FileExistsError(f"{directory} already holds a saved model; pass overwrite=True to replace it")
@@ -82,7 +87,8 @@ def read_structure(directory) -> dict:
 
 def load(directory, base_model: nn.Module) -> nn.Module:
     """Rebuild the saved structured layers inside ``base_model`` (the unconverted model, or one of the
-    same architecture) and load all tensors; returns ``base_model``, modified in place."""
+    same architecture) and load all tensors; returns ``base_model``, modified in place. Every saved
+    layer is checked against the base model's before any is built (see :func:`save` for an example)."""
     directory = Path(directory)
     structure = read_structure(directory)
     targets = {}
