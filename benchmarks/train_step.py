@@ -4,7 +4,7 @@ per step, host-device synchronisations, and time.
     .venv/bin/python benchmarks/train_step.py                       # CPU: small ViT, fp32
     python benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16
 
-Every family runs the trainer's own step (gblr.train.step.training_step: fused AdamW, clipping, schedule
+Every family runs the trainer's own step (gblr.step.training_step: fused AdamW, clipping, schedule
 and, for GBLR, the structure learner with its batched masks) on the same images. GBLR layers start at
 full cost (as in training from scratch) with the learner holding a 0.3 budget; low-rank layers are
 built at 0.3. Operations are counted with a dispatch-mode counter (the count is the same on every
@@ -28,7 +28,7 @@ from gblr.device import check_precision, resolve_device
 from gblr.learn import SigmaSchedule, StructureLearner
 from gblr.models import ViT, paper_filter
 from gblr.profiling import count_ops
-from gblr.train.step import make_optimizer, training_step
+from gblr.step import make_optimizer, training_step
 
 MODELS = {
     "small": {"image": 28, "channels": 1, "dim": 128, "depth": 4, "heads": 4, "batch": 128},

@@ -13,7 +13,7 @@ from gblr.models import ViT, paper_filter
 from gblr.profiling import count_ops
 from gblr.train import load_config, train
 from gblr.train.checkpoint import read_checkpoint
-from gblr.train.step import make_optimizer, training_step
+from gblr.step import make_optimizer, training_step
 from run_helpers import kill_after_first_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .learn import StructureLearner, param_groups
+from .step import training_step
 from .mask import shortest_cyclic_windows
 from .structured import StructuredLinear, family_class
 from .structured.base import check_budget, check_weight
@@ -169,12 +170,8 @@ def learned_fit(
     target = weight.detach()
     scale = target.double().pow(2).sum().to(target.dtype)
     for _ in range(steps):
-        loss = (layer.effective_weight(hard=False) - target).pow(2).sum() / scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        learner.step()
+        training_step(lambda: (layer.effective_weight(hard=False) - target).pow(2).sum() / scale,
+                      optimizer, schedule, learner)
     layer.eval()
     return layer
 

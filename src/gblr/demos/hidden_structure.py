@@ -18,6 +18,7 @@ from torch import nn
 
 from ..cost import cost_report
 from ..learn import SigmaSchedule, StructureLearner, param_groups
+from ..step import training_step
 from ..structured.gblr import GBLRLinear
 
 KINDS = ("block_sparse", "low_rank")
@@ -89,12 +90,7 @@ def recover(
     for _ in range(steps):
         x = torch.randn(batch, size, generator=generator)
         y = x @ hidden.T
-        loss = (layer(x) - y).pow(2).mean() / y.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        learner.step()
+        training_step(lambda: (layer(x) - y).pow(2).mean() / y.pow(2).mean(), optimizer, schedule, learner)
     seconds = time.perf_counter() - start
     layer.eval()
     with torch.no_grad():

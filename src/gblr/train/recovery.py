@@ -20,7 +20,7 @@ from torch import nn
 
 from ..device import check_precision
 from ..learn import StructureLearner, gblr_layers
-from .step import make_optimizer, training_step
+from ..step import make_optimizer, training_step
 
 __all__ = ["RecoveryResult", "recover_"]
 

@@ -22,7 +22,7 @@ from ..models import GPT, MLPMixer, ViT, paper_filter
 from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
-from .step import make_optimizer, training_step
+from ..step import make_optimizer, training_step
 
 __all__ = ["train", "build_model", "load_data", "load_trained"]
 
