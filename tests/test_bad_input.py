@@ -170,10 +170,28 @@ CLI_CASES = {  # name: (arguments given the test's folder, message, the path tha
     "compress: calibrate with uniform allocation": (
         lambda p: ["compress", "--model", "minilm", "--calibrate", "--allocation", "uniform", "--out", str(p / "c")], "--calibrate", "c"),
     "report: not a run": (lambda p: ["report", str(p)], "not found", None),
+    "train: an override after --out": (
+        lambda p: ["train", _empty_config(p), "--out", str(p / "run"), *QUICK, "train.lr=-1.0"], "train.lr", "run"),
+    "train: --out where no folder can be made": (
+        lambda p: ["train", _empty_config(p), *QUICK, "--out", "/proc/gblr-run/x", "--quiet"], "gblr-run", None),
+    "compress: a damaged config.json": (
+        lambda p: ["compress", "--model", str(_garbage(p / "model" / "config.json").parent), "--out", str(p / "c")],
+        "cannot be loaded", "c"),
+    "train: a tampered checkpoint": (
+        lambda p: ["train", _empty_config(p), *QUICK, "--resume", "--out", str(_tampered_run(p)), "--quiet"],
+        "field 'position'", "run"),
     "train: a budget no layer can reach": (
         lambda p: ["train", _empty_config(p), *QUICK, 'structure.family="lowrank"', "structure.budget=0.01",
                    "--out", str(p / "run"), "--quiet"], "cannot be lowrank at budget 0.01", "run"),
 }
+
+
+def _tampered_run(p):
+    assert main(["train", _empty_config(p), *QUICK, "--out", str(p / "run"), "--quiet"]) == 0
+    meta = json.loads((p / "run" / "checkpoint.json").read_text())
+    meta["position"] = 10**6
+    (p / "run" / "checkpoint.json").write_text(json.dumps(meta))
+    return p / "run"
 
 
 def _contents(path):

@@ -151,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--precision", default="fp32", help="fp32, or bf16 autocast for recovery")
     compress.add_argument("--out", required=True, help="new directory for the compressed model")
     compress.set_defaults(handler=_compress)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides may also follow --resume or --out
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError) as error:
-        print(f"gblr {args.command}: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as error:  # OSError: unwritable --out, ...
+        print(f"gblr {args.command}: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
 
 

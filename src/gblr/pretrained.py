@@ -62,11 +62,14 @@ def load_pretrained(name: str) -> Pretrained:
     path = Path(name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r}: not one of {PRETRAINED} and not a directory with a config.json")
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = loader.from_pretrained(str(path), dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = loader.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:  # a damaged config.json, missing weights or tokenizer
+        raise ValueError(f"model {name!r} cannot be loaded: {' '.join(str(error).split())}") from None
     return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"path:{path.resolve()}")
 
 

@@ -136,15 +136,18 @@ def load_checkpoint(directory, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and the torch RNG; returns the JSON metadata."""
     meta, tensors = read_checkpoint(directory)
     load_model_state(directory, model, tensors)
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
+    try:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
-    for key, value in meta["optimizer"]["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:  # a tampered JSON
+        raise ValueError(f"checkpoint in {directory} is corrupt: optimizer, scheduler or RNG state: {error!r}") from None
     return meta

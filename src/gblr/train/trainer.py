@@ -175,6 +175,23 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
+def _progress(meta: dict, out_dir: Path, total: int, per_epoch: int, learns_structure: bool) -> tuple:
+    """Step, epoch, position in the epoch, elapsed seconds and history of a checkpoint, each checked
+    (the JSON is not covered by the tensors' digest)."""
+    corrupt = f"checkpoint in {out_dir} is corrupt"
+    fields = {"step": (int, 0, total), "epoch": (int, 0, None), "position": (int, 0, per_epoch),
+              "elapsed": ((int, float), 0, None), "history": (list, None, None)}
+    for name, (kind, low, high) in fields.items():
+        value = meta.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{corrupt}: field {name!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+        if low is not None and not (low <= value and (high is None or value <= high)):
+            raise ValueError(f"{corrupt}: field {name!r} is {value}, outside [{low}, {high if high is not None else 'inf'}]")
+    if learns_structure and not isinstance(meta.get("learner"), dict):
+        raise ValueError(f"{corrupt}: field 'learner' is missing")
+    return tuple(meta[name] for name in fields)
+
+
 def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``config`` into ``out_dir``; with ``resume`` continue from its checkpoint. Returns the report."""
     out_dir = Path(out_dir)
@@ -224,9 +241,12 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         meta = load_checkpoint(out_dir, model, optimizer, scheduler)
         if _build(RunConfig, meta.get("config", {}), "").what_is_learned() != config.what_is_learned():
             raise ValueError(f"checkpoint in {out_dir} was written with another config; refusing to resume")
-        step, epoch, position, elapsed, history = (meta[k] for k in ("step", "epoch", "position", "elapsed", "history"))
+        step, epoch, position, elapsed, history = _progress(meta, out_dir, total, per_epoch, learner is not None)
         if learner is not None:
-            learner.load_state_dict(meta["learner"])
+            try:
+                learner.load_state_dict(meta["learner"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"checkpoint in {out_dir} is corrupt: field 'learner': {error!r}") from None
     writer = _tensorboard(out_dir, step) if main_process else None
     # Under torchrun every process holds the same weights; DDP averages gradients over the shards of
     # each global batch, so optimizer steps, proximal steps and the controller agree on every rank.
