@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .learn import StructureLearner, param_groups
-from .step import training_step
 from .mask import shortest_cyclic_windows
+from .step import training_step
 from .structured import StructuredLinear, family_class
 from .structured.base import check_budget, check_weight
 from .structured.gblr import GBLRLinear

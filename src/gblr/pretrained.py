@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Pretrained", "load_pretrained", "save_compressed_extras", "load_compressed", "sentence_embeddings", "encode_sentences", "embed_all", "token_ids",
-           "perplexity", "PRETRAINED"]
+__all__ = ["Pretrained", "load_pretrained", "save_compressed_extras", "load_compressed", "sentence_embeddings",
+           "encode_sentences", "embed_all", "token_ids", "perplexity", "PRETRAINED"]
 
 PRETRAINED = ("minilm", "smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,14 +66,19 @@ def load_pretrained(name: str) -> Pretrained:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r}: not one of {PRETRAINED} and not a directory with a config.json")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        loader, kind = _auto_class(transformers, transformers.AutoConfig.from_pretrained(str(path)))
         model = loader.from_pretrained(str(path), dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as error:  # a damaged config.json, missing weights or tokenizer
         raise ValueError(f"model {name!r} cannot be loaded: {' '.join(str(error).split())}") from None
-    return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"path:{path.resolve()}")
+    return Pretrained(model.eval(), tokenizer, kind, f"path:{path.resolve()}")
+
+
+def _auto_class(transformers, config) -> tuple[type, str]:
+    """The Auto class that builds ``config``'s architecture, and the kind of model it is."""
+    if any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        return transformers.AutoModelForCausalLM, "causal-lm"
+    return transformers.AutoModel, "encoder"
 
 
 def save_compressed_extras(pretrained: Pretrained, directory) -> None:
@@ -99,13 +104,13 @@ def load_compressed(directory) -> Pretrained:
     transformers.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory / ARCHITECTURE_FILE))
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        model = (transformers.AutoModelForCausalLM if causal else transformers.AutoModel).from_config(config)
+        loader, kind = _auto_class(transformers, config)
+        model = loader.from_config(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{directory} cannot be loaded: {' '.join(str(error).split())}") from None
     io.load(directory, model)  # every tensor is replaced: the random initialisation does not survive
-    return Pretrained(model.eval(), tokenizer, "causal-lm" if causal else "encoder", f"compressed:{directory.resolve()}")
+    return Pretrained(model.eval(), tokenizer, kind, f"compressed:{directory.resolve()}")
 
 
 def encode_sentences(tokenizer, sentences: list[str], max_length: int = 64) -> dict:

@@ -213,10 +213,10 @@ class GBLRLinear(StructuredLinear):
         width_init: str = "full",
         **kwargs,
     ) -> "GBLRLinear":
-        """Without ``budget``: components from the SVD of ``weight`` (largest singular values first),
-        widths per ``width_init``; with ``width_init="full"`` and ``K*r >= rank(weight)`` the layer equals
-        ``weight``. With ``budget``: fit widths, starts and factors under that budget
-        (:func:`gblr.fit.fit_gblr`; ``kwargs`` go to it).
+        """Components from the SVD of ``weight`` (largest singular values first), widths per
+        ``width_init``; with ``width_init="full"`` and ``K*r >= rank(weight)`` the layer equals ``weight``.
+        ``kwargs`` go to the constructor. Fitting to a budget is :func:`gblr.fit.fit_gblr` (a ``budget``
+        here is refused with that pointer).
         """
         check_weight(weight)
         m, n = weight.shape

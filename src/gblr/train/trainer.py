@@ -19,10 +19,10 @@ from ..device import autocast, check_precision, resolve_device
 from ..data import CharTokenizer, load_digits, load_fashion_mnist, load_mnist5k, load_shakespeare, train_val_split
 from ..learn import SigmaSchedule, StructureLearner, gblr_layers
 from ..models import GPT, MLPMixer, ViT, paper_filter
+from ..step import make_optimizer, training_step
 from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
-from ..step import make_optimizer, training_step
 
 __all__ = ["train", "build_model", "load_data", "load_trained"]
 
