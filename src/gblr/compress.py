@@ -68,6 +68,10 @@ def compress_(
     budgets, allocations = None, []
     if allocation == "global":
         selected, _ = select_layers(model, filter_fn)
+        convolutions = [name for name, module in selected.items() if linear_weight(module) is None]
+        if convolutions:
+            raise ValueError(f"allocation='global' covers linear layers only; {convolutions[0]!r} is a convolution "
+                             "(leave convolutions out with filter_fn, or use allocation='uniform')")
         budgets, allocations = _global_budgets(model, selected, config, calibration_loss)
     elif calibration_loss is not None:
         raise ValueError("calibration_loss is used only by allocation='global'")

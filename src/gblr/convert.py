@@ -1,11 +1,14 @@
-"""Model surgery: replace a model's linear layers by structured layers, in place, with one call.
+"""Model surgery: replace a model's linear layers and convolutions by structured layers, in place, with one call.
 
     report = convert_(model, ConvertConfig(family="gblr", budget=0.5), filter_fn=lambda module, name: ...)
 
-``filter_fn(module, name)`` decides which candidate layers are converted (default: every linear layer
+``filter_fn(module, name)`` decides which candidate layers are converted (default: every candidate
 except language-model heads and layers whose weight is tied to an embedding). Candidates are
-``nn.Linear`` and the transposed ``Conv1D`` linear layers some Hugging Face models (GPT-2) use. Each new
-layer keeps the replaced layer's bias, device and dtype, and is initialised from its dense weight
+``nn.Linear``, the transposed ``Conv1D`` linear layers some Hugging Face models (GPT-2) use, and
+``nn.Conv2d`` (``groups=1``, zero padding; it becomes a :class:`StructuredConv2d` whose weight is one
+structured matrix or one per kernel tap, ``ConvertConfig.conv_layout``). Other layer types with a weight
+matrix (``Conv1d``, grouped or transposed convolutions, ...) are listed in the report as skipped, by type.
+Each new layer keeps the replaced layer's bias, device and dtype, and is initialised from its dense weight
 (projection or fit) or, with ``init="random"``, freshly at the budget for training from scratch.
 """
 
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from .fit import fit_gblr, learned_fit, relative_error, structured_from_dense
-from .structured import FAMILIES, StructuredLinear, make_structured
+from .structured import FAMILIES, StructuredConv2d, StructuredLinear, make_structured
+from .structured.conv import LAYOUTS, conv_matrices, conv_unsupported
 
 __all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter",
            "family_options"]
@@ -30,17 +34,20 @@ log = logging.getLogger(__name__)
 
 INITS = ("dense", "random")
 EXCLUDED, TIED = "excluded by the filter", "weight tied to an embedding"  # reasons a layer is not selected
+UNSUPPORTED = "unsupported layer type: "  # followed by the type; not a failure, the layer was never a candidate
 
 
 @dataclass
 class ConvertConfig:
     """What to convert into: a family of :mod:`gblr.structured`, a budget (fraction of each replaced
-    layer's dense cost), how to initialise, and the family's own options (e.g. ``rank``, ``tile``)."""
+    layer's dense cost), how to initialise, the family's own options (e.g. ``rank``, ``tile``), and how a
+    convolution's weight becomes matrices (``"matrix"``: one, ``"taps"``: one per kernel tap)."""
 
     family: str = "gblr"
     budget: float = 0.5
     init: str = "dense"
     options: dict = field(default_factory=dict)
+    conv_layout: str = "matrix"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -49,6 +56,8 @@ class ConvertConfig:
             raise ValueError(f"budget must be a fraction of the dense cost in (0, 1], got {self.budget!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.conv_layout not in LAYOUTS:
+            raise ValueError(f"conv_layout must be one of {LAYOUTS}, got {self.conv_layout!r}")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of keyword arguments, got {type(self.options).__name__}")
         known = family_options(self.family, self.init)
@@ -93,7 +102,8 @@ class ConversionReport:
     @property
     def failed(self) -> list[tuple[str, str]]:
         """Selected layers that could not be converted (e.g. a budget the family cannot reach), with why."""
-        return [(name, reason) for name, reason in self.skipped if reason not in (EXCLUDED, TIED)]
+        return [(name, reason) for name, reason in self.skipped
+                if reason not in (EXCLUDED, TIED) and not reason.startswith(UNSUPPORTED)]
 
     def to_dict(self) -> dict:
         return {"replaced": [asdict(r) for r in self.replaced], "skipped": [list(s) for s in self.skipped]}
@@ -136,22 +146,42 @@ def _embedding_weights(model: nn.Module) -> set[int]:
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Convert every linear layer except heads: language-model and classifier heads and BERT's pooler
+    """Convert every candidate layer except heads: language-model and classifier heads and BERT's pooler
     (tied embeddings are skipped separately)."""
     parts = name.split(".")
     return parts[-1] not in ("lm_head", "head", "classifier", "score") and "pooler" not in parts
 
 
+def _unsupported(module: nn.Module) -> str | None:
+    """Why a layer with a weight matrix cannot be converted (None for supported layers and non-layers)."""
+    if isinstance(module, nn.Conv2d):
+        return conv_unsupported(module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return type(module).__name__
+    return None
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    return linear_weight(module) is not None or (isinstance(module, nn.Conv2d) and conv_unsupported(module) is None)
+
+
 def select_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
                   ) -> tuple[dict[str, nn.Module], list[tuple[str, str]]]:
-    """The linear layers ``convert_`` would replace (by name), and the skipped ones with the reason."""
+    """The layers ``convert_`` would replace (by name), and the skipped ones with the reason (layers of
+    types it cannot convert are named by type)."""
     filter_fn = filter_fn or default_filter
     tied = _embedding_weights(model)
+    structured = [name for name, m in model.named_modules() if isinstance(m, (StructuredLinear, StructuredConv2d))]
     selected, skipped = {}, []
     for name, module in model.named_modules():
-        if not name or linear_weight(module) is None:
+        if not name or any(name.startswith(f"{s}.") for s in structured):
             continue
-        if not filter_fn(module, name):
+        problem = _unsupported(module)
+        if problem is not None:
+            skipped.append((name, UNSUPPORTED + problem))
+        elif not _is_candidate(module):
+            continue
+        elif not filter_fn(module, name):
             skipped.append((name, EXCLUDED))
         elif id(module.weight) in tied:
             skipped.append((name, TIED))
@@ -160,13 +190,23 @@ def select_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] 
     return selected, skipped
 
 
+def _structured(config: ConvertConfig, weight: torch.Tensor, bias: torch.Tensor | None, budget: float) -> StructuredLinear:
+    """One structured layer for the dense ``(out, in)`` matrix ``weight`` per ``config``."""
+    if config.init == "dense":
+        return structured_from_dense(config.family, weight, budget, bias, **config.options)
+    out_features, in_features = weight.shape
+    return make_structured(config.family, in_features, out_features, budget, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype, **config.options)
+
+
 def convert_(
     model: nn.Module,
     config: ConvertConfig | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     budgets: dict[str, float] | None = None,
 ) -> ConversionReport:
-    """Replace the selected linear layers of ``model`` in place; returns what was replaced and skipped.
+    """Replace the selected linear layers and convolutions of ``model`` in place; returns what was
+    replaced and skipped.
 
     ``budgets`` optionally gives a per-layer budget by qualified name (e.g. from a global allocation);
     other layers get ``config.budget``. Example::
@@ -180,19 +220,18 @@ def convert_(
     selected, skipped = select_layers(model, filter_fn)
     report = ConversionReport(skipped=skipped)
     for name, module in selected.items():
-        weight = linear_weight(module).detach()
+        conv = isinstance(module, nn.Conv2d)
+        weight = (module.weight if conv else linear_weight(module)).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        out_features, in_features = weight.shape
         budget = (budgets or {}).get(name, config.budget)
         start = time.perf_counter()
         try:
-            if config.init == "dense":
-                layer = structured_from_dense(config.family, weight, budget, bias, **config.options)
+            if conv:  # the bias goes with the first matrix
+                matrices = conv_matrices(weight, config.conv_layout)
+                layers = [_structured(config, matrix, bias if i == 0 else None, budget) for i, matrix in enumerate(matrices)]
+                layer = StructuredConv2d.like(module, layers, config.conv_layout)
             else:
-                layer = make_structured(
-                    config.family, in_features, out_features, budget, bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype, **config.options,
-                )
+                layer = _structured(config, weight, bias, budget)
         except ValueError as error:  # e.g. a budget this family cannot reach for this shape
             report.skipped.append((name, str(error)))
             continue
@@ -205,6 +244,7 @@ def convert_(
                 error = relative_error(layer.to_dense(), weight)
                 layer.train(was_training)
         model.set_submodule(name, layer)
+        out_features, in_features = weight.shape[0], weight[0].numel()
         report.replaced.append(
             ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),
                            error, time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """Saving and loading converted models without pickle: safetensors for tensors, JSON for structure.
 
 A saved directory holds ``structure.json`` (format version, every structured layer's family, shape and
-constructor options, the conversion config, the base model's identity) and ``model.safetensors`` (the
+constructor options, the geometry of structured convolutions, the conversion config, the base model's
+identity) and ``model.safetensors`` (the
 whole state dict; tied tensors are stored once). Loading rebuilds each structured layer from the JSON,
 puts it into the base model and loads the tensors strictly, so a missing, extra or misshapen tensor is an
 error naming it. Nothing in either file can execute code. Files are written to temporary names and
@@ -19,7 +20,8 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .convert import linear_weight
-from .structured import FAMILIES, StructuredLinear
+from .structured import FAMILIES, StructuredConv2d, StructuredLinear
+from .structured.conv import LAYOUTS, conv_geometry, conv_unsupported
 
 __all__ = ["save", "load", "read_structure", "FORMAT"]
 
@@ -39,8 +41,10 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
     directory = Path(directory)
     if (directory / STRUCTURE_FILE).exists() and not overwrite:
         raise FileExistsError(f"{directory} already holds a saved model; pass overwrite=True to replace it")
-    layers = {}
+    layers, convolutions = {}, {}
     for name, module in model.named_modules():
+        if isinstance(module, StructuredConv2d):
+            convolutions[name] = module.geometry()
         if isinstance(module, StructuredLinear):
             if type(module).family not in FAMILIES or type(module) is not FAMILIES[type(module).family]:
                 raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be saved; save the model before compact()")
@@ -51,7 +55,8 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
                 "bias": getattr(module, "bias", None) is not None,
                 "options": module.constructor_options(),
             }
-    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, "layers": layers}
+    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, "layers": layers,
+                 "convolutions": convolutions}
     directory.mkdir(parents=True, exist_ok=True)
     tensors_tmp = directory / (TENSOR_FILE + ".tmp")
     structure_tmp = directory / (STRUCTURE_FILE + ".tmp")
@@ -63,7 +68,8 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
 
 
 def read_structure(directory) -> dict:
-    """The validated ``structure.json`` of a saved directory."""
+    """The validated ``structure.json`` of a saved directory (``convolutions`` is ``{}`` in saves that
+    have none)."""
     path = Path(directory) / STRUCTURE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a directory written by gblr.io.save")
@@ -82,36 +88,87 @@ def read_structure(directory) -> dict:
                 raise ValueError(f"{path}: field 'layers.{name}.{key}' must be a {kind.__name__}")
         if spec["family"] not in FAMILIES:
             raise ValueError(f"{path}: field 'layers.{name}.family' is {spec['family']!r}; known families: {', '.join(FAMILIES)}")
+    convolutions = structure.setdefault("convolutions", {})
+    if not isinstance(convolutions, dict):
+        raise ValueError(f"{path}: field 'convolutions' must be an object")
+    for name, geometry in convolutions.items():
+        for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
+            value = geometry.get(key) if isinstance(geometry, dict) else None
+            pair = isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+            if not (pair if key not in ("in_channels", "out_channels") else type(value) is int):
+                raise ValueError(f"{path}: field 'convolutions.{name}.{key}' must be "
+                                 f"{'two integers' if key not in ('in_channels', 'out_channels') else 'an integer'}")
+        if geometry.get("layout") not in LAYOUTS:
+            raise ValueError(f"{path}: field 'convolutions.{name}.layout' must be one of {LAYOUTS}")
     return structure
 
 
+def _conv_layer_shapes(geometry: dict) -> list[tuple[int, int]]:
+    """(in, out) of each structured layer a saved convolution is made of."""
+    taps = geometry["kernel_size"][0] * geometry["kernel_size"][1]
+    if geometry["layout"] == "matrix":
+        return [(geometry["in_channels"] * taps, geometry["out_channels"])]
+    return [(geometry["in_channels"], geometry["out_channels"])] * taps
+
+
 def load(directory, base_model: nn.Module) -> nn.Module:
-    """Rebuild the saved structured layers inside ``base_model`` (the unconverted model, or one of the
-    same architecture) and load all tensors; returns ``base_model``, modified in place. Every saved
-    layer is checked against the base model's before any is built (see :func:`save` for an example)."""
+    """Rebuild the saved structured layers (and structured convolutions) inside ``base_model`` (the
+    unconverted model, or one of the same architecture) and load all tensors; returns ``base_model``,
+    modified in place. Every saved layer is checked against the base model's before any is built (see
+    :func:`save` for an example)."""
     directory = Path(directory)
+    where = directory / STRUCTURE_FILE
     structure = read_structure(directory)
-    targets = {}
-    for name, spec in structure["layers"].items():  # every layer checked against the base model before any is built
+    layers = structure["layers"]
+
+    def current(name: str) -> nn.Module:
         try:
-            current = targets[name] = base_model.get_submodule(name)
+            return base_model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} does not exist in the base model") from None
-        shape = _features(current)
-        if shape != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} is saved as {spec['in_features']}->"
-                             f"{spec['out_features']}, the base model's is {shape[0]}->{shape[1]}")
-    for name, spec in structure["layers"].items():
-        current = targets[name]
-        reference = next(iter(current.parameters()), None)
+            raise ValueError(f"{where}: layer {name!r} does not exist in the base model") from None
+
+    # Every layer is checked against the base model before any is built.
+    parts: dict[str, list[str]] = {}  # convolution -> the names of its structured layers
+    expected: dict[str, tuple] = {}  # layer -> (in, out) it must have
+    targets: dict[str, nn.Module] = {}  # the module each new layer or convolution replaces
+    for name, geometry in structure["convolutions"].items():
+        conv = targets[name] = current(name)
+        found = conv_geometry(conv) if isinstance(conv, nn.Conv2d) and conv_unsupported(conv) is None else type(conv).__name__
+        wanted = {k: v for k, v in geometry.items() if k != "layout"}
+        if found != wanted:
+            raise ValueError(f"{where}: convolution {name!r} is saved as {wanted}, the base model's is {found}")
+        parts[name] = [f"{name}.linears.{i}" for i in range(len(_conv_layer_shapes(geometry)))]
+        for part, shape in zip(parts[name], _conv_layer_shapes(geometry)):
+            if part not in layers:
+                raise ValueError(f"{where}: layer {part!r} of convolution {name!r} is missing")
+            expected[part], targets[part] = shape, conv
+    for name, spec in layers.items():
+        if name not in expected:
+            targets[name] = current(name)
+            expected[name] = _features(targets[name])
+        if expected[name] != (spec["in_features"], spec["out_features"]):
+            shape = expected[name]
+            raise ValueError(f"{where}: layer {name!r} is saved as {spec['in_features']}->{spec['out_features']}, "
+                             f"the base model's is {shape[0]}->{shape[1]}")
+    built = {}
+    for name, spec in layers.items():
+        reference = next(iter(targets[name].parameters()), None)
         factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
         try:
-            layer = FAMILIES[spec["family"]](
+            built[name] = FAMILIES[spec["family"]](
                 spec["in_features"], spec["out_features"], bias=spec["bias"], **spec["options"], **factory
             )
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{directory / STRUCTURE_FILE}: layer {name!r} cannot be rebuilt: {error}") from None
-        layer.train(current.training)  # an eval-mode model stays in eval mode
+            raise ValueError(f"{where}: layer {name!r} cannot be rebuilt: {error}") from None
+        built[name].train(targets[name].training)  # an eval-mode model stays in eval mode
+    for name, geometry in structure["convolutions"].items():
+        try:
+            conv = StructuredConv2d(**geometry, linears=[built.pop(part) for part in parts[name]])
+        except ValueError as error:
+            raise ValueError(f"{where}: convolution {name!r} cannot be rebuilt: {error}") from None
+        conv.train(targets[name].training)
+        base_model.set_submodule(name, conv)
+    for name, layer in built.items():
         base_model.set_submodule(name, layer)
     path = directory / TENSOR_FILE
     try:

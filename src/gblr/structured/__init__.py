@@ -1,12 +1,13 @@
-"""Structured drop-ins for ``torch.nn.Linear``, all answering the :class:`StructuredLinear` interface,
-and a registry that builds any family by name for a budget (fitting one to a dense matrix is
-:func:`gblr.fit.structured_from_dense`)."""
+"""Structured drop-ins for ``torch.nn.Linear``, all answering the :class:`StructuredLinear` interface, a
+registry that builds any family by name for a budget (fitting one to a dense matrix is
+:func:`gblr.fit.structured_from_dense`), and :class:`StructuredConv2d`, a convolution computed by them."""
 
 from __future__ import annotations
 
 from .base import StructuredLinear
 from .blast import BlastLinear
 from .blockdiag import BlockDiagonalLinear
+from .conv import StructuredConv2d
 from .dense import DenseLinear
 from .gblr import GBLRLinear
 from .lowrank import LowRankLinear
@@ -15,7 +16,8 @@ from .pixelfly import PixelflyLinear
 
 __all__ = [
     "StructuredLinear", "DenseLinear", "LowRankLinear", "BlockDiagonalLinear", "MonarchLinear",
-    "PixelflyLinear", "BlastLinear", "GBLRLinear", "FAMILIES", "family_names", "family_class", "make_structured",
+    "PixelflyLinear", "BlastLinear", "GBLRLinear", "StructuredConv2d", "FAMILIES", "family_names", "family_class",
+    "make_structured",
 ]
 
 FAMILIES: dict[str, type[StructuredLinear]] = {
