@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -14,7 +15,8 @@ __all__ = ["main"]
 def _train(args) -> int:
     from .train import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"train.init_from={json.dumps(args.init_from)}"] if args.init_from else [])
+    config = load_config(args.config, overrides)
     out_dir = Path(args.out) if args.out else Path("runs") / config.name
     report = train(config, out_dir, resume=args.resume, progress=not args.quiet)
     if report is None:  # a non-zero rank under torchrun: rank 0 reports
@@ -58,7 +60,6 @@ def _demo(args) -> int:
 
 def _compress(args) -> int:
     import copy
-    import json
 
     import torch
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="section.field=value (TOML values)")
     train.add_argument("--out", help="run directory (default runs/NAME)")
     train.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    train.add_argument("--init-from", metavar="RUN_DIR", help="start from the weights of a finished dense run of the "
+                       "same model, fitted at the budget (the same as train.init_from=RUN_DIR)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
     report = commands.add_parser("report", help="print a finished run's report")

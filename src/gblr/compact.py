@@ -106,6 +106,7 @@ class CompactGBLRLinear(StructuredLinear):
     """The frozen inference form of an eval-mode :class:`GBLRLinear` (see module docstring)."""
 
     family = "gblr-compact"
+    executes_structure = True
 
     def __init__(self, layer: GBLRLinear, align: int = 8, chunk_tokens: int = 256, calibrate: bool = True) -> None:
         """``calibrate``: time the executions now and at new token counts on first use (False: choose by

@@ -23,7 +23,7 @@ from .convert import linear_weight
 from .structured import FAMILIES, StructuredConv2d, StructuredLinear
 from .structured.conv import LAYOUTS, conv_geometry, conv_unsupported
 
-__all__ = ["save", "load", "read_structure", "FORMAT"]
+__all__ = ["save", "load", "read_structure", "structure_of", "check_structure", "rebuild", "FORMAT"]
 
 FORMAT = "gblr-structured/1"
 STRUCTURE_FILE = "structure.json"
@@ -41,6 +41,20 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
     directory = Path(directory)
     if (directory / STRUCTURE_FILE).exists() and not overwrite:
         raise FileExistsError(f"{directory} already holds a saved model; pass overwrite=True to replace it")
+    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, **structure_of(model)}
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors_tmp = directory / (TENSOR_FILE + ".tmp")
+    structure_tmp = directory / (STRUCTURE_FILE + ".tmp")
+    save_model(model, str(tensors_tmp))
+    structure_tmp.write_text(json.dumps(structure, indent=2) + "\n")
+    os.replace(tensors_tmp, directory / TENSOR_FILE)
+    os.replace(structure_tmp, directory / STRUCTURE_FILE)  # last: its presence marks a complete save
+    return directory
+
+
+def structure_of(model: nn.Module) -> dict:
+    """``{"layers": ..., "convolutions": ...}``: every structured layer's family, shape and constructor
+    options, and every structured convolution's geometry (what :func:`rebuild` needs)."""
     layers, convolutions = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, StructuredConv2d):
@@ -55,16 +69,7 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
                 "bias": getattr(module, "bias", None) is not None,
                 "options": module.constructor_options(),
             }
-    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, "layers": layers,
-                 "convolutions": convolutions}
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors_tmp = directory / (TENSOR_FILE + ".tmp")
-    structure_tmp = directory / (STRUCTURE_FILE + ".tmp")
-    save_model(model, str(tensors_tmp))
-    structure_tmp.write_text(json.dumps(structure, indent=2) + "\n")
-    os.replace(tensors_tmp, directory / TENSOR_FILE)
-    os.replace(structure_tmp, directory / STRUCTURE_FILE)  # last: its presence marks a complete save
-    return directory
+    return {"layers": layers, "convolutions": convolutions}
 
 
 def read_structure(directory) -> dict:
@@ -79,6 +84,11 @@ def read_structure(directory) -> dict:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(structure, dict) or structure.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}, got {structure.get('format') if isinstance(structure, dict) else structure!r}")
+    return check_structure(structure, path)
+
+
+def check_structure(structure: dict, path) -> dict:
+    """``structure`` (as :func:`structure_of` writes it) with its fields checked; errors name ``path``."""
     layers = structure.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{path}: field 'layers' must be an object")
@@ -117,8 +127,28 @@ def load(directory, base_model: nn.Module) -> nn.Module:
     modified in place. Every saved layer is checked against the base model's before any is built (see
     :func:`save` for an example)."""
     directory = Path(directory)
-    where = directory / STRUCTURE_FILE
-    structure = read_structure(directory)
+    rebuild(base_model, read_structure(directory), directory / STRUCTURE_FILE)
+    path = directory / TENSOR_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as safetensors: {error}") from None
+    state = base_model.state_dict()
+    missing = [k for k in state if k not in tensors and not _is_shared_alias(k, state, tensors)]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
+    base_model.load_state_dict(tensors, strict=False)
+    return base_model
+
+
+def rebuild(base_model: nn.Module, structure: dict, where) -> None:
+    """Put freshly built structured layers and convolutions, as ``structure`` describes them (checked by
+    :func:`check_structure`), into ``base_model`` in place of its layers; their tensors are still to be
+    loaded. Every layer is checked against the base model's before any is built; errors name ``where``."""
     layers = structure["layers"]
 
     def current(name: str) -> nn.Module:
@@ -170,21 +200,6 @@ def load(directory, base_model: nn.Module) -> nn.Module:
         base_model.set_submodule(name, conv)
     for name, layer in built.items():
         base_model.set_submodule(name, layer)
-    path = directory / TENSOR_FILE
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} cannot be read as safetensors: {error}") from None
-    state = base_model.state_dict()
-    missing = [k for k in state if k not in tensors and not _is_shared_alias(k, state, tensors)]
-    unexpected = [k for k in tensors if k not in state]
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
-    base_model.load_state_dict(tensors, strict=False)
-    return base_model
 
 
 def _features(module: nn.Module) -> tuple[int | None, int | None]:

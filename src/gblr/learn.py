@@ -96,9 +96,10 @@ def structure_lr(optimizer: torch.optim.Optimizer) -> float:
     )
 
 
-def _width_costs(layer: GBLRLinear) -> tuple[float, float]:
-    """MACs per unit of normalised width on the output and the input side."""
-    return float(layer.rank * layer.out_features), float(layer.rank * layer.in_features)
+def _width_costs(layer: GBLRLinear, weight: float = 1.0) -> tuple[float, float]:
+    """MACs per unit of normalised width on the output and the input side (times the layer's weight:
+    its tokens per example)."""
+    return float(weight * layer.rank * layer.out_features), float(weight * layer.rank * layer.in_features)
 
 
 def _mean_width_cost(costs: list[tuple[float, float]]) -> float:
@@ -133,12 +134,12 @@ class _FlatWidths:
     Threshold ``t`` moves every width to ``clamp(w - t * side_cost / mean_cost, 0, 1)``; a negative ``t``
     grows only components that are active (reviving every pruned one at once would overshoot)."""
 
-    def __init__(self, layers: list[GBLRLinear]) -> None:
+    def __init__(self, layers: list[GBLRLinear], weights: list[float] | None = None) -> None:
         self.layers = layers
         self.widths = [layer.out_widths for layer in layers] + [layer.in_widths for layer in layers]
         self.lengths = [len(w) for w in self.widths]
         self.components = sum(self.lengths) // 2
-        costs = [_width_costs(layer) for layer in layers]
+        costs = [_width_costs(layer, weight) for layer, weight in zip(layers, weights or [1.0] * len(layers))]
         mean_cost = _mean_width_cost(costs)
         sides = [(cost[0], layer.out_features, layer) for layer, cost in zip(layers, costs)]
         sides += [(cost[1], layer.in_features, layer) for layer, cost in zip(layers, costs)]
@@ -153,6 +154,8 @@ class _FlatWidths:
         self.tile = per_entry([float(layer.tile) for _, _, layer in sides], torch.float64)
         self.length = per_entry([float(n) for _, n, _ in sides], torch.float64)
         self.rank = per_entry([float(layer.rank) for _, _, layer in sides[: len(layers)]], torch.float64)
+        # Per-component weight of the cost (None when all layers count alike: no extra operation).
+        self.weight = None if weights is None else per_entry(weights, torch.float64)
         # Beyond this threshold every width is 0; below its negative every width is 1.
         self.max_threshold = float(1.0 / self.coefficient.min())
         # Operations the cost can skip: tile multiples when every tile is 1, the cap at the length
@@ -178,7 +181,8 @@ class _FlatWidths:
         if not self.tiles_divide:
             sizes = sizes.minimum(self.length)
         h, w = sizes[..., : self.components], sizes[..., self.components :]
-        return torch.minimum(self.rank * (h + w), h * w).sum(-1)
+        cost = torch.minimum(self.rank * (h + w), h * w)
+        return (cost if self.weight is None else cost * self.weight).sum(-1)
 
     def active(self, widths: torch.Tensor) -> torch.Tensor:
         """1 for the entries whose component has both sides non-empty, else 0 (in the widths' dtype)."""
@@ -291,6 +295,9 @@ class StructureLearner:
         tolerance: relative band below the target that the holding phase keeps the cost in.
         l1: optional extra proximal penalty ``lambda`` (applied only while above the budget).
         sigma: a :class:`SigmaSchedule`, or None to leave each layer's sigma as it is.
+        tokens: tokens per example of each GBLR layer, by qualified name (e.g. the output pixels of a
+            structured convolution's layers), so that the budget is a fraction of the FLOPs per example
+            when layers see different numbers of tokens; None: every layer counts alike.
         share_masks: compute the training masks and weights of all GBLR layers of ``model`` in a few
             batched calls per forward pass of ``model`` (:func:`gblr.shared_masks.share_masks`; same
             values and gradients, far fewer operations). ``learner.shared_masks.remove()`` undoes it.
@@ -306,6 +313,7 @@ class StructureLearner:
         tolerance: float = 0.01,
         l1: float = 0.0,
         sigma: SigmaSchedule | None = None,
+        tokens: dict[str, float] | None = None,
         share_masks: bool = True,
     ) -> None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0.0 < target <= 1.0):
@@ -318,9 +326,18 @@ class StructureLearner:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
         if not (math.isfinite(l1) and l1 >= 0):
             raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
-        self.layers = [layer for _, layer in gblr_layers(model)]
+        named = gblr_layers(model)
+        self.layers = [layer for _, layer in named]
         if not self.layers:
             raise ValueError("model has no GBLRLinear layers; convert some layers first")
+        self.weights = None
+        if tokens is not None:
+            missing = [name for name, _ in named if not (tokens.get(name, 0) > 0)]
+            if missing:
+                raise ValueError(f"tokens must give a number > 0 for every GBLR layer; missing or not positive: {missing[:3]}")
+            counts = [float(tokens[name]) for name, _ in named]
+            if len(set(counts)) > 1:  # equal counts change nothing: left out
+                self.weights = [c / max(counts) for c in counts]
         structure_lr(optimizer)  # fail now, not at the first step, if the group is missing
         self.optimizer = optimizer
         self.target = float(target)
@@ -329,7 +346,7 @@ class StructureLearner:
         self.tolerance = float(tolerance)
         self.l1 = float(l1)
         self.sigma_schedule = sigma
-        self.dense_macs = sum(layer.dense_macs_per_token for layer in self.layers)
+        self.dense_macs = sum(w * layer.dense_macs_per_token for w, layer in zip(self._weights(), self.layers))
         self.step_count = 0
         self.start_fraction: float | None = None
         self.last_threshold: float | torch.Tensor = 0.0
@@ -340,9 +357,12 @@ class StructureLearner:
             self._set_sigma(sigma(0))
 
     # --- state -----------------------------------------------------------------------------------
-    def cost_macs(self) -> int:
-        """Counted MACs per token of all GBLR layers."""
-        return sum(layer.macs_per_token() for layer in self.layers)
+    def _weights(self) -> list[float]:
+        return self.weights or [1.0] * len(self.layers)
+
+    def cost_macs(self) -> float:
+        """Counted MACs per token of all GBLR layers (weighted by their tokens when given)."""
+        return sum(w * layer.macs_per_token() for w, layer in zip(self._weights(), self.layers))
 
     def cost_fraction(self) -> float:
         """Counted cost of all GBLR layers as a fraction of their dense cost."""
@@ -389,7 +409,7 @@ class StructureLearner:
     def _flat_widths(self) -> _FlatWidths:
         widths = self.layers[0].out_widths
         if self._flat is None or self._flat.widths[0].device != widths.device or self._flat.dtype != widths.dtype:
-            self._flat = _FlatWidths(self.layers)  # built once per device (the model may move)
+            self._flat = _FlatWidths(self.layers, self.weights)  # built once per device (the model may move)
         return self._flat
 
     @torch.no_grad()

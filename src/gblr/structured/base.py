@@ -45,6 +45,9 @@ class StructuredLinear(nn.Module):
 
     #: Name of the family in the registry (:func:`gblr.structured.make_structured`).
     family: str = ""
+    #: True for inference forms whose forward executes the structure (``compact``): a
+    #: :class:`StructuredConv2d` then runs them on its patches instead of convolving with ``to_dense()``.
+    executes_structure: bool = False
     in_features: int
     out_features: int
 

@@ -1,14 +1,19 @@
 """Structured convolutions: a ``Conv2d`` whose weight is one or more structured matrices.
 
 A convolution is a linear layer applied to every output pixel's patch of input (its receptive field,
-``in_channels * kh * kw`` values). :class:`StructuredConv2d` cuts the patches out (``F.unfold``) and
-multiplies them by structured layers of any family, so everything the linear layers do — budgets, the
-structure learner, cost accounting (one token per output pixel), ``compact``, save and load — works
-for convolutions unchanged. Two layouts of the weight ``(out, in, kh, kw)``:
+``in_channels * kh * kw`` values). :class:`StructuredConv2d` holds structured layers of any family for
+that linear map, so everything the linear layers do — budgets, the structure learner, cost accounting
+(one token per output pixel), ``compact``, save and load — works for convolutions unchanged. Two
+layouts of the weight ``(out, in, kh, kw)``:
 
 - ``"matrix"``: one ``out x (in * kh * kw)`` matrix (PyTorch's own flattening: a column interval
   covers whole input channels with all their taps);
 - ``"taps"``: one ``out x in`` matrix per kernel tap, summed (each tap gets its own structure).
+
+While training, the layers' effective weight (differentiable in every parameter, structure included)
+is convolved with the input by the backend's convolution, which is far faster than multiplying
+unfolded patches; compact inference layers (``executes_structure``) run on the unfolded patches, as
+their counted cost describes.
 """
 
 from __future__ import annotations
@@ -153,6 +158,9 @@ class StructuredConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                              f"got shape {tuple(x.shape)}")
+        if not any(getattr(layer, "executes_structure", True) for layer in self.linears):
+            y = F.conv2d(x, self.to_dense(), self.linears[0].bias, self.stride, self.padding, self.dilation)
+            return y[0] if unbatched else y
         n, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
         # (N, in * kh * kw, pixels) -> one row per output pixel: the layers' tokens.

@@ -13,10 +13,11 @@ from pathlib import Path
 from ..device import PRECISIONS
 from ..mask import SIGMA_MAX
 from ..structured import FAMILIES
+from ..structured.conv import LAYOUTS
 
 __all__ = ["ModelConfig", "DataConfig", "StructureConfig", "TrainConfig", "RunConfig", "load_config", "apply_overrides"]
 
-MODELS = ("vit", "mixer", "gpt")
+MODELS = ("vit", "mixer", "gpt", "resnet")
 RUNTIME_FIELDS = ("device", "compile", "log_every")
 DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
 
@@ -24,8 +25,8 @@ DATASETS = ("fashion_mnist", "mnist5k", "digits", "shakespeare")
 @dataclass
 class ModelConfig:
     name: str = "vit"
-    dim: int = 128
-    depth: int = 4
+    dim: int = 128  # resnet: channels of the first stage
+    depth: int = 4  # resnet: residual blocks per stage
     heads: int = 4
     mlp_ratio: float = 4.0
     patch: int = 4
@@ -51,6 +52,7 @@ class StructureConfig:
     ramp_end: float = 0.5
     rank: int = 1
     tile: int = 1
+    conv_layout: str = "matrix"  # convolutions: one structured matrix ("matrix") or one per kernel tap ("taps")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model
     log_every: int = 10  # steps between reads of the loss and the structure statistics (each waits for the device)
+    init_from: str = ""  # a finished dense run of the same model: its weights, fitted at the budget, start this run
 
 
 @dataclass
@@ -106,6 +109,7 @@ class RunConfig:
              "at least structure.ramp_start and at most 1"),
             ("structure.rank", lambda: s.rank >= 1, ">= 1"),
             ("structure.tile", lambda: s.tile >= 1, ">= 1"),
+            ("structure.conv_layout", lambda: s.conv_layout in LAYOUTS, f"one of {LAYOUTS}"),
             ("train.epochs", lambda: t.epochs >= 1, ">= 1"),
             ("train.batch_size", lambda: t.batch_size >= 1, ">= 1"),
             ("train.lr", lambda: math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
@@ -122,6 +126,11 @@ class RunConfig:
         for name, ok, expected in checks:
             if not ok():
                 raise ValueError(f"config field '{name}' must be {expected}, got {_get(self, name)!r}")
+        if t.init_from and s.family == "dense":
+            raise ValueError("config field 'train.init_from' needs a structured family (structure.family is 'dense')")
+        if t.init_from and s.family == "gblr" and (s.rank, s.tile) != (1, 1):
+            raise ValueError("config field 'train.init_from': fitting GBLR to dense weights gives rank-1 free "
+                             f"structure; structure.rank and structure.tile must be 1, got {s.rank} and {s.tile}")
         if (self.model.name == "gpt") != (self.data.name == "shakespeare"):  # text needs the GPT, images the others
             raise ValueError(f"config field 'model.name' {self.model.name!r} does not fit data.name {self.data.name!r}")
         return self

@@ -3,6 +3,7 @@ learner every step, evaluation every epoch, checkpoints, TensorBoard, and a fina
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,8 @@ from ..cost import cost_report
 from ..device import autocast, check_precision, resolve_device
 from ..data import CharTokenizer, load_digits, load_fashion_mnist, load_mnist5k, load_shakespeare, train_val_split
 from ..learn import SigmaSchedule, StructureLearner, gblr_layers
-from ..models import GPT, MLPMixer, ViT, paper_filter
+from ..io import check_structure, rebuild, structure_of
+from ..models import GPT, MLPMixer, ResNet, ViT, paper_filter
 from ..step import make_optimizer, training_step
 from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
@@ -66,6 +68,8 @@ def build_model(config: RunConfig, data: dict) -> nn.Module:
     m = config.model
     if m.name == "gpt":
         return GPT(data["vocab"], context=m.context, dim=m.dim, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio)
+    if m.name == "resnet":
+        return ResNet(width=m.dim, blocks=m.depth)
     size = data["image_size"]
     patch = m.patch if size % m.patch == 0 else 2
     if m.name == "vit":
@@ -73,21 +77,81 @@ def build_model(config: RunConfig, data: dict) -> nn.Module:
     return MLPMixer(image_size=size, patch=patch, dim=m.dim, depth=m.depth, channel_ratio=m.mlp_ratio)
 
 
-def structure_model(model: nn.Module, config: RunConfig):
-    """Convert the chosen layers. GBLR layers start FLOPs-neutral (budget 1) and the structure learner
-    shrinks them to the budget during training; other families are built at the budget directly."""
+def structure_model(model: nn.Module, config: RunConfig) -> dict | None:
+    """Convert the chosen layers; returns the conversion report (a dict), None for a dense run.
+
+    From scratch, GBLR layers start FLOPs-neutral (budget 1) and the structure learner shrinks them to
+    the budget during training; other families are built at the budget directly. With ``train.init_from``
+    every family is fitted to the dense weights at the budget (:func:`gblr.fit.structured_from_dense`)."""
     s = config.structure
     if s.family == "dense":
         return None
-    options = {"rank": s.rank, "tile": s.tile} if s.family == "gblr" else {}
-    budget = 1.0 if s.family == "gblr" else s.budget
+    from_dense = bool(config.train.init_from)
+    options = {"rank": s.rank, "tile": s.tile} if s.family == "gblr" and not from_dense else {}
+    budget = 1.0 if s.family == "gblr" and not from_dense else s.budget
     layer_filter = paper_filter if s.layers == "paper" else None
-    report = convert_(model, ConvertConfig(family=s.family, budget=budget, init="random", options=options), layer_filter)
+    convert = ConvertConfig(family=s.family, budget=budget, init="dense" if from_dense else "random", options=options,
+                            conv_layout=s.conv_layout)
+    report = convert_(model, convert, layer_filter)
     if report.failed:  # never train a silently dense model
         name, reason = report.failed[0]
         raise ValueError(f"structure: {len(report.failed)} of the chosen layers cannot be {s.family} at budget "
                          f"{budget:g} ({name}: {reason})")
-    return report
+    return report.to_dict()
+
+
+def start_from_dense_run(model: nn.Module, config: RunConfig) -> None:
+    """Load the weights of the finished dense run ``config.train.init_from`` into ``model`` (not yet
+    converted), after checking that the run is finished, dense, and of the same model and data. The source
+    run is only read."""
+    source = Path(config.train.init_from)
+    where = f"train.init_from {source}"
+    if not (source / "checkpoint.json").is_file() or not (source / "report.json").is_file():
+        raise ValueError(f"{where} is not a finished run (it needs checkpoint.json and report.json)")
+    meta, tensors = read_checkpoint(source)
+    try:
+        other = _build(RunConfig, meta.get("config"), "").validate()
+    except ValueError as error:
+        raise ValueError(f"{where}: its config is unreadable: {error}") from None
+    if other.structure.family != "dense":
+        raise ValueError(f"{where} is a {other.structure.family} run; it must be a dense run")
+    for section in ("model", "data"):
+        mine, theirs = getattr(config, section), getattr(other, section)
+        different = [f.name for f in dataclasses.fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name)
+                     and f.name != "limit"]
+        if different:
+            name = f"{section}.{different[0]}"
+            raise ValueError(f"{where} was trained with {name}={_field(other, name)!r}, this config has "
+                             f"{_field(config, name)!r}")
+    load_model_state(source, model, tensors)
+
+
+def _field(config: RunConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _structured(model: nn.Module, config: RunConfig, meta: dict | None, where) -> dict | None:
+    """Give ``model`` its structured layers: those a checkpoint's metadata names (resume, loading), else
+    a fresh conversion (from the dense run of ``train.init_from`` when set). Returns the conversion report."""
+    if meta is not None and "structure" in meta:
+        if not isinstance(meta["structure"], dict):
+            raise ValueError(f"checkpoint in {where} is corrupt: field 'structure' is not an object")
+        rebuild(model, check_structure(meta["structure"], f"checkpoint in {where}"), f"checkpoint in {where}")
+        return meta.get("conversion")
+    if meta is None and config.train.init_from:
+        start_from_dense_run(model, config)
+    return structure_model(model, config)
+
+
+def _tokens_per_example(model: nn.Module, data: dict, config: RunConfig) -> dict[str, int]:
+    """Tokens each structured layer sees per example (output pixels for convolutions)."""
+    example = data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
+    was_training = model.training
+    model.eval()  # no batch-norm statistics are updated by the measurement
+    costs = cost_report(model, example)
+    model.train(was_training)
+    return {layer.name: layer.tokens for layer in costs.layers}
 
 
 def load_trained(run_dir, device="cpu") -> tuple[nn.Module, RunConfig, dict]:
@@ -100,7 +164,7 @@ def load_trained(run_dir, device="cpu") -> tuple[nn.Module, RunConfig, dict]:
     config = _build(RunConfig, meta["config"], "").validate()
     data = load_data(config)
     model = build_model(config, data)
-    structure_model(model, config)
+    _structured(model, config, meta, run_dir)
     load_model_state(run_dir, model, tensors)
     return model.to(device).eval(), config, data
 
@@ -215,7 +279,9 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     torch.manual_seed(config.train.seed)
     data = load_data(config)
     model = build_model(config, data)  # built on the CPU from the seed: the same weights on every device
-    conversion = structure_model(model, config)
+    conversion = _structured(model, config, read_checkpoint(out_dir)[0] if resume else None, out_dir)
+    tokens = _tokens_per_example(model, data, config) if gblr_layers(model) else None
+    structure = structure_of(model)
     if main_process:  # only now: a run that cannot start writes nothing
         out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
@@ -234,7 +300,9 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     if gblr_layers(model):
         learner = StructureLearner(
             model, optimizer, target=s.budget, total_steps=total, ramp=(s.ramp_start, s.ramp_end),
-            sigma=SigmaSchedule(s.sigma_start, s.sigma_end, 0, int(0.8 * total)),
+            # A structure fitted to dense weights starts sharp: a smooth mask would blur the fitted blocks.
+            sigma=SigmaSchedule(s.sigma_end if config.train.init_from else s.sigma_start, s.sigma_end, 0, int(0.8 * total)),
+            tokens=tokens,
         )
     step, epoch, position, elapsed, history = 0, 0, 0, 0.0, []
     if resume:
@@ -263,6 +331,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
             "config": config.to_dict(), "step": step, "epoch": epoch, "position": position,
             "elapsed": elapsed + time.perf_counter() - started, "history": history,
             "learner": learner.state_dict() if learner is not None else None,
+            "structure": structure, "conversion": conversion,
         })
 
     from tqdm import tqdm
@@ -398,7 +467,7 @@ def _report(model, data, config: RunConfig, conversion, history, wall: float, ou
         "effective_parameters": _effective_parameters(model),
         "wall_seconds": wall,
         "layers": costs.to_dict()["layers"],
-        "conversion": conversion.to_dict() if conversion is not None else None,
+        "conversion": conversion,
         **extra,
     }
     pictures = save_structure_pictures(model, out_dir / "structure.png")

@@ -1,0 +1,130 @@
+"""Seeded comparisons of training recipes, run as a resumable grid of `gblr train` runs.
+
+    .venv/bin/python benchmarks/seeded_runs.py resnet     # Fashion-MNIST ResNet: dense / GBLR / low-rank at 0.5,
+                                                         # one structured matrix per convolution vs one per tap
+    .venv/bin/python benchmarks/seeded_runs.py finetune   # Fashion-MNIST ViT at 0.3: fine-tuned from a dense run
+                                                         # vs trained from scratch for the same total epochs
+
+Every (variant, seed) is one run directory under --runs; finished runs are skipped and interrupted ones
+resumed, so the grid can be run in pieces. Each row of benchmarks/results/NAME.json is one run (task,
+variant, family, budget, seed, test metric, effective FLOPs); NAME.md is generated from them: mean and
+standard deviation over seeds. Every variant of an experiment gets the same recipe (config, epochs, data,
+seeds); only what the row names differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _results import provenance, run_metadata, write_results
+
+# Each experiment: description, shared overrides, and variants (label, config, overrides, dense run to start from).
+EXPERIMENTS = {
+    "resnet": {
+        "title": "Fashion-MNIST ResNet: structured 3x3 convolutions at half their cost",
+        "about": "A small ResNet (16/32/64 channels, one basic block per stage); the two 3x3 convolutions of every "
+                 "block are structured (the stem, the 1x1 shortcuts and the head stay dense). `matrix`: one "
+                 "structured matrix of out x (in x 3 x 3) per convolution; `taps`: one out x in matrix per kernel tap. "
+                 "20,000 training images, 3 epochs, the same recipe for every row.",
+        "shared": ["data.limit=20000", "train.epochs=3"],
+        "variants": [
+            ("dense", "configs/fmnist-resnet-dense.toml", [], None),
+            ("gblr matrix", "configs/fmnist-resnet-gblr-0.5.toml", ['structure.conv_layout="matrix"'], None),
+            ("gblr taps", "configs/fmnist-resnet-gblr-0.5.toml", ['structure.conv_layout="taps"'], None),
+            ("lowrank matrix", "configs/fmnist-resnet-lowrank-0.5.toml", ['structure.conv_layout="matrix"'], None),
+            ("lowrank taps", "configs/fmnist-resnet-lowrank-0.5.toml", ['structure.conv_layout="taps"'], None),
+        ],
+    },
+    "finetune": {
+        "title": "Fashion-MNIST ViT at 30 %: fine-tuned from a dense run vs trained from scratch",
+        "about": "The small ViT (dim 128, depth 4) on 15,000 training images. `from dense`: a dense run of 2 epochs, "
+                 "its q, k, v, fc1 and fc2 fitted at the budget (GBLR: the block-low-rank / learned fit; low-rank: "
+                 "truncated SVD), then 2 epochs of training with the structure learner holding the budget (4 epochs "
+                 "in all). `from scratch`: 4 epochs from random initialisation. Same seeds, data and recipe.",
+        "shared": ["data.limit=15000"],
+        "variants": [
+            ("dense 2 epochs", "configs/fmnist-vit-small-dense.toml", ["train.epochs=2"], None),
+            ("dense 4 epochs", "configs/fmnist-vit-small-dense.toml", ["train.epochs=4"], None),
+            ("gblr from dense", "configs/fmnist-vit-small-gblr-0.3.toml", ["train.epochs=2"], "dense 2 epochs"),
+            ("gblr from scratch", "configs/fmnist-vit-small-gblr-0.3.toml", ["train.epochs=4"], None),
+            ("lowrank from dense", "configs/fmnist-vit-small-lowrank-0.3.toml", ["train.epochs=2"], "dense 2 epochs"),
+            ("lowrank from scratch", "configs/fmnist-vit-small-lowrank-0.3.toml", ["train.epochs=4"], None),
+        ],
+    },
+}
+
+
+def run_directory(runs: Path, label: str, seed: int) -> Path:
+    return runs / f"{label.replace(' ', '-')}-seed{seed}"
+
+
+def run_one(runs: Path, experiment: dict, variant: tuple, seed: int) -> dict:
+    label, config, overrides, start = variant
+    out = run_directory(runs, label, seed)
+    command = [sys.executable, "-m", "gblr.cli", "train", config, *experiment["shared"], *overrides,
+               f"train.seed={seed}", "--out", str(out), "--quiet"]
+    if start is not None:
+        command += ["--init-from", str(run_directory(runs, start, seed))]
+    if not (out / "report.json").exists():
+        if (out / "checkpoint.json").exists():
+            command.append("--resume")
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads((out / "report.json").read_text())
+    metric, value = next(iter(report["test"].items()))
+    return {
+        "variant": label, "family": report["config"]["structure"]["family"], "budget": report["budget_target"],
+        "seed": seed, "metric": metric, "value": value, "epochs": report["config"]["train"]["epochs"],
+        "flops_per_example": report["flops_per_example"], "structured_fraction": report["structured_fraction"],
+        "effective_parameters": report["effective_parameters"], "train_seconds": report["wall_seconds"],
+        "command": " ".join(["gblr", *command[3:]]).replace(" --resume", ""),
+    }
+
+
+def summary(rows: list[dict], variants: list[tuple]) -> list[str]:
+    lines = ["| variant | family | budget | structured cost | FLOPs / example | test accuracy (mean ± std) | seeds | "
+             "train time per run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, *_ in variants:
+        mine = [r for r in rows if r["variant"] == label]
+        if not mine:
+            continue
+        values = [r["value"] for r in mine]
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        lines.append(
+            f"| {label} | {mine[0]['family']} | {mine[0]['budget']:.2f} | "
+            f"{statistics.mean(r['structured_fraction'] for r in mine):.3f} | "
+            f"{round(statistics.mean(r['flops_per_example'] for r in mine)):,} | "
+            f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f} % | {len(values)} | "
+            f"{statistics.mean(r['train_seconds'] for r in mine) / 60:.1f} min |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", default=None, help="run directories (default runs/seeded-EXPERIMENT)")
+    args = parser.parse_args()
+    experiment = EXPERIMENTS[args.experiment]
+    runs = Path(args.runs or f"runs/seeded-{args.experiment}")
+    meta = run_metadata(f"CPU, {torch.get_num_threads()} torch threads per run, runs one after the other")
+    rows = []
+    for seed in args.seeds:
+        for variant in experiment["variants"]:
+            start = time.perf_counter()
+            rows.append(run_one(runs, experiment, variant, seed))
+            print(f"{variant[0]} seed {seed}: {rows[-1]['value']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            lines = [f"# {experiment['title']}", "", f"{provenance(meta)} {experiment['about']}", "",
+                     *summary(rows, experiment["variants"]), "", "Commands (one per run):", "",
+                     *[f"    {r['command']}" for r in rows]]
+            write_results(f"seeded_{args.experiment}", meta, rows, lines)
+
+
+if __name__ == "__main__":
+    main()
