@@ -65,7 +65,7 @@ def run_directory(runs: Path, label: str, seed: int) -> Path:
     return runs / f"{label.replace(' ', '-')}-seed{seed}"
 
 
-def run_one(runs: Path, experiment: dict, variant: tuple, seed: int) -> dict:
+def run_one(runs: Path, task: str, experiment: dict, variant: tuple, seed: int) -> dict:
     label, config, overrides, start = variant
     out = run_directory(runs, label, seed)
     command = [sys.executable, "-m", "gblr.cli", "train", config, *experiment["shared"], *overrides,
@@ -79,7 +79,7 @@ def run_one(runs: Path, experiment: dict, variant: tuple, seed: int) -> dict:
     report = json.loads((out / "report.json").read_text())
     metric, value = next(iter(report["test"].items()))
     return {
-        "variant": label, "family": report["config"]["structure"]["family"], "budget": report["budget_target"],
+        "task": task, "variant": label, "family": report["config"]["structure"]["family"], "budget": report["budget_target"],
         "seed": seed, "metric": metric, "value": value, "epochs": report["config"]["train"]["epochs"],
         "flops_per_example": report["flops_per_example"], "structured_fraction": report["structured_fraction"],
         "effective_parameters": report["effective_parameters"], "train_seconds": report["wall_seconds"],
@@ -113,12 +113,12 @@ def main() -> None:
     args = parser.parse_args()
     experiment = EXPERIMENTS[args.experiment]
     runs = Path(args.runs or f"runs/seeded-{args.experiment}")
-    meta = run_metadata(f"CPU, {torch.get_num_threads()} torch threads per run, runs one after the other")
+    meta = run_metadata(f"CPU, {torch.get_num_threads()} torch thread(s) per run")
     rows = []
     for seed in args.seeds:
         for variant in experiment["variants"]:
             start = time.perf_counter()
-            rows.append(run_one(runs, experiment, variant, seed))
+            rows.append(run_one(runs, args.experiment, experiment, variant, seed))
             print(f"{variant[0]} seed {seed}: {rows[-1]['value']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
             lines = [f"# {experiment['title']}", "", f"{provenance(meta)} {experiment['about']}", "",
                      *summary(rows, experiment["variants"]), "", "Commands (one per run):", "",
