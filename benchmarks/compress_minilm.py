@@ -1,9 +1,10 @@
 """Compress the all-MiniLM-L6-v2 sentence encoder to 50 % and 30 % of its linear layers' cost.
 
-For GBLR (uniform budgets; one global budget allocated by weight error; the same calibrated on the
-embedding loss of 64 training sentences), low-rank and Monarch, each without and with a short
-distillation (MSE to the original embeddings, frozen structure; one GBLR row also with the structure
-learner active), measures:
+GBLR and low-rank get the same options: every allocation (uniform budgets; one global budget allocated
+by error curves; the same calibrated on the embedding loss of 64 training sentences) with either fit
+(of the weights; of each layer's outputs on 256 training sentences); Monarch gets the uniform weight fit
+(it has no output fit). Each is measured without and with a short distillation (MSE to the original
+embeddings, frozen structure; the calibrated GBLR rows also with the structure learner active):
 - mean cosine similarity between compressed and original embeddings of 512 held-out Shakespeare
   sentences (the last 10 % of the works; distillation and calibration use the first 90 %),
 - 5-fold cross-validated accuracy of a logistic-regression probe on the 4000 MR sentences.
@@ -34,12 +35,13 @@ from gblr.objectives import EncoderObjectives
 from gblr.pretrained import embed_all, load_pretrained
 from gblr.train.recovery import recover_
 
-METHODS = [  # (label, family, allocation, calibrated)
-    ("GBLR uniform", "gblr", "uniform", False),
-    ("GBLR global", "gblr", "global", False),
-    ("GBLR global, calibrated", "gblr", "global", True),
-    ("low-rank uniform", "lowrank", "uniform", False),
-    ("Monarch uniform", "monarch", "uniform", False),
+METHODS = [  # (label, family, allocation, calibrated, fit)
+    *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation.split()[0],
+       calibrated, fit)
+      for fit in ("weights", "outputs")
+      for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))
+      for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
+    ("Monarch uniform, weights fit", "monarch", "uniform", False, "weights"),
 ]
 
 RELOAD = """
@@ -58,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100, help="distillation steps (batch 32)")
     parser.add_argument("--quick", action="store_true", help="one budget, two methods, 5 steps (smoke run)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -80,28 +83,29 @@ def main() -> None:
 
     rows = [{"method": "original", "budget": 1.0, "distilled": False, **evaluate(original.model)}]
     print(rows[-1], flush=True)
-    budgets = (0.5,) if args.quick else (0.5, 0.3)
-    methods = METHODS[::2] if args.quick else METHODS
+    budgets = (0.5,) if args.quick else args.budgets
+    methods = METHODS[::6] if args.quick else METHODS
     allocation_rows, saved = [], None
     for budget in budgets:
-        for label, family, allocation, calibrated in methods:
+        for label, family, allocation, calibrated, fit in methods:
             model = copy.deepcopy(original.model)
             start = time.perf_counter()
             result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
-                               calibration_loss=objectives.calibration_loss if calibrated else None)
+                               calibration_loss=objectives.calibration_loss if calibrated else None,
+                               calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
             monarch_dense_execution(model)
-            common = {"method": label, "family": family, "allocation": allocation, "calibrated": calibrated,
+            common = {"method": label, "family": family, "allocation": allocation, "calibrated": calibrated, "fit": fit,
                       "budget": budget, "reached": result.reached, "compress_seconds": time.perf_counter() - start}
             rows.append({**common, "distilled": False, **evaluate(model)})
             print(rows[-1], flush=True)
-            if calibrated:
-                allocation_rows += [{"target": budget, **a} for a in result.to_dict()["allocation"]]
+            if calibrated and family == "gblr":
+                allocation_rows += [{"target": budget, "fit": fit, **a} for a in result.to_dict()["allocation"]]
                 learned = copy.deepcopy(model)
                 rows.append({**common, "distilled": "structure learned", **distill(learned, True), **evaluate(learned)})
                 print(rows[-1], flush=True)
             rows.append({**common, "distilled": True, **distill(model, False), **evaluate(model)})
             print(rows[-1], flush=True)
-            if calibrated and saved is None:
+            if calibrated and family == "gblr" and saved is None:
                 saved = (model, result)
     reload_check = check_reload(saved[0], tokenizer, objectives.held_out[:64], saved[1]) if saved else None
     meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32,
@@ -143,10 +147,11 @@ def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
                   f"sentences): max |embedding difference| = {reload_check['max_abs_difference']}."]
     if allocation_rows:
         lines += ["", "## Per-layer allocation (GBLR, global budget calibrated on the embedding loss)", "",
-                  "| target | layer | in | out | uniform-budget error | allocated budget | error at allocated budget | sensitivity |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "Errors are of the weights (weights fit) or of the layer's outputs on the calibration sentences (outputs fit).", "",
+                  "| target | fit | layer | in | out | uniform-budget error | allocated budget | error at allocated budget | sensitivity |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for a in allocation_rows:
-            lines.append(f"| {a['target']:.1f} | {a['name']} | {a['in_features']} | {a['out_features']} | {a['uniform_error']:.4f} | "
+            lines.append(f"| {a['target']:.1f} | {a['fit']} | {a['name']} | {a['in_features']} | {a['out_features']} | {a['uniform_error']:.4f} | "
                          f"{a['budget']:.2f} | {a['relative_error']:.4f} | {a['sensitivity']:.3g} |")
     return lines
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .convert import linear_weight
-from .fit import DEFAULT_GRIDS, block_low_rank_error_curve, relative_error, structured_from_dense
+from .calibration import damped
+from .fit import DATA_AWARE, DEFAULT_GRIDS, block_low_rank_error_curve, output_error, relative_error, structured_from_dense
 from .structured import FAMILIES, LowRankLinear
 from .structured.base import check_budget
 
@@ -44,17 +45,24 @@ class LayerAllocation:
     uniform_error: float  # at the uniform budget, for comparison
 
 
-def error_curve(family: str, weight: torch.Tensor, budgets=BUDGET_GRID, **options) -> list[float]:
+def error_curve(family: str, weight: torch.Tensor, budgets=BUDGET_GRID, gram: torch.Tensor | None = None,
+                **options) -> list[float]:
     """Relative error ``||W_fit - W|| / ||W||`` of ``family``'s fit of ``weight`` at each budget;
-    ``inf`` where the family cannot reach a budget for this shape."""
+    ``inf`` where the family cannot reach a budget for this shape. With ``gram`` (the inputs' second
+    moment on calibration data), the relative error of the outputs of the data-aware fit."""
     if family not in FAMILIES:
         raise ValueError(f"unknown structured family {family!r}; known families: {', '.join(FAMILIES)}")
     weight = weight.detach()
+    if gram is not None and family not in DATA_AWARE:
+        raise ValueError(f"fitting to calibration data (gram) is available for {', '.join(DATA_AWARE)}, not {family}")
     if family == "gblr":  # the block-low-rank candidates of fit_gblr: an upper bound of its error
-        return block_low_rank_error_curve(weight, budgets, options.get("grids", DEFAULT_GRIDS))
+        return block_low_rank_error_curve(weight, budgets, options.get("grids", DEFAULT_GRIDS), gram,
+                                          options.get("damping", 0.01))
     if family == "lowrank":
         m, n = weight.shape
-        energy = torch.linalg.svdvals(weight.double()).pow(2)
+        whitened = weight.double() if gram is None else weight.double() @ torch.linalg.cholesky(
+            damped(gram, options.get("damping", 0.01)))
+        energy = torch.linalg.svdvals(whitened).pow(2)
         tail = energy.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = energy beyond rank r
         total = max(tail[0], 1e-300)
         errors = []
@@ -84,19 +92,22 @@ def layer_sensitivities(
     loss_fn: Callable[[nn.Module], float],
     family: str,
     budget: float,
+    grams: dict[str, torch.Tensor] | None = None,
     **options,
 ) -> dict[str, tuple[float, float]]:
     """Calibration: for each layer, the increase of ``loss_fn(model)`` when only that layer is replaced
-    by its ``family`` fit at ``budget``, with that fit's relative error: ``{name: (loss increase, error)}``.
-    The model is restored after each measurement."""
+    by its ``family`` fit at ``budget`` (fitted to its inputs' ``grams`` when given), with that fit's
+    relative error (of the outputs, with grams): ``{name: (loss increase, error)}``. The model is
+    restored after each measurement."""
     base = loss_fn(model)
     result = {}
     for name, module in layers.items():
         weight = linear_weight(module).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        trial = structured_from_dense(family, weight, budget, bias, **options).eval()
+        gram = (grams or {}).get(name)
+        trial = structured_from_dense(family, weight, budget, bias, gram=gram, **options).eval()
         with torch.no_grad():
-            error = relative_error(trial.to_dense(), weight)
+            error = relative_error(trial.to_dense(), weight) if gram is None else output_error(trial.to_dense(), weight, gram)
         model.set_submodule(name, trial)
         try:
             increase = loss_fn(model) - base

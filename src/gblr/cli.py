@@ -66,6 +66,7 @@ def _compress(args) -> int:
     from . import io
     from .compress import compress_
     from .convert import ConvertConfig
+    from .fit import DATA_AWARE
     from .objectives import objectives_for
     from .pretrained import load_pretrained, save_compressed_extras
     from .train.recovery import recover_
@@ -85,6 +86,9 @@ def _compress(args) -> int:
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
     if args.calibrate and args.allocation != "global":
         raise ValueError("--calibrate needs --allocation global")
+    fit = args.fit or ("outputs" if args.family in DATA_AWARE else "weights")
+    if fit == "outputs" and args.family not in DATA_AWARE:
+        raise ValueError(f"--fit outputs is available for {', '.join(DATA_AWARE)}; use --fit weights for {args.family}")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
@@ -94,9 +98,11 @@ def _compress(args) -> int:
     objectives = objectives_for(teacher)
     quality = {"original": objectives.quality(teacher.model)}
     options = {"steps": args.fit_steps} if args.family == "gblr" else {}
-    print(f"compressing to {args.budget:g} of the replaced layers' cost ({args.family}, {args.allocation}) ...", flush=True)
+    print(f"compressing to {args.budget:g} of the replaced layers' cost ({args.family}, {args.allocation}, "
+          f"fitting the {fit}) ...", flush=True)
     result = compress_(model, args.family, args.budget, args.allocation, options=options,
-                       calibration_loss=objectives.calibration_loss if args.calibrate else None)
+                       calibration_loss=objectives.calibration_loss if args.calibrate else None,
+                       calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
     print(result.to_markdown())
     quality["compressed"] = objectives.quality(model)
     if args.finetune_steps:
@@ -106,7 +112,7 @@ def _compress(args) -> int:
         quality["recovered"] = objectives.quality(model)
         quality["recovery_seconds"] = round(recovery.seconds, 1)
     config = {"model": args.model, "family": args.family, "budget": args.budget, "allocation": args.allocation,
-              "calibrate": args.calibrate, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
+              "calibrate": args.calibrate, "fit": fit, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
               "learn_structure": args.learn_structure, "lr": args.lr, "seed": args.seed}
     io.save(model, out, config={**config, "compression": result.to_dict(), "quality": quality}, base_model=teacher.identity)
     save_compressed_extras(teacher, out)
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--allocation", choices=("uniform", "global"), default="global",
                           help="one budget per layer, or one global budget allocated by error curves")
     compress.add_argument("--calibrate", action="store_true", help="weight the allocation by the loss on calibration text")
+    compress.add_argument("--fit", choices=("outputs", "weights"), default=None,
+                          help="fit each layer's outputs on calibration text (default for gblr and lowrank) or its weights")
     compress.add_argument("--fit-steps", type=int, default=0, help="steps of the learned GBLR fit (0: block-low-rank fits only)")
     compress.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (distillation / next-token loss)")
     compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")

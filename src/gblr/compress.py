@@ -15,7 +15,9 @@ from torch import nn
 
 from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocation_table, allocations_to_dicts,
                        error_curve, layer_sensitivities)
+from .calibration import input_grams
 from .convert import ConversionReport, ConvertConfig, convert_, linear_weight, select_layers
+from .fit import DATA_AWARE
 
 __all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
 
@@ -51,12 +53,16 @@ def compress_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     calibration_loss: Callable[[nn.Module], float] | None = None,
     options: dict | None = None,
+    calibration_inputs: Callable[[nn.Module], object] | None = None,
 ) -> CompressionResult:
     """Replace the selected linear layers of ``model`` (in place) by ``family`` fits whose summed cost
     is at most ``budget`` of the replaced layers' dense cost.
 
     ``allocation="uniform"`` gives every layer ``budget``; ``"global"`` allocates per-layer budgets by
     error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given.
+    ``calibration_inputs(model)``, when given, runs the model on calibration data: every fit then
+    minimises the error of its layer's outputs on those inputs instead of the error of its weights (GBLR
+    and low-rank; see :func:`gblr.calibration.input_grams`), and so do the error curves of the allocation.
     Example::
 
         result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
@@ -65,32 +71,40 @@ def compress_(
     config = ConvertConfig(family=family, budget=budget, options=dict(options or {}))
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    budgets, allocations = None, []
+    if calibration_inputs is not None and family not in DATA_AWARE:
+        raise ValueError(f"calibration_inputs: fitting the outputs is available for {', '.join(DATA_AWARE)}, not {family}")
+    budgets, allocations, grams = None, [], None
+    selected, _ = select_layers(model, filter_fn)
+    if calibration_inputs is not None:
+        linear = {name: module for name, module in selected.items() if linear_weight(module) is not None}
+        grams = input_grams(model, linear, calibration_inputs)
     if allocation == "global":
-        selected, _ = select_layers(model, filter_fn)
         convolutions = [name for name, module in selected.items() if linear_weight(module) is None]
         if convolutions:
             raise ValueError(f"allocation='global' covers linear layers only; {convolutions[0]!r} is a convolution "
                              "(leave convolutions out with filter_fn, or use allocation='uniform')")
-        budgets, allocations = _global_budgets(model, selected, config, calibration_loss)
+        budgets, allocations = _global_budgets(model, selected, config, calibration_loss, grams)
     elif calibration_loss is not None:
         raise ValueError("calibration_loss is used only by allocation='global'")
-    report = convert_(model, config, filter_fn, budgets)
+    report = convert_(model, config, filter_fn, budgets, grams)
     dense = sum(r.in_features * r.out_features for r in report.replaced)
     reached = sum(r.reached_cost * r.in_features * r.out_features for r in report.replaced) / max(dense, 1)
     return CompressionResult(report, allocations, budget, reached)
 
 
-def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss):
+def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss, grams):
     weights = {name: linear_weight(module).detach().cpu() for name, module in selected.items()}  # fits run on the CPU
+    grams = grams or {}
     # one curve per layer over the grid and, last, the uniform budget (for the report)
-    points = {name: error_curve(config.family, w, (*BUDGET_GRID, config.budget), **config.options) for name, w in weights.items()}
+    points = {name: error_curve(config.family, w, (*BUDGET_GRID, config.budget), grams.get(name), **config.options)
+              for name, w in weights.items()}
     curves = {name: errors[:-1] for name, errors in points.items()}
     uniform = {name: errors[-1] for name, errors in points.items()}
     macs = {name: w.numel() for name, w in weights.items()}
     sensitivity = {name: 1.0 for name in weights}
     if calibration_loss is not None:
-        measured = layer_sensitivities(model, selected, calibration_loss, config.family, config.budget, **config.options)
+        measured = layer_sensitivities(model, selected, calibration_loss, config.family, config.budget, grams,
+                                       **config.options)
         # loss increase per unit of squared relative error, at the uniform budget
         sensitivity = {name: max(increase, 0.0) / max(error * error, 1e-12) for name, (increase, error) in measured.items()}
         if not any(sensitivity.values()):

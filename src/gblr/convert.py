@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .fit import fit_gblr, learned_fit, relative_error, structured_from_dense
+from .fit import fit_gblr, learned_fit, output_error, relative_error, structured_from_dense
 from .structured import FAMILIES, StructuredConv2d, StructuredLinear, make_structured
 from .structured.conv import LAYOUTS, conv_matrices, conv_unsupported
 
@@ -76,7 +76,7 @@ def family_options(family: str, init: str = "dense") -> set[str]:
     """The option names ``ConvertConfig.options`` may hold for ``family`` and ``init``: those of the GBLR
     fit (dense init of GBLR), else of the family's constructor and its budget sizing."""
     if family == "gblr" and init == "dense":
-        return (_keywords(fit_gblr) | _keywords(learned_fit)) - {"weight", "budget", "bias"}
+        return (_keywords(fit_gblr) | _keywords(learned_fit)) - {"weight", "budget", "bias", "gram"}
     cls = FAMILIES[family]
     return (_keywords(cls.__init__) | _keywords(cls.size_for_budget)) - {
         "self", "cls", "in_features", "out_features", "bias", "device", "dtype", "budget"}
@@ -92,6 +92,7 @@ class ConvertedLayer:
     reached_cost: float
     relative_error: float | None  # ||W_structured - W|| / ||W|| when initialised from the dense weight
     seconds: float
+    output_error: float | None = None  # ||(W_structured - W) X^T|| / ||W X^T|| on calibration inputs, when fitted to them
 
 
 @dataclass
@@ -109,15 +110,18 @@ class ConversionReport:
         return {"replaced": [asdict(r) for r in self.replaced], "skipped": [list(s) for s in self.skipped]}
 
     def to_markdown(self) -> str:
+        outputs = any(r.output_error is not None for r in self.replaced)  # fitted to calibration inputs
         lines = [
-            "| layer | in | out | family | budget | reached cost | relative error | seconds |",
-            "|---|---:|---:|---|---:|---:|---:|---:|",
+            "| layer | in | out | family | budget | reached cost | relative error |" + (" output error |" if outputs else "")
+            + " seconds |",
+            "|---|---:|---:|---|---:|---:|---:|" + ("---:|" if outputs else "") + "---:|",
         ]
         for r in self.replaced:
             error = "-" if r.relative_error is None else f"{r.relative_error:.4f}"
+            output = ("-" if r.output_error is None else f"{r.output_error:.4f}") + " | " if outputs else ""
             lines.append(
                 f"| {r.name} | {r.in_features} | {r.out_features} | {r.family} | {r.budget:.3f} | "
-                f"{r.reached_cost:.3f} | {error} | {r.seconds:.2f} |"
+                f"{r.reached_cost:.3f} | {error} | {output}{r.seconds:.2f} |"
             )
         if self.skipped:
             lines += ["", "| skipped | reason |", "|---|---|"]
@@ -190,10 +194,11 @@ def select_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] 
     return selected, skipped
 
 
-def _structured(config: ConvertConfig, weight: torch.Tensor, bias: torch.Tensor | None, budget: float) -> StructuredLinear:
+def _structured(config: ConvertConfig, weight: torch.Tensor, bias: torch.Tensor | None, budget: float,
+                gram: torch.Tensor | None = None) -> StructuredLinear:
     """One structured layer for the dense ``(out, in)`` matrix ``weight`` per ``config``."""
     if config.init == "dense":
-        return structured_from_dense(config.family, weight, budget, bias, **config.options)
+        return structured_from_dense(config.family, weight, budget, bias, gram=gram, **config.options)
     out_features, in_features = weight.shape
     return make_structured(config.family, in_features, out_features, budget, bias=bias is not None,
                            device=weight.device, dtype=weight.dtype, **config.options)
@@ -204,12 +209,15 @@ def convert_(
     config: ConvertConfig | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     budgets: dict[str, float] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Replace the selected linear layers and convolutions of ``model`` in place; returns what was
     replaced and skipped.
 
     ``budgets`` optionally gives a per-layer budget by qualified name (e.g. from a global allocation);
-    other layers get ``config.budget``. Example::
+    other layers get ``config.budget``. ``grams`` optionally gives linear layers the second moment of
+    their inputs on calibration data (:func:`gblr.calibration.input_grams`): their fits then minimise
+    the error of the layer's outputs (GBLR and low-rank, with ``init="dense"``). Example::
 
         model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10))
         report = gblr.convert_(model, gblr.ConvertConfig("gblr", budget=0.5),
@@ -218,6 +226,12 @@ def convert_(
     """
     config = config or ConvertConfig()
     selected, skipped = select_layers(model, filter_fn)
+    grams = grams or {}
+    if grams and config.init != "dense":
+        raise ValueError("grams are used to fit dense weights; they need init='dense'")
+    unknown = sorted(name for name in grams if name not in selected or isinstance(selected[name], nn.Conv2d))
+    if unknown:
+        raise ValueError(f"grams: {unknown[0]!r} is not a selected linear layer")
     report = ConversionReport(skipped=skipped)
     for name, module in selected.items():
         conv = isinstance(module, nn.Conv2d)
@@ -231,23 +245,25 @@ def convert_(
                 layers = [_structured(config, matrix, bias if i == 0 else None, budget) for i, matrix in enumerate(matrices)]
                 layer = StructuredConv2d.like(module, layers, config.conv_layout)
             else:
-                layer = _structured(config, weight, bias, budget)
+                layer = _structured(config, weight, bias, budget, grams.get(name))
         except ValueError as error:  # e.g. a budget this family cannot reach for this shape
             report.skipped.append((name, str(error)))
             continue
         layer.train(module.training)
-        error = None
+        error = outputs = None
         if config.init == "dense":
             with torch.no_grad():
                 was_training = layer.training
                 layer.eval()
                 error = relative_error(layer.to_dense(), weight)
+                if name in grams:
+                    outputs = output_error(layer.to_dense(), weight, grams[name])
                 layer.train(was_training)
         model.set_submodule(name, layer)
         out_features, in_features = weight.shape[0], weight[0].numel()
         report.replaced.append(
             ConvertedLayer(name, in_features, out_features, config.family, budget, layer.relative_cost(),
-                           error, time.perf_counter() - start)
+                           error, time.perf_counter() - start, outputs)
         )
         log.info("converted %s (%dx%d) to %s at %.3f", name, in_features, out_features, config.family, budget)
     return report

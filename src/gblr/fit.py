@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from .calibration import damped
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
 from .step import training_step
@@ -26,7 +27,7 @@ from .structured import StructuredLinear, family_class
 from .structured.base import check_budget, check_weight
 from .structured.gblr import GBLRLinear
 
-__all__ = ["structured_from_dense", "fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve",
+__all__ = ["structured_from_dense", "fit_gblr", "learned_fit", "block_low_rank_fit", "block_low_rank_error_curve", "output_error",
            "relative_error"]
 
 log = logging.getLogger(__name__)
@@ -53,20 +54,33 @@ class _TilePieces:
     error curves over many budgets cost no further SVDs.
     """
 
-    def __init__(self, weight: torch.Tensor, grid: int) -> None:
+    def __init__(self, weight: torch.Tensor, grid: int, gram: torch.Tensor | None = None) -> None:
         m, n = weight.shape
         grid = max(1, min(grid, m, n))
         target = weight.detach().double()
-        self.shape, self.total = (m, n), float(target.pow(2).sum())
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for row_start, h in _splits(m, grid):
             for col_start, w in _splits(n, grid):
                 by_shape.setdefault((h, w), []).append((row_start, col_start))
+        # Data-aware: each tile is fitted in the coordinates whitened by its columns' input statistics,
+        # ||(T_fit - T) L_J||, so a piece's energy is the output error it removes (exact for grid 1; for
+        # finer grids the correlations between column tiles are left out). Pieces keep their tile's support.
+        whiten = {}
+        if gram is not None:
+            for col_start, w in _splits(n, grid):
+                whiten[col_start] = torch.linalg.cholesky(gram[col_start : col_start + w, col_start : col_start + w])
         self.groups = []  # per tile shape: (h, w, tile origins, U*S, Vh)
         energy, cost, where = [], [], []
+        self.shape, self.total = (m, n), 0.0
         for (h, w), origins in by_shape.items():
             tiles = torch.stack([target[r : r + h, c : c + w] for r, c in origins])
+            if gram is not None:
+                factors = torch.stack([whiten[c] for _, c in origins])
+                tiles = tiles @ factors
             u, s, vh = torch.linalg.svd(tiles, full_matrices=False)
+            if gram is not None:  # back to the original coordinates: vh L_J^-1
+                vh = torch.linalg.solve_triangular(factors, vh, upper=False, left=False)
+            self.total += float(tiles.pow(2).sum())
             self.groups.append((h, w, origins, u * s.unsqueeze(1), vh))
             g = len(self.groups) - 1
             energy.append(s.pow(2).flatten())
@@ -119,21 +133,38 @@ class _TilePieces:
         return GBLRLinear.from_intervals(out_intervals, in_intervals, out_factors.to(dtype), in_factors.to(dtype), bias)
 
 
-def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None) -> GBLRLinear:
+def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None, gram=None,
+                       damping: float = 0.01) -> GBLRLinear:
     """Best rank-1 pieces of a ``grid x grid`` tiling, chosen greedily by energy per MAC.
 
     Every tile's SVD gives rank-1 pieces of energy ``s_k^2`` and cost ``h + w``; taking the pieces with
     the most energy per MAC until the budget is spent gives a block-low-rank matrix with a rank per tile
-    adapted to the matrix (a GBLR special case). ``grid=1`` is the optimal low-rank matrix.
+    adapted to the matrix (a GBLR special case). ``grid=1`` is the optimal low-rank matrix. With ``gram``
+    (the inputs' second moment, :func:`gblr.calibration.input_grams`) the pieces are those of the
+    output error instead of the weight error.
     """
-    return _TilePieces(weight, grid).layer(budget, weight.dtype, bias)
+    return _TilePieces(weight, grid, (None if gram is None else damped(gram, damping))).layer(budget, weight.dtype, bias)
 
 
-def block_low_rank_error_curve(weight: torch.Tensor, budgets, grids: tuple[int, ...] = DEFAULT_GRIDS) -> list[float]:
+def block_low_rank_error_curve(weight: torch.Tensor, budgets, grids: tuple[int, ...] = DEFAULT_GRIDS,
+                               gram: torch.Tensor | None = None, damping: float = 0.01) -> list[float]:
     """Relative error of the best block-low-rank fit over ``grids`` at each budget (an upper bound of
-    :func:`fit_gblr`'s error), from one batched SVD per tiling."""
-    tilings = [_TilePieces(weight, grid) for grid in grids]
+    :func:`fit_gblr`'s error), from one batched SVD per tiling; with ``gram``, of the outputs (for
+    tilings finer than 1x1, as if the column tiles' inputs were uncorrelated)."""
+    gram = (None if gram is None else damped(gram, damping))
+    tilings = [_TilePieces(weight, grid, gram) for grid in grids]
     return [min(t.relative_error(b) for t in tilings) for b in budgets]
+
+
+def output_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||(W_fit - W) X^T|| / ||W X^T||`` for inputs of second moment ``gram``: the relative error of the
+    layer's outputs on the calibration data."""
+    difference = approx.detach().double().cpu() - weight.detach().double().cpu()
+    gram = gram.detach().double().cpu()
+    reference = weight.detach().double().cpu()
+    error = float(((difference @ gram) * difference).sum().clamp_min(0))
+    total = float(((reference @ gram) * reference).sum())
+    return math.sqrt(error / total) if total > 0 else 0.0
 
 
 def learned_fit(
@@ -144,9 +175,11 @@ def learned_fit(
     lr: float = 5e-3,
     structure_lr: float = 0.0,
     keep: float = 0.99,
+    gram: torch.Tensor | None = None,
 ) -> GBLRLinear:
     """The paper's learned fit: the leading rank-1 SVD components (intervals from their energy), Adam on the relative
-    error while the structure learner shrinks the widths to the budget."""
+    error while the structure learner shrinks the widths to the budget. With ``gram`` (a damped second
+    moment of the inputs) the error is that of the outputs, ``tr(E G E^T) / tr(W G W^T)``."""
     m, n = weight.shape
     # Components beyond twice the rank a low-rank matrix affords are shrunk away anyway; not
     # starting them makes every step cheaper.
@@ -168,10 +201,14 @@ def learned_fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.01, 1.0 - s / steps))
     learner = StructureLearner(layer, optimizer, target=budget, total_steps=steps, ramp=(0.0, 0.5), share_masks=False)
     target = weight.detach()
-    scale = target.double().pow(2).sum().to(target.dtype)
+    metric = None if gram is None else gram.to(target.dtype)
+
+    def error(difference: torch.Tensor) -> torch.Tensor:
+        return difference.pow(2).sum() if metric is None else ((difference @ metric) * difference).sum()
+
+    scale = error(target).detach()
     for _ in range(steps):
-        training_step(lambda: (layer.effective_weight(hard=False) - target).pow(2).sum() / scale,
-                      optimizer, schedule, learner)
+        training_step(lambda: error(layer.effective_weight(hard=False) - target) / scale, optimizer, schedule, learner)
     layer.eval()
     return layer
 
@@ -181,24 +218,45 @@ def fit_gblr(
     budget: float,
     bias: torch.Tensor | None = None,
     grids: tuple[int, ...] = DEFAULT_GRIDS,
+    gram: torch.Tensor | None = None,
+    damping: float = 0.01,
     **learned_options,
 ) -> GBLRLinear:
     """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
     matrix, so the result is never worse than low-rank) and the learned fit (:func:`learned_fit`,
-    skipped with ``steps=0``). Candidates over the budget are discarded."""
+    skipped with ``steps=0``). Candidates over the budget are discarded.
+
+    With ``gram``, the second moment of the layer's inputs on calibration data
+    (:func:`gblr.calibration.input_grams`), every candidate minimises the error of the layer's outputs
+    instead of its weights (``damping`` as in :func:`gblr.calibration.damped`), and the best is chosen by it;
+    the 1x1 tiling is then the optimal output-error low-rank fit."""
     check_weight(weight)
     steps = learned_options.get("steps", 200)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     target = weight.detach()
-    tilings = [_TilePieces(target, grid) for grid in grids]
-    errors = [tiling.relative_error(budget) for tiling in tilings]
+    if gram is not None:
+        if tuple(gram.shape) != (target.shape[1],) * 2:
+            raise ValueError(f"gram must be {target.shape[1]}x{target.shape[1]} (the inputs' second moment), "
+                             f"got {tuple(gram.shape)}")
+        gram = damped(gram, damping)
+        learned_options["gram"] = gram
+
+    def measure(layer) -> float:
+        return relative_error(layer.to_dense(), target) if gram is None else output_error(layer.to_dense(), target, gram)
+
+    tilings = [_TilePieces(target, grid, gram) for grid in grids]
+    if gram is None:  # exact from the singular values
+        errors = [tiling.relative_error(budget) for tiling in tilings]
+    else:  # exact from the candidates (the tilings' own figures leave out correlations between column tiles)
+        errors = [measure(tiling.layer(budget, torch.float64)) if tiling.choose(budget).size else math.inf
+                  for tiling in tilings]
     choice = min(range(len(tilings)), key=errors.__getitem__)
     best, error = tilings[choice].layer(budget, target.dtype, bias), errors[choice]
     best.fit_method = f"block-low-rank {grids[choice]}x{grids[choice]}"  # for reports; not saved
     if steps > 0:
         learned = learned_fit(target, budget, bias, **learned_options)
-        learned_error = relative_error(learned.to_dense(), target)
+        learned_error = measure(learned)
         if learned.relative_cost() <= budget and learned_error < error:
             best, error = learned, learned_error
             best.fit_method = "learned"
@@ -207,16 +265,32 @@ def fit_gblr(
     return best
 
 
+#: Families whose fit can minimise the error of the layer's outputs on calibration data (``gram=``).
+DATA_AWARE = ("gblr", "lowrank")
+
+
 def structured_from_dense(name: str, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
-                          **options) -> StructuredLinear:
+                          gram: torch.Tensor | None = None, **options) -> StructuredLinear:
     """Fit family ``name`` to a dense ``(out, in)`` weight at ``budget``: :func:`fit_gblr` for GBLR, the
-    family's projection for the others. The fit runs on the CPU (SVDs in float64, greedy choices on the
-    host); the layer comes back on the weight's device."""
+    family's projection for the others. With ``gram`` (the inputs' second moment on calibration data)
+    the fit minimises the error of the outputs (GBLR and low-rank; low-rank then is the truncated SVD
+    of the whitened weight ``W L``, mapped back). The fit runs on the CPU (SVDs in float64, greedy
+    choices on the host); the layer comes back on the weight's device."""
     family = family_class(name)
     check_weight(weight)
     bias = None if bias is None else bias.detach().cpu()
+    cpu = weight.detach().cpu()
+    if gram is not None and name not in DATA_AWARE:
+        raise ValueError(f"fitting to calibration data (gram) is available for {', '.join(DATA_AWARE)}, not {name}")
     if name == "gblr":
-        layer = fit_gblr(weight.detach().cpu(), check_budget(budget), bias, **options)
+        layer = fit_gblr(cpu, check_budget(budget), bias, gram=gram, **options)
+    elif gram is not None:
+        if tuple(gram.shape) != (cpu.shape[1],) * 2:
+            raise ValueError(f"gram must be {cpu.shape[1]}x{cpu.shape[1]} (the inputs' second moment), got {tuple(gram.shape)}")
+        whiten = torch.linalg.cholesky(damped(gram, options.pop("damping", 0.01)))
+        layer = family.from_dense((cpu.double() @ whiten).to(cpu.dtype), budget, bias, **options)
+        with torch.no_grad():  # U (V L) L^-1: the low-rank fit of the outputs
+            layer.in_proj.copy_(torch.linalg.solve_triangular(whiten, layer.in_proj.double(), upper=False, left=False))
     else:
-        layer = family.from_dense(weight.detach().cpu(), budget, bias, **options)
+        layer = family.from_dense(cpu, budget, bias, **options)
     return layer.to(weight.device)

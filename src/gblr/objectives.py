@@ -1,10 +1,11 @@
 """What "quality" means for a compressed pretrained model, on offline Shakespeare text.
 
 - sentence encoders: embeddings should stay those of the original model: calibration loss
-  ``1 - cosine`` on 64 training sentences, distillation by MSE to the original's embeddings, quality as
-  the mean cosine similarity on held-out sentences;
-- causal language models: calibration by next-token loss on 2x256 training tokens, recovery by
-  next-token fine-tuning, quality as validation perplexity.
+  ``1 - cosine`` on 64 training sentences, layer inputs for output-error fits from 256 training sentences
+  (one at a time: no padding), distillation by MSE to the original's embeddings, quality as the mean
+  cosine similarity on held-out sentences;
+- causal language models: calibration by next-token loss on 2x256 training tokens, layer inputs from
+  16x256 training tokens, recovery by next-token fine-tuning, quality as validation perplexity.
 Training data is the first 90 % of the works, held-out data the last 10 %.
 """
 
@@ -35,6 +36,7 @@ class EncoderObjectives:
         self.held_out = shakespeare_sentences("val")[:held_out]
         training = shakespeare_sentences("train")
         self.calibration, self.training = encode_sentences(self.tokenizer, training[:64]), training[64:]
+        self.input_sentences = training[:256]
         with torch.no_grad():
             self.calibration_target = sentence_embeddings(self.teacher, self.calibration)
         self.reference = embed_all(self.teacher, self.tokenizer, self.held_out)
@@ -42,6 +44,12 @@ class EncoderObjectives:
     def calibration_loss(self, model: nn.Module) -> float:
         with torch.no_grad():
             return float(1 - (sentence_embeddings(model, self.calibration) * self.calibration_target).sum(-1).mean())
+
+    @torch.no_grad()
+    def calibration_inputs(self, model: nn.Module) -> None:
+        """Run ``model`` on the calibration sentences (for :func:`gblr.calibration.input_grams`)."""
+        for sentence in self.input_sentences:
+            sentence_embeddings(model, encode_sentences(self.tokenizer, [sentence]))
 
     def recovery_loss(self, seed: int = 0):
         rng = random.Random(seed)
@@ -66,11 +74,18 @@ class CausalLMObjectives:
         self.validation = token_ids(teacher.tokenizer, load_shakespeare("val"))[: eval_windows * context]
         self.training = token_ids(teacher.tokenizer, load_shakespeare("train")[:training_characters])
         self.calibration = self.training[: 2 * context].view(2, context)  # window 0 and 1: never trained on
+        self.input_windows = self.training[: 16 * context].view(16, context)
 
     def calibration_loss(self, model: nn.Module) -> float:
         with torch.no_grad():
             calibration = self.calibration.to(model_device(model))
             return float(model(input_ids=calibration, labels=calibration).loss)
+
+    @torch.no_grad()
+    def calibration_inputs(self, model: nn.Module) -> None:
+        """Run ``model`` on the calibration windows (for :func:`gblr.calibration.input_grams`)."""
+        for batch in self.input_windows.split(self.batch_size):
+            model(input_ids=batch.to(model_device(model)))
 
     def recovery_loss(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,121 @@
+"""Fits of a layer's outputs on calibration inputs (input second moments, whitened low-rank and GBLR fits)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gblr.calibration import damped, input_grams
+from gblr.cli import main
+from gblr.compress import compress_
+from gblr.convert import ConvertConfig, convert_
+from gblr.fit import fit_gblr, output_error, structured_from_dense
+
+
+def _anisotropic_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs whose features have scales from 1 to 0.01 in a random order (as activations do)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, features)[torch.randperm(features, generator=generator)]
+    return torch.randn(tokens, features, generator=generator) * scales
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_input_grams_are_the_second_moment_of_each_layers_inputs():
+    torch.manual_seed(0)
+    model = Attention()
+    batches = [torch.randn(3, 5, 16) for _ in range(4)]
+    grams = input_grams(model, {"q": model.q, "k": model.k, "out": model.out}, lambda m: [m(b) for b in batches])
+    x = torch.cat([b.reshape(-1, 16) for b in batches]).double()
+    torch.testing.assert_close(grams["q"], x.T @ x / len(x))
+    torch.testing.assert_close(grams["k"], grams["q"])
+    with torch.no_grad():
+        hidden = torch.cat([(model.q(b) * model.k(b) + model.v(b)).reshape(-1, 8) for b in batches]).double()
+    torch.testing.assert_close(grams["out"], hidden.T @ hidden / len(hidden))
+    assert not model.q._forward_pre_hooks  # the hooks are gone
+    with pytest.raises(ValueError, match="layer 'v' received no input"):
+        input_grams(model, {"v": model.v}, lambda m: None)
+
+
+def test_output_fit_of_low_rank_is_the_whitened_truncated_svd():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    x = _anisotropic_inputs(2000, 40, seed=1).double()
+    gram = x.T @ x / len(x)
+    by_weights = structured_from_dense("lowrank", weight, 0.3)
+    by_outputs = structured_from_dense("lowrank", weight, 0.3, gram=gram)
+    assert by_outputs.rank == by_weights.rank
+    whitened = weight @ torch.linalg.cholesky(damped(gram))
+    singular = torch.linalg.svdvals(whitened)
+    optimum = float(singular[by_outputs.rank :].square().sum().sqrt() / singular.square().sum().sqrt())
+    assert output_error(by_outputs.to_dense(), weight, damped(gram)) == pytest.approx(optimum, rel=1e-9)
+    assert output_error(by_outputs.to_dense(), weight, gram) < 0.7 * output_error(by_weights.to_dense(), weight, gram)
+
+
+def test_output_fit_of_gblr_is_never_worse_than_low_rank_and_keeps_the_budget():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64, dtype=torch.float64) / 8
+    x = _anisotropic_inputs(3000, 64, seed=2).double()
+    gram = x.T @ x / len(x)
+    lowrank = structured_from_dense("lowrank", weight, 0.3, gram=gram)
+    gblr = fit_gblr(weight, 0.3, gram=gram, steps=0)
+    assert gblr.relative_cost() <= 0.3
+    assert output_error(gblr.to_dense(), weight, damped(gram)) <= output_error(lowrank.to_dense(), weight, damped(gram)) + 1e-9
+    weights_fit = fit_gblr(weight, 0.3, steps=0)
+    held_out = _anisotropic_inputs(6000, 64, seed=2)[3000:].double()  # same feature scales, unseen samples
+    with torch.no_grad():
+        errors = [float(((layer.to_dense() - weight) @ held_out.T).norm() / (weight @ held_out.T).norm())
+                  for layer in (gblr, weights_fit)]
+    assert errors[0] < 0.8 * errors[1]  # the gain holds on inputs the fit never saw
+    with pytest.raises(ValueError, match="gram must be 64x64"):
+        fit_gblr(weight, 0.3, gram=gram[:10, :10], steps=0)
+
+
+def test_convert_and_compress_fit_outputs_when_given_calibration_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    x = _anisotropic_inputs(2000, 64, seed=3)
+
+    def calibrate(m):
+        m(x)
+
+    grams = input_grams(model, {"0": model[0], "2": model[2]}, calibrate)
+    converted = copy.deepcopy(model)
+    report = convert_(converted, ConvertConfig("lowrank", 0.4), grams=grams)
+    assert all(r.output_error is not None and r.output_error < r.relative_error for r in report.replaced)
+    assert "output error" in report.to_markdown()
+    for bad, message in (({"9": grams["0"]}, "'9' is not a selected linear layer"),):
+        with pytest.raises(ValueError, match=message):
+            convert_(copy.deepcopy(model), ConvertConfig("lowrank", 0.4), grams=bad)
+    with pytest.raises(ValueError, match="need init='dense'"):
+        convert_(copy.deepcopy(model), ConvertConfig("lowrank", 0.4, init="random"), grams=grams)
+    with pytest.raises(ValueError, match="available for gblr, lowrank, not monarch"):
+        compress_(copy.deepcopy(model), "monarch", 0.5, calibration_inputs=calibrate)
+
+    def error(m):
+        with torch.no_grad():
+            return float((m(x) - model(x)).norm() / model(x).norm())
+
+    for allocation in ("uniform", "global"):
+        by_weights, by_outputs = copy.deepcopy(model), copy.deepcopy(model)
+        compress_(by_weights, "gblr", 0.4, allocation, options={"steps": 0})
+        result = compress_(by_outputs, "gblr", 0.4, allocation, options={"steps": 0}, calibration_inputs=calibrate)
+        assert result.reached <= 0.4
+        assert error(by_outputs) < 0.8 * error(by_weights)
+
+
+def test_compress_command_refuses_an_output_fit_for_families_without_one(tmp_path, capsys):
+    assert main(["compress", "--model", "minilm", "--family", "monarch", "--fit", "outputs",
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--fit outputs is available for gblr, lowrank; use --fit weights for monarch" in error
+    assert not (tmp_path / "out").exists()
