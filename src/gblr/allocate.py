@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .convert import linear_weight
 from .calibration import damped
@@ -101,7 +102,7 @@ def layer_sensitivities(
     restored after each measurement."""
     base = loss_fn(model)
     result = {}
-    for name, module in layers.items():
+    for name, module in tqdm(layers.items(), desc="sensitivities", disable=None, leave=False):
         weight = linear_weight(module).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         gram = (grams or {}).get(name)

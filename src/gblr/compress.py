@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
+from tqdm import tqdm
 
 from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocation_table, allocations_to_dicts,
                        error_curve, layer_sensitivities)
@@ -97,7 +98,7 @@ def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig
     grams = grams or {}
     # one curve per layer over the grid and, last, the uniform budget (for the report)
     points = {name: error_curve(config.family, w, (*BUDGET_GRID, config.budget), grams.get(name), **config.options)
-              for name, w in weights.items()}
+              for name, w in tqdm(weights.items(), desc="error curves", disable=None, leave=False)}
     curves = {name: errors[:-1] for name, errors in points.items()}
     uniform = {name: errors[-1] for name, errors in points.items()}
     macs = {name: w.numel() for name, w in weights.items()}

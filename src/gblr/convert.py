@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .fit import fit_gblr, learned_fit, output_error, relative_error, structured_from_dense
 from .structured import FAMILIES, StructuredConv2d, StructuredLinear, make_structured
@@ -233,7 +234,8 @@ def convert_(
     if unknown:
         raise ValueError(f"grams: {unknown[0]!r} is not a selected linear layer")
     report = ConversionReport(skipped=skipped)
-    for name, module in selected.items():
+    # A bar on a terminal only (fits of large layers take seconds each).
+    for name, module in tqdm(selected.items(), desc="convert", disable=None, leave=False):
         conv = isinstance(module, nn.Conv2d)
         weight = (module.weight if conv else linear_weight(module)).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None

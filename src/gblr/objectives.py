@@ -15,6 +15,7 @@ import random
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .data import load_shakespeare, shakespeare_sentences
 from .pretrained import (
@@ -48,7 +49,7 @@ class EncoderObjectives:
     @torch.no_grad()
     def calibration_inputs(self, model: nn.Module) -> None:
         """Run ``model`` on the calibration sentences (for :func:`gblr.calibration.input_grams`)."""
-        for sentence in self.input_sentences:
+        for sentence in tqdm(self.input_sentences, desc="calibration inputs", disable=None, leave=False):
             sentence_embeddings(model, encode_sentences(self.tokenizer, [sentence]))
 
     def recovery_loss(self, seed: int = 0):
@@ -84,7 +85,7 @@ class CausalLMObjectives:
     @torch.no_grad()
     def calibration_inputs(self, model: nn.Module) -> None:
         """Run ``model`` on the calibration windows (for :func:`gblr.calibration.input_grams`)."""
-        for batch in self.input_windows.split(self.batch_size):
+        for batch in tqdm(self.input_windows.split(self.batch_size), desc="calibration inputs", disable=None, leave=False):
             model(input_ids=batch.to(model_device(model)))
 
     def recovery_loss(self, seed: int = 0):

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..device import check_precision
 from ..learn import StructureLearner, gblr_layers
@@ -74,7 +75,7 @@ def recover_(
     model.train()
     start, step_losses = time.perf_counter(), []
     try:
-        for step in range(steps):
+        for step in tqdm(range(steps), desc="recovery", disable=None, leave=False):  # a bar on a terminal only
             loss, _ = training_step(lambda: batch_loss(model, step), optimizer, schedule, learner, trainable,
                                     clip, device, precision)
             step_losses.append(loss)
