@@ -15,14 +15,12 @@ seeds); only what the row names differs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _grid import metric_text, run_row, train_run
 from _results import provenance, run_metadata, write_results
 
 # Each experiment: description, shared overrides, and variants (label, config, overrides, dense run to start from).
@@ -67,24 +65,10 @@ def run_directory(runs: Path, label: str, seed: int) -> Path:
 
 def run_one(runs: Path, task: str, experiment: dict, variant: tuple, seed: int) -> dict:
     label, config, overrides, start = variant
-    out = run_directory(runs, label, seed)
-    command = [sys.executable, "-m", "gblr.cli", "train", config, *experiment["shared"], *overrides,
-               f"train.seed={seed}", "--out", str(out), "--quiet"]
-    if start is not None:
-        command += ["--init-from", str(run_directory(runs, start, seed))]
-    if not (out / "report.json").exists():
-        if (out / "checkpoint.json").exists():
-            command.append("--resume")
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    report = json.loads((out / "report.json").read_text())
-    metric, value = next(iter(report["test"].items()))
-    return {
-        "task": task, "variant": label, "family": report["config"]["structure"]["family"], "budget": report["budget_target"],
-        "seed": seed, "metric": metric, "value": value, "epochs": report["config"]["train"]["epochs"],
-        "flops_per_example": report["flops_per_example"], "structured_fraction": report["structured_fraction"],
-        "effective_parameters": report["effective_parameters"], "train_seconds": report["wall_seconds"],
-        "command": " ".join(["gblr", *command[3:]]).replace(" --resume", ""),
-    }
+    report, command = train_run(run_directory(runs, label, seed), config,
+                                [*experiment["shared"], *overrides, f"train.seed={seed}"],
+                                run_directory(runs, start, seed) if start is not None else None)
+    return run_row(report, command, task=task, variant=label)
 
 
 def summary(rows: list[dict], variants: list[tuple]) -> list[str]:
@@ -94,13 +78,11 @@ def summary(rows: list[dict], variants: list[tuple]) -> list[str]:
         mine = [r for r in rows if r["variant"] == label]
         if not mine:
             continue
-        values = [r["value"] for r in mine]
-        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
         lines.append(
             f"| {label} | {mine[0]['family']} | {mine[0]['budget']:.2f} | "
             f"{statistics.mean(r['structured_fraction'] for r in mine):.3f} | "
             f"{round(statistics.mean(r['flops_per_example'] for r in mine)):,} | "
-            f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f} % | {len(values)} | "
+            f"{metric_text(mine[0]['metric'], [r['value'] for r in mine])} | {len(mine)} | "
             f"{statistics.mean(r['train_seconds'] for r in mine) / 60:.1f} min |")
     return lines
 

@@ -1,0 +1,47 @@
+"""What the grid benchmarks share: one `gblr train` run per directory, skipped when finished and resumed
+when interrupted, summarised as a row; mean and spread over seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train_run(out: Path, config: str, overrides: list[str], init_from: Path | None = None) -> tuple[dict, str]:
+    """The report of the run in ``out`` (trained now unless finished) and the command that trains it."""
+    command = [sys.executable, "-m", "gblr.cli", "train", config, *overrides, "--out", str(out), "--quiet"]
+    if init_from is not None:
+        command += ["--init-from", str(init_from)]
+    if not (out / "report.json").exists():
+        resume = ["--resume"] if (out / "checkpoint.json").exists() else []
+        subprocess.run(command + resume, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "report.json").read_text()), " ".join(["gblr", *command[3:]])
+
+
+def run_row(report: dict, command: str, **labels) -> dict:
+    """One run as a row: its labels, test metric, best validation metric, cost and time."""
+    metric, value = next(iter(report["test"].items()))
+    larger_is_better = metric == "accuracy"
+    validation = [h[metric] for h in report["history"] if metric in h]
+    best = (max if larger_is_better else min)(validation) if validation else None
+    return {**labels, "family": report["config"]["structure"]["family"], "budget": report["budget_target"],
+            "seed": report["config"]["train"]["seed"], "lr": report["config"]["train"]["lr"],
+            "metric": metric, "value": value, "best_validation": best, "epochs": report["config"]["train"]["epochs"],
+            "flops_per_example": report["flops_per_example"], "structured_fraction": report["structured_fraction"],
+            "effective_parameters": report["effective_parameters"], "train_seconds": report["wall_seconds"],
+            "command": command}
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def metric_text(metric: str, values: list[float]) -> str:
+    mean, spread = mean_and_spread(values)
+    if metric == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * spread:.2f} %"
+    return f"{mean:.4f} ± {spread:.4f}"

@@ -1,0 +1,180 @@
+"""The evidence study: quality against cost for every structured family on several tasks, over seeds.
+
+    .venv/bin/python benchmarks/study.py                          # every task, the whole grid (hours; resumable)
+    .venv/bin/python benchmarks/study.py --tasks fmnist-vit --seeds 0   # a piece of it
+    .venv/bin/python benchmarks/study.py --report                 # only rewrite the results from finished runs
+
+Protocol, the same for every family (written into the results):
+1. Tuning: on each task, every family is trained at budget 0.3 (dense at 1.0) with seed 0 and each of the
+   same learning rates; the one with the best validation metric is that family's learning rate for the
+   whole task. Nothing else is tuned; the recipe (model, data, epochs, schedule) is the task's for all.
+2. Grid: dense, GBLR and low-rank at every budget with every seed; the other families at 0.3 with every seed.
+3. The test split is evaluated once per run, at its end, and is never used to choose anything.
+
+Every (task, family, budget, lr, seed) is one `gblr train` run under --runs: finished runs are skipped and
+interrupted ones resumed, so the grid can be run in pieces, on a CPU or (--device cuda) a GPU. Writes
+benchmarks/results/study.json (rows and protocol), study.md (per task: mean ± std over seeds and FLOPs per
+example) and study_TASK.png (metric against FLOPs per example, one line per family, error bars: std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from _grid import mean_and_spread, metric_text, run_row, train_run
+from _results import RESULTS, provenance, run_metadata, write_results
+
+#: task -> (base config, the task's recipe as overrides, what it is). Sized so that the CPU grid runs
+#: across a few sessions; where a GPU is lent, larger recipes can be run with --recipe overrides.
+TASKS = {
+    "fmnist-vit": ("configs/fmnist-vit-small-dense.toml", ["data.limit=20000", "train.epochs=3"],
+                   "ViT (dim 128, depth 4) on 20,000 Fashion-MNIST images, 3 epochs; q, k, v, fc1, fc2 structured"),
+    "fmnist-mixer": ("configs/fmnist-mixer-dense.toml",
+                     ["model.dim=128", "model.depth=4", "data.limit=20000", "train.epochs=3"],
+                     "MLP-Mixer (dim 128, depth 4) on 20,000 Fashion-MNIST images, 3 epochs; token and channel MLPs structured"),
+    "shakespeare-gpt": ("configs/shakespeare-gpt-dense.toml", ["model.dim=128", "model.context=128", "train.max_steps=1000"],
+                        "GPT (dim 128, depth 4, context 128) on Shakespeare characters, 1000 steps of 32 windows; "
+                        "q, k, v, fc1, fc2 structured; its validation split is also the reported one"),
+}
+#: family -> overrides (the budget is added per run).
+FAMILIES = {
+    "dense": ['structure.family="dense"'],
+    "gblr": ['structure.family="gblr"'],
+    "gblr-hw": ['structure.family="gblr"', "structure.rank=16", "structure.tile=16"],
+    "lowrank": ['structure.family="lowrank"'],
+    "monarch": ['structure.family="monarch"'],
+    "blast": ['structure.family="blast"'],
+    "pixelfly": ['structure.family="pixelfly"'],
+    "blockdiag": ['structure.family="blockdiag"'],
+}
+EVERY_BUDGET = ("dense", "gblr", "lowrank")  # the others run at TUNING_BUDGET only
+BUDGETS = (0.1, 0.2, 0.3, 0.5)
+TUNING_BUDGET = 0.3
+LEARNING_RATES = (5e-4, 1e-3, 2e-3)
+
+
+def run_directory(runs: Path, task: str, family: str, budget: float, lr: float, seed: int) -> Path:
+    return runs / task / f"{family}-b{budget:g}-lr{lr:g}-s{seed}"
+
+
+def run(runs: Path, task: str, family: str, budget: float, lr: float, seed: int, extra: list[str]) -> dict:
+    config, recipe, _ = TASKS[task]
+    overrides = [*recipe, *FAMILIES[family], f"structure.budget={budget}", f"train.lr={lr}", f"train.seed={seed}", *extra]
+    report, command = train_run(run_directory(runs, task, family, budget, lr, seed), config, overrides)
+    return run_row(report, command, task=task, study_family=family)
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a > b if metric == "accuracy" else a < b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs/study")
+    parser.add_argument("--device", default="cpu", help="train.device of every run")
+    parser.add_argument("--report", action="store_true", help="no training: rewrite the results from finished runs")
+    parser.add_argument("--overrides", nargs="*", default=[], help="section.field=value after every task's recipe")
+    parser.add_argument("--name", default="study", help="results file name (benchmarks/results/NAME.*)")
+    args = parser.parse_args()
+    runs, extra = Path(args.runs), [f'train.device="{args.device}"', *args.overrides]
+    rows, tuning = [], {}
+    for task in args.tasks:
+        for family in args.families:
+            budget = 1.0 if family == "dense" else TUNING_BUDGET
+            trials = [r for lr in LEARNING_RATES if (r := collect(args, runs, task, family, budget, lr, 0, extra))]
+            if len(trials) < len(LEARNING_RATES):
+                continue  # tuning not finished: no grid for this family yet
+            chosen = trials[0]
+            for trial in trials[1:]:
+                if better(trial["metric"], trial["best_validation"], chosen["best_validation"]):
+                    chosen = trial
+            tuning[f"{task}/{family}"] = {"lr": chosen["lr"], "validation": {t["lr"]: t["best_validation"] for t in trials}}
+            budgets = [1.0] if family == "dense" else (args.budgets if family in EVERY_BUDGET else [TUNING_BUDGET])
+            for budget in budgets:
+                for seed in args.seeds:
+                    row = collect(args, runs, task, family, budget, chosen["lr"], seed, extra)
+                    if row is not None:
+                        rows.append(row)
+            write(args, rows, tuning)
+
+
+def collect(args, runs, task, family, budget, lr, seed, extra) -> dict | None:
+    """The row of one run: trained now unless --report (then None when it is not finished)."""
+    if args.report and not (run_directory(runs, task, family, budget, lr, seed) / "report.json").exists():
+        return None
+    start = time.perf_counter()
+    row = run(runs, task, family, budget, lr, seed, extra)
+    if not args.report:
+        print(f"{task} {family} budget {budget:g} lr {lr:g} seed {seed}: {row['metric']} {row['value']:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return row
+
+
+def write(args, rows: list[dict], tuning: dict) -> None:
+    meta = run_metadata(f"device {args.device}", overrides=args.overrides, protocol=" ".join(__doc__.split("results):")[1].split("\n\nEvery")[0].split()),
+                        learning_rates=list(LEARNING_RATES), tuning=tuning,
+                        tasks={task: {"config": c, "recipe": r, "about": a} for task, (c, r, a) in TASKS.items()})
+    lines = ["# The evidence study: quality against cost", "", provenance(meta), "",
+             "Protocol, the same for every family: " + meta["protocol"], ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        metric = mine[0]["metric"]
+        lines += [f"## {task}", "", TASKS[task][2] + ".", "",
+                  f"| family | lr | budget | structured cost | FLOPs / example | test {metric} (mean ± std) | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for (family, budget), group in _groups(mine).items():
+            lines.append(f"| {family} | {group[0]['lr']:g} | {budget:g} | "
+                         f"{statistics.mean(r['structured_fraction'] for r in group):.3f} | "
+                         f"{round(statistics.mean(r['flops_per_example'] for r in group)):,} | "
+                         f"{metric_text(metric, [r['value'] for r in group])} | {len(group)} |")
+        picture = pareto_picture(f"{args.name}_{task}", task, mine)
+        lines += ["", f"![{task}]({picture.name})" if picture else "", ""]
+    write_results(args.name, meta, rows, lines)
+
+
+def _groups(rows: list[dict]) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["study_family"], r["budget"]), []).append(r)
+    return dict(sorted(groups.items(), key=lambda item: (list(FAMILIES).index(item[0][0]), item[0][1])))
+
+
+def pareto_picture(name: str, task: str, rows: list[dict]) -> Path | None:
+    """Metric against FLOPs per example, one line per family, mean ± std over seeds."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    by_family: dict = {}
+    for (family, _), group in _groups(rows).items():
+        flops = statistics.mean(r["flops_per_example"] for r in group)
+        mean, spread = mean_and_spread([r["value"] for r in group])
+        by_family.setdefault(family, []).append((flops, mean, 0.0 if spread != spread else spread))
+    for family, points in by_family.items():
+        points.sort()
+        axes.errorbar([p[0] / 1e6 for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                      marker="o", capsize=3, label=family)
+    axes.set_xlabel("MFLOPs per example")
+    axes.set_ylabel(f"test {rows[0]['metric']}")
+    axes.set_title(task)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = RESULTS / f"{name}.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    main()
