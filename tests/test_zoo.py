@@ -127,19 +127,36 @@ def test_registry_covers_every_family():
     assert set(FAMILIES) == {"dense", "lowrank", "blockdiag", "monarch", "pixelfly", "blast", "gblr"}
 
 
-def test_monarch_any_shape_and_block_counts():
+def test_monarch_any_shape_block_counts_and_rank():
     from gblr.structured import MonarchLinear
 
     torch.manual_seed(0)
-    for in_features, out_features, blocks, out_blocks in [(50, 70, 4, 7), (96, 33, 8, 3), (17, 64, 5, 5)]:
-        member = MonarchLinear(in_features, out_features, num_blocks=blocks, out_blocks=out_blocks, dtype=torch.float64)
+    for in_features, out_features, blocks, out_blocks, rank in [(50, 70, 4, 7, 1), (96, 33, 8, 3, 3), (17, 64, 5, 5, 2)]:
+        shape = {"num_blocks": blocks, "out_blocks": out_blocks, "rank": rank, "dtype": torch.float64}
+        member = MonarchLinear(in_features, out_features, **shape)
         weight = member.to_dense().detach()
-        projected = MonarchLinear(in_features, out_features, num_blocks=blocks, out_blocks=out_blocks, dtype=torch.float64)
+        blocks_of = weight.new_zeros(out_blocks * member.out_block, blocks * member.in_block)
+        blocks_of[:out_features, :in_features] = weight
+        tiles = blocks_of.reshape(out_blocks, member.out_block, blocks, member.in_block).permute(0, 2, 1, 3)
+        assert int(torch.linalg.matrix_rank(tiles).max()) == rank  # every block has the rank asked for
+        projected = MonarchLinear(in_features, out_features, **shape)
         with torch.no_grad():
             projected.project_(weight)
         assert torch.allclose(projected.to_dense(), weight, atol=1e-8)
         x = torch.randn(3, in_features, dtype=torch.float64)
         assert torch.allclose(projected(x) - projected.bias, x @ weight.T, atol=1e-8)
+        assert member.macs_per_token() == blocks * out_blocks * rank * (member.in_block + member.out_block)
+    with pytest.raises(ValueError, match="rank=9 must not exceed"):
+        MonarchLinear(64, 64, num_blocks=8, rank=9)
+
+
+def test_monarch_is_sized_with_about_sqrt_n_blocks():
+    from gblr.structured import MonarchLinear
+
+    for budget in (0.1, 0.3, 0.5):
+        sizes = MonarchLinear.size_for_budget(384, 384, budget)
+        assert 10 <= sizes["num_blocks"] <= 39 and sizes["out_blocks"] == sizes["num_blocks"]
+    assert MonarchLinear.size_for_budget(384, 384, 0.5)["rank"] > 1
 
 
 def test_gblr_fit_is_never_worse_than_lowrank():
