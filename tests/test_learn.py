@@ -185,3 +185,21 @@ def test_project_to_budget_shrinks_and_grows_to_the_budget():
     assert project_to_budget(layers, 0.5 * dense, allow_growth=True) < 0
     assert 0.99 * 0.5 * dense <= cost() <= 0.5 * dense
     assert all(((layer.out_widths >= 0) & (layer.out_widths <= 1)).all() for layer in layers)
+
+
+def test_per_layer_allocation_holds_every_layer_to_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(32, 96), nn.GELU(), GBLRLinear(96, 16))
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    learner = StructureLearner(model, optimizer, target=0.4, total_steps=30, ramp=(0.0, 0.5), allocation="per_layer")
+    x = torch.randn(64, 32)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        stats = learner.step()
+    for layer in (model[0], model[2]):
+        assert 0.4 * 0.98 <= layer.relative_cost() <= 0.4
+    assert float(stats["cost_fraction"]) == pytest.approx(learner.cost_fraction())
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        StructureLearner(model, optimizer, target=0.4, total_steps=30, allocation="sensitivity")

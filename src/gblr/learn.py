@@ -41,6 +41,8 @@ __all__ = [
 
 #: Name of the optimizer param group holding widths and starts.
 STRUCTURE_GROUP = "gblr_structure"
+#: How the budget is shared between layers (:class:`StructureLearner`).
+ALLOCATIONS = ("global", "per_layer")
 
 
 def gblr_layers(model: nn.Module) -> list[tuple[str, GBLRLinear]]:
@@ -139,7 +141,9 @@ class _FlatWidths:
         self.widths = [layer.out_widths for layer in layers] + [layer.in_widths for layer in layers]
         self.lengths = [len(w) for w in self.widths]
         self.components = sum(self.lengths) // 2
-        costs = [_width_costs(layer, weight) for layer, weight in zip(layers, weights or [1.0] * len(layers))]
+        weights_or_ones = weights or [1.0] * len(layers)
+        costs = [_width_costs(layer, weight) for layer, weight in zip(layers, weights_or_ones)]
+        self.dense_macs = sum(w * layer.dense_macs_per_token for w, layer in zip(weights_or_ones, layers))
         mean_cost = _mean_width_cost(costs)
         sides = [(cost[0], layer.out_features, layer) for layer, cost in zip(layers, costs)]
         sides += [(cost[1], layer.in_features, layer) for layer, cost in zip(layers, costs)]
@@ -295,6 +299,9 @@ class StructureLearner:
         tolerance: relative band below the target that the holding phase keeps the cost in.
         l1: optional extra proximal penalty ``lambda`` (applied only while above the budget).
         sigma: a :class:`SigmaSchedule`, or None to leave each layer's sigma as it is.
+        allocation: "global": one cost-weighted threshold for all layers, so the budget holds for their
+            sum and the layers share it as the loss and the penalty decide; "per_layer": every layer is held
+            to the budget on its own (the allocation fixed-size families get).
         tokens: tokens per example of each GBLR layer, by qualified name (e.g. the output pixels of a
             structured convolution's layers), so that the budget is a fraction of the FLOPs per example
             when layers see different numbers of tokens; None: every layer counts alike.
@@ -315,6 +322,7 @@ class StructureLearner:
         sigma: SigmaSchedule | None = None,
         tokens: dict[str, float] | None = None,
         share_masks: bool = True,
+        allocation: str = "global",
     ) -> None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0.0 < target <= 1.0):
             raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target!r}")
@@ -326,6 +334,9 @@ class StructureLearner:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
         if not (math.isfinite(l1) and l1 >= 0):
             raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
         named = gblr_layers(model)
         self.layers = [layer for _, layer in named]
         if not self.layers:
@@ -351,7 +362,7 @@ class StructureLearner:
         self.start_fraction: float | None = None
         self.last_threshold: float | torch.Tensor = 0.0
         self._decay: float | None = None  # the 1/(2 sigma^2) last set on every layer
-        self._flat: _FlatWidths | None = None
+        self._flats: list[_FlatWidths] | None = None
         self.shared_masks = SharedMasks(model) if share_masks else None
         if sigma is not None:
             self._set_sigma(sigma(0))
@@ -406,11 +417,17 @@ class StructureLearner:
         torch._foreach_add_(decays, decay)
         self._decay = decay
 
-    def _flat_widths(self) -> _FlatWidths:
+    def _flat_widths(self) -> list[_FlatWidths]:
+        """The groups of layers the budget is held for: all layers, or each layer on its own."""
         widths = self.layers[0].out_widths
-        if self._flat is None or self._flat.widths[0].device != widths.device or self._flat.dtype != widths.dtype:
-            self._flat = _FlatWidths(self.layers, self.weights)  # built once per device (the model may move)
-        return self._flat
+        if self._flats is None or self._flats[0].widths[0].device != widths.device or self._flats[0].dtype != widths.dtype:
+            # built once per device (the model may move)
+            if self.allocation == "global":
+                self._flats = [_FlatWidths(self.layers, self.weights)]
+            else:
+                self._flats = [_FlatWidths([layer], None if self.weights is None else [weight])
+                               for layer, weight in zip(self.layers, self._weights())]
+        return self._flats
 
     @torch.no_grad()
     def step(self) -> dict:
@@ -420,28 +437,33 @@ class StructureLearner:
             self.start_fraction = self.cost_fraction()  # one host read, at the first step only
         self.step_count += 1
         eta = structure_lr(self.optimizer)
-        budget = self.budget_fraction() * self.dense_macs
-        flat = self._flat_widths()
-        widths = flat.read()
-        if self.l1 > 0:  # the paper's L1 proximal step, while above the budget
-            shrunk = (widths - eta * self.l1 * flat.coefficient).clamp(0.0, 1.0)
-            widths = torch.where(flat.cost(widths) > budget, shrunk, widths)
-
+        fraction = self.budget_fraction()
         holding = self.step_count >= self.ramp_steps[1]
-        threshold = widths.new_zeros(())
-        # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
-        # while holding, a second pass grows the surviving components back up to the budget.
-        for _ in range(2 if holding else 1):
-            t, new_widths, new_cost, unchanged, cost = flat.search(widths, budget, allow_growth=holding)
-            if holding:  # a model inside its band is left alone
-                in_band = (cost <= budget) & (cost >= (1.0 - self.tolerance) * budget)
-                t = t * ~in_band
-                new_widths = torch.where(in_band, unchanged, new_widths)
-                new_cost = torch.where(in_band, cost, new_cost)
-            threshold, widths, cost = threshold + t, new_widths, new_cost
-        flat.write(widths)
+        costs, thresholds = [], []
+        for flat in self._flat_widths():
+            budget = fraction * flat.dense_macs
+            widths = flat.read()
+            if self.l1 > 0:  # the paper's L1 proximal step, while above the budget
+                shrunk = (widths - eta * self.l1 * flat.coefficient).clamp(0.0, 1.0)
+                widths = torch.where(flat.cost(widths) > budget, shrunk, widths)
+            threshold = widths.new_zeros(())
+            # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
+            # while holding, a second pass grows the surviving components back up to the budget.
+            for _ in range(2 if holding else 1):
+                t, new_widths, new_cost, unchanged, cost = flat.search(widths, budget, allow_growth=holding)
+                if holding:  # a group inside its band is left alone
+                    in_band = (cost <= budget) & (cost >= (1.0 - self.tolerance) * budget)
+                    t = t * ~in_band
+                    new_widths = torch.where(in_band, unchanged, new_widths)
+                    new_cost = torch.where(in_band, cost, new_cost)
+                threshold, widths, cost = threshold + t, new_widths, new_cost
+            flat.write(widths)
+            costs.append(cost)
+            thresholds.append(threshold)
         wrap_starts(self.layers)
+        cost, threshold = (costs[0], thresholds[0]) if len(costs) == 1 else (torch.stack(costs).sum(), torch.stack(thresholds).mean())
         self.last_threshold = threshold
+        budget = fraction * self.dense_macs
 
         sigma = None
         if self.sigma_schedule is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..device import PRECISIONS
+from ..learn import ALLOCATIONS
 from ..mask import SIGMA_MAX
 from ..structured import FAMILIES
 from ..structured.conv import LAYOUTS
@@ -53,6 +54,7 @@ class StructureConfig:
     rank: int = 1
     tile: int = 1
     conv_layout: str = "matrix"  # convolutions: one structured matrix ("matrix") or one per kernel tap ("taps")
+    allocation: str = "global"  # GBLR: one threshold shares the budget between layers ("global") or each layer holds it ("per_layer")
 
 
 @dataclass
@@ -110,6 +112,7 @@ class RunConfig:
             ("structure.rank", lambda: s.rank >= 1, ">= 1"),
             ("structure.tile", lambda: s.tile >= 1, ">= 1"),
             ("structure.conv_layout", lambda: s.conv_layout in LAYOUTS, f"one of {LAYOUTS}"),
+            ("structure.allocation", lambda: s.allocation in ALLOCATIONS, f"one of {ALLOCATIONS}"),
             ("train.epochs", lambda: t.epochs >= 1, ">= 1"),
             ("train.batch_size", lambda: t.batch_size >= 1, ">= 1"),
             ("train.lr", lambda: math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
