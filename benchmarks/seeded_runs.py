@@ -15,6 +15,7 @@ seeds); only what the row names differs.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -30,12 +31,16 @@ EXPERIMENTS = {
         "about": "A small ResNet (16/32/64 channels, one basic block per stage); the two 3x3 convolutions of every "
                  "block are structured (the stem, the 1x1 shortcuts and the head stay dense). `matrix`: one "
                  "structured matrix of out x (in x 3 x 3) per convolution; `taps`: one out x in matrix per kernel tap. "
+                 "GBLR's structure learner shares the budget between the layers with one threshold, unless the row "
+                 "says per-layer budget (each convolution held to 0.5 on its own, as low-rank is). "
                  "20,000 training images, 3 epochs, the same recipe for every row.",
         "shared": ["data.limit=20000", "train.epochs=3"],
         "variants": [
             ("dense", "configs/fmnist-resnet-dense.toml", [], None),
             ("gblr matrix", "configs/fmnist-resnet-gblr-0.5.toml", ['structure.conv_layout="matrix"'], None),
             ("gblr taps", "configs/fmnist-resnet-gblr-0.5.toml", ['structure.conv_layout="taps"'], None),
+            ("gblr matrix, per-layer budget", "configs/fmnist-resnet-gblr-0.5.toml",
+             ['structure.conv_layout="matrix"', 'structure.allocation="per_layer"'], None),
             ("lowrank matrix", "configs/fmnist-resnet-lowrank-0.5.toml", ['structure.conv_layout="matrix"'], None),
             ("lowrank taps", "configs/fmnist-resnet-lowrank-0.5.toml", ['structure.conv_layout="taps"'], None),
         ],
@@ -60,7 +65,7 @@ EXPERIMENTS = {
 
 
 def run_directory(runs: Path, label: str, seed: int) -> Path:
-    return runs / f"{label.replace(' ', '-')}-seed{seed}"
+    return runs / f"{re.sub(r'[^A-Za-z0-9.]+', '-', label)}-seed{seed}"
 
 
 def run_one(runs: Path, task: str, experiment: dict, variant: tuple, seed: int) -> dict:
