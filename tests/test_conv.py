@@ -181,3 +181,25 @@ def test_every_family_structures_a_convolution(family, layout):
     assert model[0].relative_cost() <= budget
     model(x).sum().backward()  # trainable through the convolution with the layers' weight
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+@pytest.mark.parametrize("layout", ["matrix", "taps"])
+def test_gblr_conv2d_is_a_drop_in_that_learns_its_structure(layout, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRConv2d(3, 16, 3, stride=2, padding=1, layout=layout), nn.ReLU(),
+                          gblr.GBLRConv2d(16, 8, (3, 1), padding=(1, 0), bias=False, layout=layout))
+    x = torch.randn(4, 3, 12, 12)
+    reference = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 8, (3, 1), padding=(1, 0)))
+    assert model(x).shape == reference(x).shape
+    tokens = {layer.name: layer.tokens for layer in cost_report(model, x[:1]).layers}
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    learner = StructureLearner(model, optimizer, target=0.5, total_steps=10, ramp=(0.0, 0.5), tokens=tokens)
+    for _ in range(10):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        learner.step()
+    assert cost_report(model.eval(), x[:1]).structured_fraction <= 0.5
+    gblr.save(model, tmp_path / "saved")
+    loaded = gblr.load(tmp_path / "saved", copy.deepcopy(reference)).eval()
+    torch.testing.assert_close(loaded(x), model(x))

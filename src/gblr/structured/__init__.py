@@ -7,7 +7,7 @@ from __future__ import annotations
 from .base import StructuredLinear
 from .blast import BlastLinear
 from .blockdiag import BlockDiagonalLinear
-from .conv import StructuredConv2d
+from .conv import GBLRConv2d, StructuredConv2d
 from .dense import DenseLinear
 from .gblr import GBLRLinear
 from .lowrank import LowRankLinear
@@ -16,7 +16,7 @@ from .pixelfly import PixelflyLinear
 
 __all__ = [
     "StructuredLinear", "DenseLinear", "LowRankLinear", "BlockDiagonalLinear", "MonarchLinear",
-    "PixelflyLinear", "BlastLinear", "GBLRLinear", "StructuredConv2d", "FAMILIES", "family_names", "family_class",
+    "PixelflyLinear", "BlastLinear", "GBLRLinear", "StructuredConv2d", "GBLRConv2d", "FAMILIES", "family_names", "family_class",
     "make_structured",
 ]
 

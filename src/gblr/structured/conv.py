@@ -26,7 +26,7 @@ from torch import nn
 
 from .base import StructuredLinear
 
-__all__ = ["StructuredConv2d", "LAYOUTS", "conv_matrices", "conv_unsupported", "conv_geometry"]
+__all__ = ["StructuredConv2d", "GBLRConv2d", "LAYOUTS", "conv_matrices", "conv_unsupported", "conv_geometry"]
 
 LAYOUTS = ("matrix", "taps")
 
@@ -178,3 +178,23 @@ class StructuredConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, layout={self.layout!r}")
+
+
+def GBLRConv2d(in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
+               *, layout: str = "matrix", device=None, dtype=None, **options) -> StructuredConv2d:
+    """A drop-in for ``nn.Conv2d(in, out, kernel_size, stride, padding, dilation, bias=bias)`` whose weight is
+    a learnable GBLR matrix (``layout="matrix"``) or one per kernel tap (``"taps"``); ``options`` go to
+    :class:`GBLRLinear` (``num_components``, ``rank``, ``width_init``, ``tile``, ...). Like a new
+    ``GBLRLinear``, it starts FLOPs-neutral; the structure learner shrinks it to a budget."""
+    from .gblr import GBLRLinear
+
+    kh, kw = _pair(kernel_size, "kernel_size")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    factory = {"device": device, "dtype": dtype}
+    if layout == "matrix":
+        linears = [GBLRLinear(in_channels * kh * kw, out_channels, bias=bias, **options, **factory)]
+    else:
+        linears = [GBLRLinear(in_channels, out_channels, bias=bias and t == 0, **options, **factory) for t in range(kh * kw)]
+    return StructuredConv2d(in_channels, out_channels, (kh, kw), linears, stride=stride, padding=padding,
+                            dilation=dilation, layout=layout)
