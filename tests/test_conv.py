@@ -143,6 +143,14 @@ def test_mismatched_layers_are_refused():
         StructuredConv2d(3, 8, (1, 2), [DenseLinear(3, 8), DenseLinear(3, 8)], layout="taps")
     with pytest.raises(ValueError, match="layout"):
         StructuredConv2d(3, 8, 1, [DenseLinear(3, 8)], layout="rows")
+    with pytest.raises(ValueError, match="padding must be an integer >= 0"):
+        StructuredConv2d(3, 8, 1, [DenseLinear(3, 8)], padding=-1)
+    with pytest.raises(ValueError, match="stride must be an integer >= 1"):
+        StructuredConv2d(3, 8, 1, [DenseLinear(3, 8)], stride=(1, 0))
+    with pytest.raises(ValueError, match="conv_layout must be one of"):
+        ConvertConfig("gblr", 0.5, conv_layout="rows")
+    with pytest.raises(ValueError, match="structure.conv_layout"):
+        gblr.train.load_config(None, ['structure.conv_layout="rows"'])
 
 
 def test_learner_budget_counts_flops_when_layers_see_different_token_counts():

@@ -31,10 +31,10 @@ __all__ = ["StructuredConv2d", "GBLRConv2d", "LAYOUTS", "conv_matrices", "conv_u
 LAYOUTS = ("matrix", "taps")
 
 
-def _pair(value, name: str) -> tuple[int, int]:
+def _pair(value, name: str, smallest: int = 1) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
-        raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < smallest for v in pair):
+        raise ValueError(f"{name} must be an integer >= {smallest} or a pair of them, got {value!r}")
     return pair
 
 
@@ -97,7 +97,7 @@ class StructuredConv2d(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.in_channels, self.out_channels, self.layout = in_channels, out_channels, layout
         self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding", smallest=0)
         self.dilation = _pair(dilation, "dilation")
         taps = self.kernel_size[0] * self.kernel_size[1]
         expected = [(in_channels * taps, out_channels)] if layout == "matrix" else [(in_channels, out_channels)] * taps
