@@ -13,6 +13,7 @@ from gblr.cost import cost_report
 from gblr.learn import StructureLearner, param_groups
 from gblr.structured import DenseLinear, GBLRLinear, StructuredConv2d
 from gblr.structured.conv import conv_matrices
+from gblr.train import load_config
 
 GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, bias)
     (3, 8, 3, 1, 1, 1, True),
@@ -150,7 +151,7 @@ def test_mismatched_layers_are_refused():
     with pytest.raises(ValueError, match="conv_layout must be one of"):
         ConvertConfig("gblr", 0.5, conv_layout="rows")
     with pytest.raises(ValueError, match="structure.conv_layout"):
-        gblr.train.load_config(None, ['structure.conv_layout="rows"'])
+        load_config(None, ['structure.conv_layout="rows"'])
 
 
 def test_learner_budget_counts_flops_when_layers_see_different_token_counts():
