@@ -1,11 +1,14 @@
-"""Compress SmolLM2-135M to 50 % of its q, k, v, o, gate, up, down projections' cost.
+"""Compress SmolLM2-135M to fractions of its q, k, v, o, gate, up, down projections' cost.
 
-GBLR (uniform; global budget calibrated on the next-token loss of 2x256 training tokens), low-rank and
-Monarch, and the original for reference: Shakespeare validation perplexity (the last 10 % of the works,
-non-overlapping 256-token windows) before and after a short next-token fine-tune on the first 90 %.
-``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100 steps) on every layer.
+GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
+loss of 2x256 training tokens; fitting the weights or each layer's outputs on 16x256 training tokens),
+Monarch (uniform, weights), and the original for reference: Shakespeare validation perplexity (the last
+10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
+fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
+steps) on every layer.
 
-    python benchmarks/compress_smollm2.py [--steps 30] [--eval-windows 64] [--learned-fit]
+    python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
+    python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --methods "uniform, outputs" --name compress_smollm2_recovery
 """
 
 from __future__ import annotations
@@ -24,21 +27,23 @@ from gblr.train.recovery import recover_
 
 CONTEXT = 256
 
-METHODS = [  # (label, family, allocation, calibrated, fit options)
-    ("GBLR uniform", "gblr", "uniform", False, {"steps": 0}),
-    ("GBLR global, calibrated", "gblr", "global", True, {"steps": 0}),
-    ("low-rank uniform", "lowrank", "uniform", False, None),
-    ("Monarch uniform", "monarch", "uniform", False, None),
+METHODS = [  # (label, family, allocation, calibrated, fit)
+    *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation, calibrated, fit)
+      for allocation, calibrated in (("uniform", False), ("global", True))
+      for fit in ("outputs", "weights")
+      for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
+    ("Monarch uniform, weights fit", "monarch", "uniform", False, "weights"),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps (batch 4 x 256 tokens)")
+    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps (batch 4 x 256 tokens); 0: none")
     parser.add_argument("--eval-windows", type=int, default=64, help="256-token validation windows")
-    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--learned-fit", action="store_true", help="also fit every layer with the learned fit")
-    parser.add_argument("--methods", default="all", help="comma-separated labels' families, or all")
+    parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
+    parser.add_argument("--name", default="compress_smollm2", help="results file name")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -47,7 +52,9 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT)
 
-    def fine_tune(model) -> dict:
+    def fine_tune(model) -> dict | None:
+        if not args.steps:
+            return None
         result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=1e-4)
         return {"finetune_seconds": result.seconds, "finetune_loss_first": result.losses[0],
                 "finetune_loss_last": result.losses[-1]}
@@ -57,27 +64,29 @@ def main() -> None:
         return {**objectives.quality(model), "eval_seconds": time.perf_counter() - begin}
 
     rows = []
-    selected = METHODS if args.methods == "all" else [m for m in METHODS if m[1] in args.methods.split(",")]
-    for label, family, allocation, calibrated, options in selected:
+    selected = [m for m in METHODS if "all" in args.methods or any(word in m[0] for word in args.methods)]
+    for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
-        result = compress_(model, family, args.budget, allocation, options=options,
-                           calibration_loss=objectives.calibration_loss if calibrated else None)
+        result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
+                           calibration_loss=objectives.calibration_loss if calibrated else None,
+                           calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
         monarch_dense_execution(model)
-        common = {"method": label, "family": family, "budget": args.budget, "reached": result.reached,
+        common = {"method": label, "family": family, "budget": budget, "reached": result.reached,
                   "layers": len(result.conversion.replaced), "compress_seconds": time.perf_counter() - begin,
-                  "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced)}
+                  "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced),
+                  "mean_output_error": _mean([r.output_error for r in result.conversion.replaced])}
         before = evaluate(model)
         print(common, before, flush=True)
-        after = {**fine_tune(model), **evaluate(model)}
-        rows.append({**common, "before": before, "after": after})
+        tuned = fine_tune(model)
+        rows.append({**common, "before": before, "after": None if tuned is None else {**tuned, **evaluate(model)}})
         print(rows[-1], flush=True)
     if args.learned_fit:
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
-        result = compress_(model, "gblr", args.budget, "uniform", options={"steps": 100})
+        result = compress_(model, "gblr", args.budgets[0], "uniform", options={"steps": 100})
         learned_wins = sum(1 for r in result.conversion.replaced if _is_learned(model.get_submodule(r.name)))
-        rows.append({"method": "GBLR uniform, learned fit (100 steps) considered", "family": "gblr", "budget": args.budget,
+        rows.append({"method": "GBLR uniform, learned fit (100 steps) considered", "family": "gblr", "budget": args.budgets[0],
                      "reached": result.reached, "layers": len(result.conversion.replaced),
                      "compress_seconds": time.perf_counter() - begin, "learned_fit_chosen": learned_wins,
                      "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced),
@@ -86,11 +95,16 @@ def main() -> None:
     model = copy.deepcopy(original.model)
     reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
                  "compress_seconds": 0.0, "before": evaluate(model)}
-    reference["after"] = {**fine_tune(model), **evaluate(model)}
+    tuned = fine_tune(model)
+    reference["after"] = None if tuned is None else {**tuned, **evaluate(model)}
     rows.insert(0, reference)
     meta = run_metadata("2 cores, CPU, 2 torch threads", finetune_steps=args.steps, finetune_batch="4 x 256 tokens",
                         eval_tokens=len(objectives.validation), load_seconds=load_seconds)
-    write_results("compress_smollm2", meta, rows, markdown(meta, rows))
+    write_results(args.name, meta, rows, markdown(meta, rows))
+
+
+def _mean(values: list) -> float | None:
+    return None if None in values or not values else sum(values) / len(values)
 
 
 def _is_learned(layer) -> bool:
@@ -100,16 +114,19 @@ def _is_learned(layer) -> bool:
 def markdown(meta, rows) -> list[str]:
     lines = ["# Compressing SmolLM2-135M", "", provenance(meta), "",
              f"Perplexity on {meta['eval_tokens']} Shakespeare validation tokens (windows of {CONTEXT}); fine-tune: "
-             f"{meta['finetune_steps']} steps of {meta['finetune_batch']}, AdamW lr 1e-4, next-token loss on the training split. Monarch layers run through their effective dense weight (the same function; "
+             f"{meta['finetune_steps']} steps of {meta['finetune_batch']}, AdamW lr 1e-4, next-token loss on the training split. "
+             "Fits of the outputs use each layer's inputs on 16x256 training tokens; the mean relative error "
+             "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",
-             "| method | budget | reached cost | layers | mean relative error | compress s | perplexity | after fine-tune | fine-tune s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | budget | reached cost | layers | mean relative error | mean output error | compress s | perplexity | after fine-tune | fine-tune s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         after = r.get("after") or {}
         error = r.get("mean_relative_error")
         tuned = f"{after['perplexity']:.2f} | {after['finetune_seconds']:.0f}" if after else "- | -"
         error_text = "-" if error is None else f"{error:.4f}"
-        lines.append(f"| {r['method']} | {r['budget']:.2f} | {r['reached']:.3f} | {r['layers']} | {error_text} | "
+        output = "-" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.4f}"
+        lines.append(f"| {r['method']} | {r['budget']:.2f} | {r['reached']:.3f} | {r['layers']} | {error_text} | {output} | "
                      f"{r['compress_seconds']:.0f} | {r['before']['perplexity']:.2f} | {tuned} |")
     learned = [r for r in rows if "learned_fit_chosen" in r]
     for r in learned:
