@@ -212,3 +212,18 @@ def test_gblr_conv2d_is_a_drop_in_that_learns_its_structure(layout, tmp_path):
     gblr.save(model, tmp_path / "saved")
     loaded = gblr.load(tmp_path / "saved", copy.deepcopy(reference)).eval()
     torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+@pytest.mark.parametrize("layout", ["matrix", "taps"])
+def test_structured_convolution_on_cuda_matches_the_cpu(layout):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    convert_(model, ConvertConfig("gblr", 0.4, conv_layout=layout, options={"steps": 0}))
+    model.eval()
+    x = torch.randn(8, 16, 32, 32)
+    expected = model(x)
+    on_gpu = copy.deepcopy(model).cuda()
+    torch.testing.assert_close(on_gpu(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
+    fast = gblr.compact(on_gpu)  # the compact layers run on the unfolded patches, on the GPU
+    torch.testing.assert_close(fast(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
