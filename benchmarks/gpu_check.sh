@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~1 min)
 #   bash benchmarks/gpu_check.sh tests speed      # or any of the steps below, in this order
 #
-# Steps: `tests` (CUDA tests of the compact layers, their Triton kernels and the training step), `speed`
+# Steps: `tests` (CUDA tests of the compact layers, their Triton kernels, structured convolutions and the training step), `speed`
 # (compact-layer speed, fp32 / bf16 / fp16), `train` (training step of dense / low-rank / GBLR), `vit`
 # (whole-model compact inference of the trained hardware-aware Fashion-MNIST ViT RUN_DIR), `minilm` (the
 # same for MiniLM compressed to 50 %, weights carried in float16), `tiles` (the kernels' tile sizes, to
@@ -62,7 +62,7 @@ for step in "${steps[@]}"; do
     case $step in
     tests)  # the compact layers, their Triton kernels and the training step
         GBLR_DATA=$PWD/.gpu_data/data timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
-            tests/test_train_step.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 ;;
+            tests/test_train_step.py tests/test_conv.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 ;;
     speed) timeout 180 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 ;;
     train) timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 ;;
     vit) GBLR_DATA=$PWD/.gpu_data/data timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm ;;
