@@ -154,6 +154,19 @@ def test_mismatched_layers_are_refused():
         load_config(None, ['structure.conv_layout="rows"'])
 
 
+def _learn_structure(model, x, target: float, steps: int, tokens: dict):
+    """``steps`` optimizer steps on a toy loss with the structure learner holding ``target``; returns the
+    optimizer and the learner's last statistics."""
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    learner = StructureLearner(model, optimizer, target=target, total_steps=steps, ramp=(0.0, 0.5), tokens=tokens)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        stats = learner.step()
+    return optimizer, stats
+
+
 def test_learner_budget_counts_flops_when_layers_see_different_token_counts():
     # conv "0" sees 4x the output pixels of conv "2": with the tokens given, the budget is a share of FLOPs.
     torch.manual_seed(0)
@@ -162,13 +175,7 @@ def test_learner_budget_counts_flops_when_layers_see_different_token_counts():
     x = torch.randn(4, 8, 12, 12)
     tokens = {layer.name: layer.tokens for layer in cost_report(model, x[:1]).layers}
     assert tokens == {"0.linears.0": 144, "2.linears.0": 36}
-    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
-    learner = StructureLearner(model, optimizer, target=0.4, total_steps=20, ramp=(0.0, 0.5), tokens=tokens)
-    for _ in range(20):
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-        stats = learner.step()
+    optimizer, stats = _learn_structure(model, x, target=0.4, steps=20, tokens=tokens)
     fraction = cost_report(model.eval(), x[:1]).structured_fraction
     assert fraction == pytest.approx(float(stats["cost_fraction"]))
     assert 0.4 * 0.98 <= fraction <= 0.4
@@ -201,13 +208,7 @@ def test_gblr_conv2d_is_a_drop_in_that_learns_its_structure(layout, tmp_path):
     reference = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 8, (3, 1), padding=(1, 0)))
     assert model(x).shape == reference(x).shape
     tokens = {layer.name: layer.tokens for layer in cost_report(model, x[:1]).layers}
-    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
-    learner = StructureLearner(model, optimizer, target=0.5, total_steps=10, ramp=(0.0, 0.5), tokens=tokens)
-    for _ in range(10):
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-        learner.step()
+    _learn_structure(model, x, target=0.5, steps=10, tokens=tokens)
     assert cost_report(model.eval(), x[:1]).structured_fraction <= 0.5
     gblr.save(model, tmp_path / "saved")
     loaded = gblr.load(tmp_path / "saved", copy.deepcopy(reference)).eval()

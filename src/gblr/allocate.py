@@ -23,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .convert import linear_weight
-from .calibration import damped
-from .fit import DATA_AWARE, DEFAULT_GRIDS, block_low_rank_error_curve, output_error, relative_error, structured_from_dense
+from .calibration import whitening
+from .fit import (DEFAULT_GRIDS, block_low_rank_error_curve, check_data_aware, output_error, relative_error,
+                  structured_from_dense)
 from .structured import FAMILIES, LowRankLinear
 from .structured.base import check_budget
 
@@ -54,15 +55,14 @@ def error_curve(family: str, weight: torch.Tensor, budgets=BUDGET_GRID, gram: to
     if family not in FAMILIES:
         raise ValueError(f"unknown structured family {family!r}; known families: {', '.join(FAMILIES)}")
     weight = weight.detach()
-    if gram is not None and family not in DATA_AWARE:
-        raise ValueError(f"fitting to calibration data (gram) is available for {', '.join(DATA_AWARE)}, not {family}")
+    if gram is not None:
+        check_data_aware(family)
     if family == "gblr":  # the block-low-rank candidates of fit_gblr: an upper bound of its error
         return block_low_rank_error_curve(weight, budgets, options.get("grids", DEFAULT_GRIDS), gram,
                                           options.get("damping", 0.01))
     if family == "lowrank":
         m, n = weight.shape
-        whitened = weight.double() if gram is None else weight.double() @ torch.linalg.cholesky(
-            damped(gram, options.get("damping", 0.01)))
+        whitened = weight.double() if gram is None else weight.double() @ whitening(gram, options.get("damping", 0.01))
         energy = torch.linalg.svdvals(whitened).pow(2)
         tail = energy.flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[r] = energy beyond rank r
         total = max(tail[0], 1e-300)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["input_grams", "damped"]
+__all__ = ["input_grams", "damped", "whitening"]
 
 
 @torch.no_grad()
@@ -56,14 +56,23 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Module], run: Callable[[n
     return {name: sums[name][0] / sums[name][1] for name in layers}
 
 
-def damped(gram: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+def damped(gram: torch.Tensor, damping: float = 0.01, features: int | None = None) -> torch.Tensor:
     """``G + damping * mean(diag G) * I`` in float64 on the CPU: the second moment the data-aware fits use.
     Its Cholesky factor ``L`` turns the output error into a Frobenius norm, ``||E X^T||^2 ~ ||E L||^2``;
-    the damping keeps directions the calibration data never visited from being ignored entirely."""
+    the damping keeps directions the calibration data never visited from being ignored entirely.
+    ``features``, when given, is the layer's number of inputs the matrix must match."""
     if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping > 0 and math.isfinite(damping)):
         raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+    if features is not None and tuple(gram.shape) != (features, features):
+        raise ValueError(f"gram must be {features}x{features} (the inputs' second moment), got {tuple(gram.shape)}")
     gram = gram.detach().double().cpu()
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
         raise ValueError(f"gram must be a square matrix of finite values, got shape {tuple(gram.shape)}")
     scale = float(gram.diagonal().mean())
     return gram + damping * (scale if scale > 0 else 1.0) * torch.eye(gram.shape[0], dtype=torch.float64)
+
+
+def whitening(gram: torch.Tensor, damping: float = 0.01, features: int | None = None) -> torch.Tensor:
+    """The lower-triangular Cholesky factor ``L`` of :func:`damped` ``(gram)``: ``W L`` is the weight in
+    the coordinates where the output error is the Frobenius error."""
+    return torch.linalg.cholesky(damped(gram, damping, features))

@@ -18,7 +18,7 @@ from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocatio
                        error_curve, layer_sensitivities)
 from .calibration import input_grams
 from .convert import ConversionReport, ConvertConfig, convert_, linear_weight, select_layers
-from .fit import DATA_AWARE
+from .fit import check_data_aware
 
 __all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
 
@@ -72,8 +72,8 @@ def compress_(
     config = ConvertConfig(family=family, budget=budget, options=dict(options or {}))
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if calibration_inputs is not None and family not in DATA_AWARE:
-        raise ValueError(f"calibration_inputs: fitting the outputs is available for {', '.join(DATA_AWARE)}, not {family}")
+    if calibration_inputs is not None:  # before the model runs on any calibration data
+        check_data_aware(family, "calibration_inputs")
     budgets, allocations, grams = None, [], None
     selected, _ = select_layers(model, filter_fn)
     if calibration_inputs is not None:

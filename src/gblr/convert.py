@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .fit import fit_gblr, learned_fit, output_error, relative_error, structured_from_dense
 from .structured import FAMILIES, StructuredConv2d, StructuredLinear, make_structured
-from .structured.conv import LAYOUTS, conv_matrices, conv_unsupported
+from .structured.conv import check_layout, conv_matrices, conv_unsupported
 
 __all__ = ["ConvertConfig", "ConversionReport", "convert_", "select_layers", "linear_weight", "default_filter",
            "family_options"]
@@ -57,8 +57,7 @@ class ConvertConfig:
             raise ValueError(f"budget must be a fraction of the dense cost in (0, 1], got {self.budget!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.conv_layout not in LAYOUTS:
-            raise ValueError(f"conv_layout must be one of {LAYOUTS}, got {self.conv_layout!r}")
+        check_layout(self.conv_layout, "conv_layout")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of keyword arguments, got {type(self.options).__name__}")
         known = family_options(self.family, self.init)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .calibration import damped
+from .calibration import damped, whitening
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
 from .step import training_step
@@ -159,9 +159,9 @@ def block_low_rank_error_curve(weight: torch.Tensor, budgets, grids: tuple[int, 
 def output_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
     """``||(W_fit - W) X^T|| / ||W X^T||`` for inputs of second moment ``gram``: the relative error of the
     layer's outputs on the calibration data."""
-    difference = approx.detach().double().cpu() - weight.detach().double().cpu()
-    gram = gram.detach().double().cpu()
     reference = weight.detach().double().cpu()
+    difference = approx.detach().double().cpu() - reference
+    gram = gram.detach().double().cpu()
     error = float(((difference @ gram) * difference).sum().clamp_min(0))
     total = float(((reference @ gram) * reference).sum())
     return math.sqrt(error / total) if total > 0 else 0.0
@@ -236,10 +236,7 @@ def fit_gblr(
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     target = weight.detach()
     if gram is not None:
-        if tuple(gram.shape) != (target.shape[1],) * 2:
-            raise ValueError(f"gram must be {target.shape[1]}x{target.shape[1]} (the inputs' second moment), "
-                             f"got {tuple(gram.shape)}")
-        gram = damped(gram, damping)
+        gram = damped(gram, damping, features=target.shape[1])
         learned_options["gram"] = gram
 
     def measure(layer) -> float:
@@ -269,6 +266,12 @@ def fit_gblr(
 DATA_AWARE = ("gblr", "lowrank")
 
 
+def check_data_aware(family: str, argument: str = "gram") -> None:
+    """A one-line error unless ``family`` can be fitted to calibration data."""
+    if family not in DATA_AWARE:
+        raise ValueError(f"{argument}: fitting the outputs is available for {', '.join(DATA_AWARE)}, not {family}")
+
+
 def structured_from_dense(name: str, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None,
                           gram: torch.Tensor | None = None, **options) -> StructuredLinear:
     """Fit family ``name`` to a dense ``(out, in)`` weight at ``budget``: :func:`fit_gblr` for GBLR, the
@@ -280,14 +283,12 @@ def structured_from_dense(name: str, weight: torch.Tensor, budget: float, bias: 
     check_weight(weight)
     bias = None if bias is None else bias.detach().cpu()
     cpu = weight.detach().cpu()
-    if gram is not None and name not in DATA_AWARE:
-        raise ValueError(f"fitting to calibration data (gram) is available for {', '.join(DATA_AWARE)}, not {name}")
+    if gram is not None:
+        check_data_aware(name)
     if name == "gblr":
         layer = fit_gblr(cpu, check_budget(budget), bias, gram=gram, **options)
     elif gram is not None:
-        if tuple(gram.shape) != (cpu.shape[1],) * 2:
-            raise ValueError(f"gram must be {cpu.shape[1]}x{cpu.shape[1]} (the inputs' second moment), got {tuple(gram.shape)}")
-        whiten = torch.linalg.cholesky(damped(gram, options.pop("damping", 0.01)))
+        whiten = whitening(gram, options.pop("damping", 0.01), features=cpu.shape[1])
         layer = family.from_dense((cpu.double() @ whiten).to(cpu.dtype), budget, bias, **options)
         with torch.no_grad():  # U (V L) L^-1: the low-rank fit of the outputs
             layer.in_proj.copy_(torch.linalg.solve_triangular(whiten, layer.in_proj.double(), upper=False, left=False))

