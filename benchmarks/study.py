@@ -9,6 +9,8 @@ Protocol, the same for every family (written into the results):
    same learning rates; the one with the best validation metric is that family's learning rate for the
    whole task. Nothing else is tuned; the recipe (model, data, epochs, schedule) is the task's for all.
 2. Grid: dense, GBLR and low-rank at every budget with every seed; the other families at 0.3 with every seed.
+   Ablations of GBLR's structure learner (the paper's fixed-lambda mean-width rule, a sensitivity-weighted
+   and a per-layer budget split) at 0.3 with every seed and GBLR's learning rate.
 3. The test split is evaluated once per run, at its end, and is never used to choose anything.
 
 Every (task, family, budget, lr, seed) is one `gblr train` run under --runs: finished runs are skipped and
@@ -50,6 +52,17 @@ FAMILIES = {
     "pixelfly": ['structure.family="pixelfly"'],
     "blockdiag": ['structure.family="blockdiag"'],
 }
+#: ablations of GBLR's structure learner -> overrides on top of GBLR's; run at TUNING_BUDGET with every
+#: seed and GBLR's tuned learning rate (they change how widths are steered, nothing the lr is tuned for).
+ABLATIONS = {
+    # the paper's rule: a fixed threshold (lambda 1) on every width while the mean width is above
+    # budget x its start; the FLOPs it reaches are observed, not controlled
+    "gblr-meanwidth": ['structure.controller="mean_width"', "structure.l1=1.0"],
+    # our FLOPs controller, each layer's threshold divided by its relative width-gradient RMS
+    "gblr-sensitivity": ['structure.allocation="sensitivity"'],
+    # our FLOPs controller, every layer held to the budget
+    "gblr-per-layer": ['structure.allocation="per_layer"'],
+}
 EVERY_BUDGET = ("dense", "gblr", "lowrank")  # the others run at TUNING_BUDGET only
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 TUNING_BUDGET = 0.3
@@ -62,7 +75,8 @@ def run_directory(runs: Path, task: str, family: str, budget: float, lr: float, 
 
 def run(runs: Path, task: str, family: str, budget: float, lr: float, seed: int, extra: list[str]) -> dict:
     config, recipe, _ = TASKS[task]
-    overrides = [*recipe, *FAMILIES[family], f"structure.budget={budget}", f"train.lr={lr}", f"train.seed={seed}", *extra]
+    structure = FAMILIES["gblr"] + ABLATIONS[family] if family in ABLATIONS else FAMILIES[family]
+    overrides = [*recipe, *structure, f"structure.budget={budget}", f"train.lr={lr}", f"train.seed={seed}", *extra]
     report, command = train_run(run_directory(runs, task, family, budget, lr, seed), config, overrides)
     return run_row(report, command, task=task, study_family=family)
 
@@ -75,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
+                        help="ablations of GBLR's learner (run once GBLR's tuning is done)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/study")
@@ -103,6 +119,13 @@ def main() -> None:
                     if row is not None:
                         rows.append(row)
             write(args, rows, tuning)
+        if "gblr" in args.families and f"{task}/gblr" in tuning:
+            for ablation in args.ablations:
+                for seed in args.seeds:
+                    row = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra)
+                    if row is not None:
+                        rows.append(row)
+                write(args, rows, tuning)
 
 
 def collect(args, runs, task, family, budget, lr, seed, extra) -> dict | None:
@@ -143,7 +166,8 @@ def _groups(rows: list[dict]) -> dict:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["study_family"], r["budget"]), []).append(r)
-    return dict(sorted(groups.items(), key=lambda item: (list(FAMILIES).index(item[0][0]), item[0][1])))
+    order = list(FAMILIES) + list(ABLATIONS)
+    return dict(sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1])))
 
 
 def pareto_picture(name: str, task: str, rows: list[dict]) -> Path | None:

@@ -202,4 +202,69 @@ def test_per_layer_allocation_holds_every_layer_to_the_budget():
         assert 0.4 * 0.98 <= layer.relative_cost() <= 0.4
     assert float(stats["cost_fraction"]) == pytest.approx(learner.cost_fraction())
     with pytest.raises(ValueError, match="allocation must be one of"):
-        StructureLearner(model, optimizer, target=0.4, total_steps=30, allocation="sensitivity")
+        StructureLearner(model, optimizer, target=0.4, total_steps=30, allocation="sideways")
+
+
+class TwoBranches(nn.Module):
+    """Two GBLR layers of one shape; the loss reacts far more to the first one's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud, self.quiet = GBLRLinear(48, 48), GBLRLinear(48, 48)
+
+    def forward(self, x):
+        return 10.0 * self.loud(x) + 0.1 * self.quiet(x)
+
+
+def train_branches(steps=120, **options):
+    model = TwoBranches()
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, structure_lr=1e-2))
+    learner = StructureLearner(model, optimizer, target=0.4, total_steps=steps, ramp=(0.1, 0.5), **options)
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(48, 48, generator=gen)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(64, 48, generator=gen)
+        optimizer.zero_grad()
+        (model(x) - x @ teacher).square().mean().backward()
+        optimizer.step()
+        history.append(learner.step())
+    return model, learner, history
+
+
+def test_sensitivity_allocation_gives_more_to_the_layer_the_loss_reacts_to():
+    shared, shared_learner, _ = train_branches(allocation="global")
+    sensitive, learner, history = train_branches(allocation="sensitivity")
+    assert 0.4 * 0.98 <= learner.cost_fraction() <= 0.4  # the same total budget, held
+    assert sensitive.loud.relative_cost() > shared.loud.relative_cost() + 0.1
+    assert sensitive.loud.relative_cost() > sensitive.quiet.relative_cost()
+    # its running gradient power survives a checkpoint
+    other = StructureLearner(sensitive, learner.optimizer, target=0.4, total_steps=120, allocation="sensitivity")
+    other.load_state_dict(learner.state_dict())
+    assert torch.equal(other._gradient_power, learner._gradient_power)
+
+
+def test_mean_width_controller_is_the_papers_fixed_threshold():
+    model, learner, history = train_branches(controller="mean_width", l1=2.0)
+    layers = (model.loud, model.quiet)
+    mean_width = torch.cat([w for layer in layers for w in (layer.out_widths, layer.in_widths)]).mean()
+    target = 0.4 * learner.start_mean_width
+    step = 1e-2 * 2.0  # structure lr times lambda: the most one step moves a width
+    assert target - step <= float(mean_width) <= target + step
+    # the same threshold for every width, on both sides, whatever the cost
+    thresholds = {round(float(h["threshold"]), 9) for h in history}
+    assert thresholds <= {0.0, round(step, 9)} and len(thresholds) == 2
+    assert float(history[-1]["cost_fraction"]) == pytest.approx(learner.cost_fraction())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"controller": "mean_width"}, "needs l1 > 0"),
+    ({"controller": "mean_width", "l1": 1.0, "allocation": "per_layer"}, "allocation 'global'"),
+    ({"controller": "proportional"}, "controller must be one of"),
+])
+def test_bad_controller_options(options, message):
+    model = small_model()
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3))
+    with pytest.raises(ValueError, match=message):
+        StructureLearner(model, optimizer, target=0.3, total_steps=10, **options)

@@ -12,6 +12,13 @@ fine grid, searched in a few batched rounds on the device: no host round trip) w
 cost, monotone in the threshold, is within the model's current budget.
 The budget ramps linearly from the starting cost to the target, then holds; while holding, a model that
 drifts below the tolerance band is grown back (a negative threshold), so it ends within the band.
+
+Two alternatives exist for comparison. ``controller="mean_width"`` is the original paper's rule: a fixed
+threshold ``eta * lambda`` on every width (the same on both sides, not weighted by cost), applied while
+the mean width is above the target times its starting value; the FLOPs it reaches are only observed.
+``allocation="sensitivity"`` keeps the FLOPs controller but divides each layer's threshold by how much
+the loss reacts to its widths (a running RMS of their gradients, relative to the other layers), so
+layers the loss depends on give up less of their cost.
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ __all__ = [
 #: Name of the optimizer param group holding widths and starts.
 STRUCTURE_GROUP = "gblr_structure"
 #: How the budget is shared between layers (:class:`StructureLearner`).
-ALLOCATIONS = ("global", "per_layer")
+ALLOCATIONS = ("global", "per_layer", "sensitivity")
+#: What the proximal step is steered by (:class:`StructureLearner`).
+CONTROLLERS = ("flops", "mean_width")
+#: Sensitivity allocation: the running RMS of width gradients forgets with this factor per step, and a
+#: layer's threshold is scaled by at most this factor either way (a noisy gradient cannot zero a layer).
+SENSITIVITY_MEMORY, SENSITIVITY_RANGE = 0.95, 4.0
 
 
 def gblr_layers(model: nn.Module) -> list[tuple[str, GBLRLinear]]:
@@ -136,7 +148,7 @@ class _FlatWidths:
     Threshold ``t`` moves every width to ``clamp(w - t * side_cost / mean_cost, 0, 1)``; a negative ``t``
     grows only components that are active (reviving every pruned one at once would overshoot)."""
 
-    def __init__(self, layers: list[GBLRLinear], weights: list[float] | None = None) -> None:
+    def __init__(self, layers: list[GBLRLinear], weights: list[float] | None = None, scale_range: float = 1.0) -> None:
         self.layers = layers
         self.widths = [layer.out_widths for layer in layers] + [layer.in_widths for layer in layers]
         self.lengths = [len(w) for w in self.widths]
@@ -154,14 +166,18 @@ class _FlatWidths:
 
         self.dtype = dtype
         self.coefficient = per_entry([c / mean_cost for c, _, _ in sides], dtype)
+        # Which layer each entry belongs to (for per-layer sums), and how many entries each layer has.
+        self.layer_index = per_entry([float(i % len(layers)) for i in range(len(sides))], torch.float64).long()
+        self.entries_per_layer = torch.tensor([2.0 * layer.num_components for layer in layers], dtype=dtype, device=device)
         self.tiles_per_width = per_entry([n / layer.tile for _, n, layer in sides], torch.float64)
         self.tile = per_entry([float(layer.tile) for _, _, layer in sides], torch.float64)
         self.length = per_entry([float(n) for _, n, _ in sides], torch.float64)
         self.rank = per_entry([float(layer.rank) for _, _, layer in sides[: len(layers)]], torch.float64)
         # Per-component weight of the cost (None when all layers count alike: no extra operation).
         self.weight = None if weights is None else per_entry(weights, torch.float64)
-        # Beyond this threshold every width is 0; below its negative every width is 1.
-        self.max_threshold = float(1.0 / self.coefficient.min())
+        # Beyond this threshold every width is 0 (coefficients scaled down by at most ``scale_range``);
+        # below its negative every width is 1.
+        self.max_threshold = float(scale_range / self.coefficient.min())
         # Operations the cost can skip: tile multiples when every tile is 1, the cap at the length
         # when every tile divides its length (a width <= 1 then rounds to at most the length).
         self.all_tiles_one = all(layer.tile == 1 for layer in layers)
@@ -215,16 +231,17 @@ class _FlatWidths:
         return self._constant(("fractions", points), lambda: torch.arange(1, points + 1, dtype=torch.float64) / points)
 
     def search(self, widths: torch.Tensor, budget: float, allow_growth: bool, octaves: int = 12,
-               points: int = 32) -> tuple[torch.Tensor, ...]:
+               points: int = 32, coefficient: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Smallest threshold (to a fine grid) whose cost is within ``budget``, in two batched rounds:
         thresholds spaced by factors of sqrt(2) over ``octaves`` octaves below ``max_threshold`` on both
         sides of 0 (one side without growth), then ``points`` evenly spaced ones inside the bracket
         found (a step of at most 1.3 % of the threshold, or 2^-octaves / points of the largest one).
+        ``coefficient``: per-entry threshold weights other than the cost weights (``self.coefficient``).
         Returns tensors on the device: the threshold, the new widths and their cost, and the widths
         and cost at threshold 0 (``widths`` clamped to [0, 1])."""
         candidates = self._first_candidates(allow_growth, octaves)
         zero = octaves * 2 if allow_growth else 0
-        coefficient = self.coefficient
+        coefficient = self.coefficient if coefficient is None else coefficient
         if allow_growth:
             coefficient = torch.where(candidates.unsqueeze(-1) < 0, coefficient * self.active(widths), coefficient)
         for round_ in range(2):
@@ -297,11 +314,17 @@ class StructureLearner:
         ramp: fractions of ``total_steps`` where the budget starts moving from the starting cost and
             where it reaches ``target``.
         tolerance: relative band below the target that the holding phase keeps the cost in.
-        l1: optional extra proximal penalty ``lambda`` (applied only while above the budget).
+        l1: proximal penalty ``lambda``: with the FLOPs controller an optional extra shrink applied only
+            while above the budget; with ``controller="mean_width"`` the fixed threshold itself (> 0).
         sigma: a :class:`SigmaSchedule`, or None to leave each layer's sigma as it is.
         allocation: "global": one cost-weighted threshold for all layers, so the budget holds for their
             sum and the layers share it as the loss and the penalty decide; "per_layer": every layer is held
-            to the budget on its own (the allocation fixed-size families get).
+            to the budget on its own (the allocation fixed-size families get); "sensitivity": one threshold,
+            each layer's divided by the running RMS of its width gradients relative to the other layers'
+            (clamped to a factor of 4 either way).
+        controller: "flops": the threshold is searched each step so that the counted FLOPs meet the budget
+            (above); "mean_width": the original paper's rule, a fixed threshold ``eta * l1`` on every width
+            while the mean width exceeds ``target`` times its starting value (FLOPs are only observed).
         tokens: tokens per example of each GBLR layer, by qualified name (e.g. the output pixels of a
             structured convolution's layers), so that the budget is a fraction of the FLOPs per example
             when layers see different numbers of tokens; None: every layer counts alike.
@@ -323,6 +346,7 @@ class StructureLearner:
         tokens: dict[str, float] | None = None,
         share_masks: bool = True,
         allocation: str = "global",
+        controller: str = "flops",
     ) -> None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0.0 < target <= 1.0):
             raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target!r}")
@@ -336,7 +360,12 @@ class StructureLearner:
             raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        self.allocation = allocation
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
+        if controller == "mean_width" and (l1 <= 0 or allocation != "global"):
+            raise ValueError(f"controller 'mean_width' needs l1 > 0 and allocation 'global', got l1={l1!r}, "
+                             f"allocation={allocation!r}")
+        self.allocation, self.controller = allocation, controller
         named = gblr_layers(model)
         self.layers = [layer for _, layer in named]
         if not self.layers:
@@ -360,7 +389,9 @@ class StructureLearner:
         self.dense_macs = sum(w * layer.dense_macs_per_token for w, layer in zip(self._weights(), self.layers))
         self.step_count = 0
         self.start_fraction: float | None = None
+        self.start_mean_width: float | None = None  # mean_width controller: the widths' mean at the first step
         self.last_threshold: float | torch.Tensor = 0.0
+        self._gradient_power: torch.Tensor | None = None  # sensitivity allocation: running mean square per layer
         self._decay: float | None = None  # the 1/(2 sigma^2) last set on every layer
         self._flats: list[_FlatWidths] | None = None
         self.shared_masks = SharedMasks(model) if share_masks else None
@@ -395,13 +426,19 @@ class StructureLearner:
         return {
             "step_count": self.step_count,
             "start_fraction": self.start_fraction,
+            "start_mean_width": self.start_mean_width,
             "last_threshold": float(self.last_threshold),
+            "gradient_power": None if self._gradient_power is None else self._gradient_power.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self.start_fraction = state["start_fraction"]
         self.last_threshold = float(state["last_threshold"])
+        self.start_mean_width = state.get("start_mean_width")  # absent in checkpoints of older versions
+        power = state.get("gradient_power")
+        widths = self.layers[0].out_widths
+        self._gradient_power = None if power is None else torch.tensor(power, dtype=widths.dtype, device=widths.device)
         self._decay = None
         if self.sigma_schedule is not None:
             self._set_sigma(self.sigma_schedule(self.step_count))
@@ -422,12 +459,40 @@ class StructureLearner:
         widths = self.layers[0].out_widths
         if self._flats is None or self._flats[0].widths[0].device != widths.device or self._flats[0].dtype != widths.dtype:
             # built once per device (the model may move)
-            if self.allocation == "global":
-                self._flats = [_FlatWidths(self.layers, self.weights)]
+            if self.allocation != "per_layer":
+                scale_range = SENSITIVITY_RANGE if self.allocation == "sensitivity" else 1.0
+                self._flats = [_FlatWidths(self.layers, self.weights, scale_range)]
             else:
                 self._flats = [_FlatWidths([layer], None if self.weights is None else [weight])
                                for layer, weight in zip(self.layers, self._weights())]
         return self._flats
+
+    def _mean_width_step(self, flat: _FlatWidths, widths: torch.Tensor, eta: float) -> tuple[torch.Tensor, ...]:
+        """The paper's rule: every width minus ``eta * l1`` while the mean width is above its target."""
+        if self.start_mean_width is None:
+            self.start_mean_width = float(widths.mean())  # one host read, at the first step only
+        above = widths.mean() > self.target * self.start_mean_width
+        threshold = above.to(widths.dtype) * (eta * self.l1)
+        widths = (widths - threshold).clamp(0.0, 1.0)
+        return threshold, widths, flat.cost(widths)
+
+    def _sensitivity_coefficient(self, flat: _FlatWidths) -> torch.Tensor:
+        """Cost weights divided by each layer's gradient RMS relative to the cost-weighted mean over
+        layers (device operations only). Widths without a gradient yet count as zero gradient."""
+        gradients = torch.cat([w.grad if w.grad is not None else torch.zeros_like(w) for w in flat.widths])
+        per_layer = torch.zeros_like(flat.entries_per_layer).index_add_(0, flat.layer_index, gradients.square())
+        power = per_layer / flat.entries_per_layer
+        if self._gradient_power is None:
+            self._gradient_power = power
+        else:
+            self._gradient_power = self._gradient_power * SENSITIVITY_MEMORY + power * (1.0 - SENSITIVITY_MEMORY)
+        rms = self._gradient_power.sqrt()
+        layer_cost = torch.zeros_like(rms).index_add_(0, flat.layer_index, flat.coefficient)
+        mean_rms = (rms * layer_cost).sum() / layer_cost.sum()
+        # A layer whose gradients are larger than the others' is more sensitive: a smaller threshold.
+        relative = (mean_rms / rms.clamp(min=1e-30)).clamp(1.0 / SENSITIVITY_RANGE, SENSITIVITY_RANGE)
+        relative = torch.where(mean_rms > 0, relative, torch.ones_like(relative))  # no gradients yet: cost only
+        return flat.coefficient * relative.index_select(0, flat.layer_index)
 
     @torch.no_grad()
     def step(self) -> dict:
@@ -443,14 +508,22 @@ class StructureLearner:
         for flat in self._flat_widths():
             budget = fraction * flat.dense_macs
             widths = flat.read()
+            if self.controller == "mean_width":
+                threshold, widths, cost = self._mean_width_step(flat, widths, eta)
+                flat.write(widths)
+                costs.append(cost)
+                thresholds.append(threshold)
+                continue
             if self.l1 > 0:  # the paper's L1 proximal step, while above the budget
                 shrunk = (widths - eta * self.l1 * flat.coefficient).clamp(0.0, 1.0)
                 widths = torch.where(flat.cost(widths) > budget, shrunk, widths)
+            coefficient = self._sensitivity_coefficient(flat) if self.allocation == "sensitivity" else None
             threshold = widths.new_zeros(())
             # A shrink can overshoot below the band (a component losing its last row drops its whole cost);
             # while holding, a second pass grows the surviving components back up to the budget.
             for _ in range(2 if holding else 1):
-                t, new_widths, new_cost, unchanged, cost = flat.search(widths, budget, allow_growth=holding)
+                t, new_widths, new_cost, unchanged, cost = flat.search(widths, budget, allow_growth=holding,
+                                                                       coefficient=coefficient)
                 if holding:  # a group inside its band is left alone
                     in_band = (cost <= budget) & (cost >= (1.0 - self.tolerance) * budget)
                     t = t * ~in_band

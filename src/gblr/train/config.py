@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..device import PRECISIONS
-from ..learn import ALLOCATIONS
+from ..learn import ALLOCATIONS, CONTROLLERS
 from ..mask import SIGMA_MAX
 from ..structured import FAMILIES
 from ..structured.conv import LAYOUTS
@@ -54,7 +54,9 @@ class StructureConfig:
     rank: int = 1
     tile: int = 1
     conv_layout: str = "matrix"  # convolutions: one structured matrix ("matrix") or one per kernel tap ("taps")
-    allocation: str = "global"  # GBLR: one threshold shares the budget between layers ("global") or each layer holds it ("per_layer")
+    allocation: str = "global"  # GBLR: one threshold shares the budget between layers ("global"), weighted by their gradients ("sensitivity"), or each layer holds it ("per_layer")
+    controller: str = "flops"  # GBLR: the threshold meets the FLOPs budget ("flops") or the paper's fixed threshold on a mean-width target ("mean_width")
+    l1: float = 0.0  # the fixed threshold's lambda (controller "mean_width"; with "flops" an extra shrink above the budget)
 
 
 @dataclass
@@ -113,6 +115,11 @@ class RunConfig:
             ("structure.tile", lambda: s.tile >= 1, ">= 1"),
             ("structure.conv_layout", lambda: s.conv_layout in LAYOUTS, f"one of {LAYOUTS}"),
             ("structure.allocation", lambda: s.allocation in ALLOCATIONS, f"one of {ALLOCATIONS}"),
+            ("structure.controller", lambda: s.controller in CONTROLLERS, f"one of {CONTROLLERS}"),
+            ("structure.l1", lambda: math.isfinite(s.l1) and s.l1 >= 0, "a finite number >= 0"),
+            ("structure.l1", lambda: s.controller != "mean_width" or s.l1 > 0, "> 0 with structure.controller 'mean_width'"),
+            ("structure.allocation", lambda: s.controller != "mean_width" or s.allocation == "global",
+             "'global' with structure.controller 'mean_width'"),
             ("train.epochs", lambda: t.epochs >= 1, ">= 1"),
             ("train.batch_size", lambda: t.batch_size >= 1, ">= 1"),
             ("train.lr", lambda: math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),

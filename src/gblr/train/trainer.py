@@ -307,7 +307,7 @@ def train(config: RunConfig, out_dir, resume: bool = False, progress: bool = Tru
             model, optimizer, target=s.budget, total_steps=total, ramp=(s.ramp_start, s.ramp_end),
             # A structure fitted to dense weights starts sharp: a smooth mask would blur the fitted blocks.
             sigma=SigmaSchedule(s.sigma_end if config.train.init_from else s.sigma_start, s.sigma_end, 0, int(0.8 * total)),
-            tokens=tokens, allocation=s.allocation,
+            tokens=tokens, allocation=s.allocation, controller=s.controller, l1=s.l1,
         )
     step, epoch, position, elapsed, history = 0, 0, 0, 0.0, []
     if resume:
