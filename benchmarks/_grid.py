@@ -4,6 +4,7 @@ when interrupted, summarised as a row; mean and spread over seeds."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -16,6 +17,8 @@ def train_run(out: Path, config: str, overrides: list[str], init_from: Path | No
     if init_from is not None:
         command += ["--init-from", str(init_from)]
     if not (out / "report.json").exists():
+        if out.is_dir() and {p.name for p in out.iterdir()} <= {"tensorboard"}:
+            shutil.rmtree(out)  # a run stopped before its first checkpoint: only its logs to drop
         resume = ["--resume"] if (out / "checkpoint.json").exists() else []
         subprocess.run(command + resume, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "report.json").read_text()), " ".join(["gblr", *command[3:]])

@@ -5,6 +5,7 @@ Two kinds of candidates, the best one wins:
 - adaptive block-low-rank fits: tile the matrix, take every tile's rank-1 SVD pieces, and keep those
   with the most energy per MAC until the budget is spent (one grid is the whole matrix: the optimal
   low-rank matrix, so the result is never worse than low-rank, which GBLR contains);
+- with ``pursuit=True``, block pursuit (:mod:`gblr.discover`): pieces on windows found anywhere, not on a grid;
 - the learned fit the paper describes: all rank-1 SVD components, each starting on the shortest intervals
   that hold most of its singular vectors' energy (the paper starts from full widths and random starts, which
   cannot find blocks), then Adam on ``||W_hat - W||_F^2 / ||W||_F^2`` with exact masks while the structure
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .calibration import damped, whitening
+from .discover import block_pursuit
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
 from .step import training_step
@@ -220,6 +222,7 @@ def fit_gblr(
     grids: tuple[int, ...] = DEFAULT_GRIDS,
     gram: torch.Tensor | None = None,
     damping: float = 0.01,
+    pursuit: bool = False,
     **learned_options,
 ) -> GBLRLinear:
     """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
@@ -229,7 +232,10 @@ def fit_gblr(
     With ``gram``, the second moment of the layer's inputs on calibration data
     (:func:`gblr.calibration.input_grams`), every candidate minimises the error of the layer's outputs
     instead of its weights (``damping`` as in :func:`gblr.calibration.damped`), and the best is chosen by it;
-    the 1x1 tiling is then the optimal output-error low-rank fit."""
+    the 1x1 tiling is then the optimal output-error low-rank fit.
+
+    ``pursuit=True`` adds the pieces that :func:`gblr.discover.block_pursuit` finds on the weight (windows
+    searched freely, not on a grid: seconds per matrix) as one more candidate, judged by the same error."""
     check_weight(weight)
     steps = learned_options.get("steps", 200)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -251,6 +257,12 @@ def fit_gblr(
     choice = min(range(len(tilings)), key=errors.__getitem__)
     best, error = tilings[choice].layer(budget, target.dtype, bias), errors[choice]
     best.fit_method = f"block-low-rank {grids[choice]}x{grids[choice]}"  # for reports; not saved
+    if pursuit:
+        found = block_pursuit(target, budget, bias)
+        found_error = measure(found)
+        if found_error < error:
+            best, error = found, found_error
+            best.fit_method = "block pursuit"
     if steps > 0:
         learned = learned_fit(target, budget, bias, **learned_options)
         learned_error = measure(learned)

@@ -1,0 +1,44 @@
+"""Block pursuit: windows found anywhere in a dense matrix (gblr.discover)."""
+
+import pytest
+import torch
+
+from gblr.demos.overlapping_blocks import overlapping_blocks
+from gblr.discover import _best_window, block_pursuit
+from gblr.fit import fit_gblr, relative_error, structured_from_dense
+
+
+def test_best_window_is_the_best_cyclic_window():
+    torch.manual_seed(0)
+    energy = torch.rand(13, dtype=torch.float64) ** 4
+    start, size, ratio = _best_window(energy, other_side=5)
+    brute = max(((s, z, float(energy[(s + torch.arange(z)) % 13].sum()) / (z + 5)) for s in range(13) for z in range(1, 14)),
+                key=lambda t: t[2])
+    assert (start, size) == brute[:2] and ratio == pytest.approx(brute[2])
+
+
+def test_pursuit_finds_hidden_blocks_that_tilings_and_low_rank_miss():
+    weight, _ = overlapping_blocks(0, rows=100, cols=160, blocks=5, rank=5)
+    layer = block_pursuit(weight.float(), 0.25)
+    assert layer.relative_cost() <= 0.25
+    found = relative_error(layer.to_dense(), weight)
+    low_rank = relative_error(structured_from_dense("lowrank", weight.float(), 0.25).to_dense(), weight)
+    assert found <= 0.5 * low_rank, (found, low_rank)
+    x = torch.randn(4, 160)
+    assert torch.allclose(layer(x), x @ layer.to_dense().T, atol=1e-4)
+    # as a candidate of the GBLR fit it wins here, and the fit is never worse than without it
+    with_pursuit = fit_gblr(weight.float(), 0.25, steps=0, pursuit=True)
+    without = fit_gblr(weight.float(), 0.25, steps=0)
+    assert with_pursuit.fit_method == "block pursuit"
+    assert relative_error(with_pursuit.to_dense(), weight) < relative_error(without.to_dense(), weight)
+
+
+def test_blocks_have_the_asked_cost_and_noise():
+    weight, windows = overlapping_blocks(3, rows=50, cols=80, blocks=4, rank=2, cost=0.2, noise=0.01)
+    assert len(windows) == 4 and weight.shape == (50, 80)
+    assert sum(2 * (h + w) for _, h, _, w in windows) == pytest.approx(0.2 * 50 * 80, rel=0.05)
+
+
+def test_pursuit_below_one_piece_is_a_clear_error():
+    with pytest.raises(ValueError, match="below the cost of one rank-1 piece"):
+        block_pursuit(torch.randn(20, 30), 0.001)
