@@ -10,7 +10,7 @@ from gblr.calibration import damped, input_grams
 from gblr.cli import main
 from gblr.compress import compress_
 from gblr.convert import ConvertConfig, convert_
-from gblr.fit import fit_gblr, output_error, structured_from_dense
+from gblr.fit import _TilePieces, fit_gblr, output_error, structured_from_dense
 
 
 def _anisotropic_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
@@ -119,3 +119,21 @@ def test_compress_command_refuses_an_output_fit_for_families_without_one(tmp_pat
     error = capsys.readouterr().err.strip()
     assert "--fit outputs is available for gblr, lowrank; use --fit weights for monarch" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_finer_tilings_are_refitted_under_the_correlations_between_column_tiles():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.block_diag(torch.randn(24, 32, generator=generator, dtype=torch.float64),
+                              torch.randn(24, 32, generator=generator, dtype=torch.float64))
+    weight += 0.3 * torch.randn(48, 64, generator=generator, dtype=torch.float64)  # every tile holds some energy
+    mixing = torch.randn(64, 64, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, 64, dtype=torch.float64)
+    x = torch.randn(4000, 64, generator=generator, dtype=torch.float64) @ mixing  # columns correlated across tiles
+    gram = damped(x.T @ x / len(x))
+    tiling = _TilePieces(weight, 4, gram)
+    errors = [output_error(tiling.layer(0.3, torch.float64, sweeps=sweeps).to_dense(), weight, gram) for sweeps in (0, 1, 4)]
+    assert errors[0] > errors[1] >= errors[2] and errors[2] < 0.97 * errors[0]  # each round lowers the error
+    assert tiling.layer(0.3, torch.float64, sweeps=4).relative_cost() <= 0.3
+    fitted = fit_gblr(weight, 0.3, gram=x.T @ x / len(x), steps=0)
+    lowrank = structured_from_dense("lowrank", weight, 0.3, gram=x.T @ x / len(x))
+    assert fitted.fit_method != "block-low-rank 1x1"
+    assert output_error(fitted.to_dense(), weight, gram) < 0.95 * output_error(lowrank.to_dense(), weight, gram)

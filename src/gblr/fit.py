@@ -68,9 +68,11 @@ class _TilePieces:
         # ||(T_fit - T) L_J||, so a piece's energy is the output error it removes (exact for grid 1; for
         # finer grids the correlations between column tiles are left out). Pieces keep their tile's support.
         whiten = {}
+        self.gram, self.whiten = gram, whiten
         if gram is not None:
             for col_start, w in _splits(n, grid):
                 whiten[col_start] = torch.linalg.cholesky(gram[col_start : col_start + w, col_start : col_start + w])
+        self.target, self.grid = target, grid
         self.groups = []  # per tile shape: (h, w, tile origins, U*S, Vh)
         energy, cost, where = [], [], []
         self.shape, self.total = (m, n), 0.0
@@ -116,23 +118,68 @@ class _TilePieces:
         kept = float(self.energy[self.choose(budget)].sum())
         return math.sqrt(max(self.total - kept, 0.0) / self.total) if self.total > 0 else 0.0
 
-    def layer(self, budget: float, dtype: torch.dtype, bias: torch.Tensor | None = None) -> GBLRLinear:
+    def _pieces(self, budget: float) -> list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
+        """The greedy choice as ``(row, height, col, width, left, right)`` rank-1 pieces (float64)."""
         chosen = self.choose(budget)
         if not len(chosen):
             m, n = self.shape
             raise ValueError(f"budget {budget:g} is below the cost of one rank-1 piece of a {m}x{n} matrix")
-        m, n = self.shape
-        out_factors = torch.zeros(len(chosen), 1, m, dtype=torch.float64)
-        in_factors = torch.zeros(len(chosen), 1, n, dtype=torch.float64)
-        out_intervals, in_intervals = [], []
-        for i, (g, tile, rank) in enumerate(self.where[torch.from_numpy(chosen)].tolist()):
+        pieces = []
+        for g, tile, rank in self.where[torch.from_numpy(chosen)].tolist():
             h, w, origins, us, vh = self.groups[g]
             r0, c0 = origins[tile]
-            out_factors[i, 0, r0 : r0 + h] = us[tile, :, rank]
-            in_factors[i, 0, c0 : c0 + w] = vh[tile, rank]
-            out_intervals.append((r0, h))
-            in_intervals.append((c0, w))
-        return GBLRLinear.from_intervals(out_intervals, in_intervals, out_factors.to(dtype), in_factors.to(dtype), bias)
+            pieces.append((r0, h, c0, w, us[tile, :, rank], vh[tile, rank]))
+        return pieces
+
+    def layer(self, budget: float, dtype: torch.dtype, bias: torch.Tensor | None = None, sweeps: int = 0) -> GBLRLinear:
+        """The greedy choice at ``budget`` as a GBLR layer; with a gram and ``sweeps`` > 0, refitted first
+        (:meth:`_refit`)."""
+        pieces = self._pieces(budget)
+        if self.gram is not None and sweeps > 0 and self.grid > 1:  # one tile: already exact
+            pieces = self._refit(pieces, sweeps)
+        m, n = self.shape
+        out_factors = torch.zeros(len(pieces), 1, m, dtype=torch.float64)
+        in_factors = torch.zeros(len(pieces), 1, n, dtype=torch.float64)
+        for i, (r0, h, c0, w, left, right) in enumerate(pieces):
+            out_factors[i, 0, r0 : r0 + h] = left
+            in_factors[i, 0, c0 : c0 + w] = right
+        return GBLRLinear.from_intervals([(p[0], p[1]) for p in pieces], [(p[2], p[3]) for p in pieces],
+                                         out_factors.to(dtype), in_factors.to(dtype), bias)
+
+    def _refit(self, pieces: list, sweeps: int) -> list:
+        """The chosen tiles and ranks refitted under the full input statistics ``G``: the greedy choice
+        measured each tile in coordinates whitened by its own columns only, leaving out the correlations
+        between column tiles. Rows are independent in ``tr(E G E^T)``, so each row band is refitted on its
+        own, one tile at a time: the best rank-k block ``B`` on columns ``J`` given the others' residual
+        ``R`` minimises ``||B L_J - R G[:, J] L_J^-T||`` (``G_JJ = L_J L_J^T``), a truncated SVD. Every
+        update lowers the output error (block coordinate descent)."""
+        target, gram = self.target, self.gram
+        tiles: dict[tuple[int, int, int, int], int] = {}
+        blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        for r0, h, c0, w, left, right in pieces:
+            key = (r0, h, c0, w)
+            tiles[key] = tiles.get(key, 0) + 1
+            blocks[key] = blocks.get(key, 0) + torch.outer(left, right)
+        refitted = []
+        for band in dict.fromkeys((r0, h) for r0, h, _, _ in tiles):
+            r0, h = band
+            mine = [key for key in tiles if key[:2] == band]
+            residual = target[r0 : r0 + h].clone()
+            for key in mine:
+                residual[:, key[2] : key[2] + key[3]] -= blocks[key]
+            factors = {}
+            for _ in range(sweeps):
+                for key in mine:
+                    c0, w, rank = key[2], key[3], tiles[key]
+                    residual[:, c0 : c0 + w] += blocks[key]
+                    chol = self.whiten[c0]
+                    projected = torch.linalg.solve_triangular(chol, (residual @ gram[:, c0 : c0 + w]).T, upper=False).T
+                    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+                    left, right = u[:, :rank] * s[:rank], torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True).T
+                    blocks[key], factors[key] = left @ right, (left, right)
+                    residual[:, c0 : c0 + w] -= blocks[key]
+            refitted += [(*key, factors[key][0][:, k], factors[key][1][k]) for key in mine for k in range(tiles[key])]
+        return refitted
 
 
 def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None, gram=None,
@@ -223,6 +270,7 @@ def fit_gblr(
     gram: torch.Tensor | None = None,
     damping: float = 0.01,
     pursuit: bool = False,
+    sweeps: int = 4,
     **learned_options,
 ) -> GBLRLinear:
     """The best of: adaptive block-low-rank fits on several tilings (``grid=1`` is the optimal low-rank
@@ -232,7 +280,9 @@ def fit_gblr(
     With ``gram``, the second moment of the layer's inputs on calibration data
     (:func:`gblr.calibration.input_grams`), every candidate minimises the error of the layer's outputs
     instead of its weights (``damping`` as in :func:`gblr.calibration.damped`), and the best is chosen by it;
-    the 1x1 tiling is then the optimal output-error low-rank fit.
+    the 1x1 tiling is then the optimal output-error low-rank fit, and finer tilings keep the tiles and
+    ranks chosen under each column tile's own statistics but are refitted under the full ones for
+    ``sweeps`` rounds (:meth:`_TilePieces._refit`).
 
     ``pursuit=True`` adds the pieces that :func:`gblr.discover.block_pursuit` finds on the weight (windows
     searched freely, not on a grid: seconds per matrix) as one more candidate, judged by the same error."""
@@ -251,11 +301,15 @@ def fit_gblr(
     tilings = [_TilePieces(target, grid, gram) for grid in grids]
     if gram is None:  # exact from the singular values
         errors = [tiling.relative_error(budget) for tiling in tilings]
-    else:  # exact from the candidates (the tilings' own figures leave out correlations between column tiles)
-        errors = [measure(tiling.layer(budget, torch.float64)) if tiling.choose(budget).size else math.inf
-                  for tiling in tilings]
-    choice = min(range(len(tilings)), key=errors.__getitem__)
-    best, error = tilings[choice].layer(budget, target.dtype, bias), errors[choice]
+        choice = min(range(len(tilings)), key=errors.__getitem__)
+        best = tilings[choice].layer(budget, target.dtype, bias)
+    else:  # exact from the candidates, finer tilings refitted under the full statistics
+        candidates = [tiling.layer(budget, torch.float64, bias, sweeps) if tiling.choose(budget).size else None
+                      for tiling in tilings]
+        errors = [math.inf if c is None else measure(c) for c in candidates]
+        choice = min(range(len(tilings)), key=errors.__getitem__)
+        best = candidates[choice].to(target.dtype)
+    error = errors[choice]
     best.fit_method = f"block-low-rank {grids[choice]}x{grids[choice]}"  # for reports; not saved
     if pursuit:
         found = block_pursuit(target, budget, bias)
