@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from gblr import GBLRLinear, compact_kernel
-from gblr.compact import EXECUTIONS, CompactGBLRLinear, compact
+from gblr.compact import EXECUTIONS, CompactGBLRLinear, _grouped_available, compact
 
 # The Triton kernels run here in Triton's interpreter when Triton is installed (tests/conftest.py).
-RUNNABLE = tuple(e for e in EXECUTIONS if e != "kernel" or compact_kernel.available(torch.device("cpu")))
+RUNNABLE = tuple(e for e in EXECUTIONS if (e != "kernel" or compact_kernel.available(torch.device("cpu")))
+                 and (e != "grouped" or _grouped_available(torch.device("cpu"), torch.float32)))
 
 
 def random_structure(layer, seed=0, max_width=0.6):
@@ -120,7 +121,7 @@ def test_compact_follows_dtype_moves_and_empty_structures():
     with torch.no_grad():
         layer.out_widths.zero_()
     empty = CompactGBLRLinear(layer, calibrate=False)
-    for execution in RUNNABLE:
+    for execution in empty.executions():
         assert torch.allclose(empty.run(x, execution), layer.bias.expand(4, 40))
 
 
@@ -137,10 +138,16 @@ def test_compact_on_cuda_matches_the_eval_layer():
     x = torch.randn(37, 96, device="cuda")
     with torch.no_grad():
         reference = layer(x)
-        for execution in ("dense", "factored", "blocks"):
+        for execution in ("dense", "factored", "blocks", "slices", "grouped"):
+            if execution not in fast.executions():
+                continue  # grouped matmuls exist on some GPUs only
             out = fast.run(x, execution)
             assert out.is_cuda
-            assert (out - reference).norm() / reference.norm() < 1e-5
+            assert (out - reference).norm() / reference.norm() < 1e-5, execution
+        half = CompactGBLRLinear(layer.to(torch.bfloat16), calibrate=False)
+        for execution in half.executions():
+            out = half.run(x.to(torch.bfloat16), execution).float()
+            assert (out - reference).norm() / reference.norm() < 2e-2, execution
 
 
 def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(monkeypatch):

@@ -11,11 +11,13 @@ computes the same thing block by block:
    runs as one batched matmul. Activations are kept transposed (features x tokens), so gathering a
    block's input rows and adding into its output rows touch contiguous memory.
 
-Five executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
+Six executions compute the same result: ``"dense"`` (the effective weight), ``"factored"`` (two skinny
 matmuls with the full-length masked factors of the active components), ``"blocks"`` (the batched
 groups above), ``"slices"`` (one product per merged block, reading and accumulating into column
 ranges of the untransposed activations in place: no gathers, no padding; best for few large blocks, as
-the hardware-aware option learns) and, on CUDA with Triton, ``"kernel"`` (all blocks in two launches,
+the hardware-aware option learns), ``"grouped"`` (the low-rank blocks of each rank in two grouped
+matmuls, ``torch._grouped_mm``, whatever their number and sizes: one gather of their input columns, one
+scatter-add of their output rows) and, on CUDA with Triton, ``"kernel"`` (all blocks in two launches,
 see :mod:`gblr.compact_kernel`). A layer times them on this machine when it is built
 (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of tokens, the one that measured
 fastest at the nearest calibrated size (dense unless another is at least 10 % faster), so a layer that
@@ -43,7 +45,9 @@ from .structured.gblr import GBLRLinear
 
 __all__ = ["CompactGBLRLinear", "compact", "EXECUTIONS"]
 
-EXECUTIONS = ("dense", "factored", "blocks", "slices", "kernel")
+EXECUTIONS = ("dense", "factored", "blocks", "slices", "grouped", "kernel")
+#: Grouped matmuls need row strides and group boundaries on multiples of 16 bytes: sizes are padded to this.
+GROUPED_ALIGN = 16
 HOPELESS_FROM = 1024
 
 
@@ -84,6 +88,50 @@ class _Slice:
         return self.first.shape[1] * (w + self.second.shape[1])
 
 
+@dataclass
+class _RankGroup:
+    """Low-rank blocks of one (padded) rank for the "grouped" execution: the input columns of all blocks
+    in one gather, their factors stacked along the contraction (``first``) and output (``second``) sides,
+    with each block's end offset on either side. Padding reads and writes a dummy feature."""
+
+    in_index: torch.Tensor  # (sum of padded widths,) input features, padding -> in_features
+    out_index: torch.Tensor  # (sum of padded heights,) output features, padding -> out_features
+    in_offsets: torch.Tensor  # (blocks,) int32 end of each block's columns
+    out_offsets: torch.Tensor  # (blocks,) int32 end of each block's rows
+    first: torch.Tensor  # (sum of padded widths, rank)
+    second: torch.Tensor  # (rank, sum of padded heights)
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.first.shape[1] * (self.first.shape[0] + self.second.shape[1])
+
+
+def _add_dense_block(y: torch.Tensor, x2: torch.Tensor, piece: _Slice) -> None:
+    """``y += x2 @ block`` on the block's column ranges of ``x2`` and ``y``, in place."""
+    for a, b, fa, fb in piece.in_parts:
+        for c, d, ga, gb in piece.out_parts:
+            y[:, c:d].addmm_(x2[:, a:b], piece.first[fa:fb, ga:gb])
+
+
+def _grouped_available(device: torch.device, dtype: torch.dtype, cache: dict = {}) -> bool:  # noqa: B006
+    """Whether ``torch._grouped_mm`` runs here (CUDA supports it only on some GPUs and dtypes): one tiny
+    trial per device and dtype, remembered."""
+    key = (str(device), dtype)
+    if key not in cache:
+        cache[key] = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                a = torch.zeros(GROUPED_ALIGN, 2 * GROUPED_ALIGN, device=device, dtype=dtype)
+                b = torch.zeros(2 * GROUPED_ALIGN, GROUPED_ALIGN, device=device, dtype=dtype)
+                offsets = torch.tensor([GROUPED_ALIGN, 2 * GROUPED_ALIGN], device=device, dtype=torch.int32)
+                inner = torch._grouped_mm(a, b, offs=offsets)  # (2, 16, 16)
+                torch._grouped_mm(inner, a, offs=offsets)  # (16, 32)
+                cache[key] = True
+            except (RuntimeError, NotImplementedError):
+                pass
+    return cache[key]
+
+
 def _parts(start: int, size: int, length: int) -> list[tuple[int, int, int, int]]:
     first = min(size, length - start)
     parts = [(start, start + first, 0, first)]
@@ -94,6 +142,10 @@ def _parts(start: int, size: int, length: int) -> list[tuple[int, int, int, int]
 
 def _padded(size: int, align: int) -> int:
     return size if size <= 1 else math.ceil(size / align) * align
+
+
+def _aligned(size: int) -> int:
+    return math.ceil(size / GROUPED_ALIGN) * GROUPED_ALIGN
 
 
 def _cyclic_index(start: int, size: int, padded: int, length: int) -> torch.Tensor:
@@ -128,6 +180,7 @@ class CompactGBLRLinear(StructuredLinear):
             self.register_buffer("out_factor", u.reshape(-1, self.out_features).T.contiguous().to(dtype))
             self.register_buffer("in_factor", v.reshape(-1, self.in_features).contiguous().to(dtype))
             self.groups = self._build_groups(u, v, dtype)
+            self.rank_groups = self._build_rank_groups(dtype)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         device = layer.out_factors.device
         self._apply(lambda t: t.to(device))  # the groups were assembled on the CPU
@@ -194,6 +247,36 @@ class CompactGBLRLinear(StructuredLinear):
             )
         return groups
 
+    def _build_rank_groups(self, dtype) -> list[_RankGroup]:
+        """The low-rank merged blocks (``self.slices``) grouped by rank padded to GROUPED_ALIGN, each block's
+        width and height padded likewise (the "grouped" execution; dense blocks run as slices)."""
+        m, n = self.out_features, self.in_features
+        by_rank: dict[int, list[_Slice]] = {}
+        for piece in self.slices:
+            if piece.second is not None:
+                by_rank.setdefault(_aligned(piece.first.shape[1]), []).append(piece)
+        groups = []
+        for rank, pieces in sorted(by_rank.items()):
+            in_index, out_index, firsts, seconds = [], [], [], []
+            for piece in pieces:
+                w, h = piece.first.shape[0], piece.second.shape[1]
+                wp, hp = _aligned(w), _aligned(h)
+                start, end = piece.in_parts[0][0], piece.out_parts[0][0]
+                in_index.append(_cyclic_index(start, w, wp, n))
+                out_index.append(_cyclic_index(end, h, hp, m))
+                first = torch.zeros(wp, rank, dtype=dtype)
+                first[:w, : piece.first.shape[1]] = piece.first.cpu()
+                second = torch.zeros(rank, hp, dtype=dtype)
+                second[: piece.second.shape[0], :h] = piece.second.cpu()
+                firsts.append(first)
+                seconds.append(second)
+            groups.append(_RankGroup(
+                torch.cat(in_index), torch.cat(out_index),
+                torch.tensor([len(i) for i in in_index], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+                torch.tensor([len(i) for i in out_index], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+                torch.cat(firsts), torch.cat(seconds, 1)))
+        return groups
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for group in self.groups:  # plain tensors outside the module's buffers follow device/dtype moves
@@ -204,6 +287,11 @@ class CompactGBLRLinear(StructuredLinear):
         for piece in self.slices:
             piece.first = fn(piece.first)
             piece.second = None if piece.second is None else fn(piece.second)
+        device = self.weight.device
+        for group in getattr(self, "rank_groups", []):  # absent while the constructor moves the blocks
+            group.first, group.second = fn(group.first), fn(group.second)
+            group.in_index, group.out_index = group.in_index.to(device), group.out_index.to(device)
+            group.in_offsets, group.out_offsets = group.in_offsets.to(device), group.out_offsets.to(device)
         # Timings and the kernels' packed copy belong to the old device and dtype.
         self._kernel_layout = None
         self.plan, self._choices, self._hopeless = {}, {}, set()
@@ -221,6 +309,9 @@ class CompactGBLRLinear(StructuredLinear):
             return self.in_factor.shape[0] * (self.in_features + self.out_features)
         if execution in ("slices", "kernel"):
             return sum(piece.macs_per_token for piece in self.slices)
+        if execution == "grouped":
+            return (sum(group.macs_per_token for group in self.rank_groups)
+                    + sum(piece.macs_per_token for piece in self.slices if piece.second is None))
         return self.macs_per_token()
 
     def effective_parameters(self) -> int:
@@ -260,9 +351,7 @@ class CompactGBLRLinear(StructuredLinear):
         y = x2.new_zeros(x2.shape[0], self.out_features) if self.bias is None else self.bias.expand(x2.shape[0], -1).clone()
         for piece in self.slices:
             if piece.second is None:
-                for a, b, fa, fb in piece.in_parts:
-                    for c, d, ga, gb in piece.out_parts:
-                        y[:, c:d].addmm_(x2[:, a:b], piece.first[fa:fb, ga:gb])
+                _add_dense_block(y, x2, piece)
                 continue
             a, b, fa, fb = piece.in_parts[0]
             z = x2[:, a:b] @ piece.first[fa:fb]
@@ -272,6 +361,20 @@ class CompactGBLRLinear(StructuredLinear):
                 y[:, c:d].addmm_(z, piece.second[:, ga:gb])
         return y
 
+    def _grouped(self, x2: torch.Tensor) -> torch.Tensor:
+        tokens = x2.shape[0]
+        # One zero column for padding to read and one spare output column for it to write.
+        padded = torch.cat([x2, x2.new_zeros(tokens, 1)], 1)
+        y = x2.new_zeros(tokens, self.out_features + 1)
+        for group in self.rank_groups:
+            inner = torch._grouped_mm(padded.index_select(1, group.in_index), group.first, offs=group.in_offsets)
+            y.index_add_(1, group.out_index, torch._grouped_mm(inner, group.second, offs=group.out_offsets))
+        y = y[:, : self.out_features]
+        for piece in self.slices:
+            if piece.second is None:
+                _add_dense_block(y, x2, piece)
+        return y + self.bias if self.bias is not None else y
+
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
         if self._kernel_layout is None:
             blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
@@ -280,20 +383,26 @@ class CompactGBLRLinear(StructuredLinear):
         return self._kernel_layout.run(x2, self.bias)
 
     def executions(self) -> tuple[str, ...]:
-        """The executions calibration chooses from (``"kernel"`` needs Triton and a CUDA device)."""
-        if self.weight.device.type == "cuda" and compact_kernel.available(self.weight.device):
-            return EXECUTIONS
-        return tuple(e for e in EXECUTIONS if e != "kernel")
+        """The executions calibration chooses from (``"kernel"`` needs Triton and a CUDA device, ``"grouped"``
+        a CUDA device whose ``torch._grouped_mm`` takes this dtype)."""
+        cuda = self.weight.device.type == "cuda"
+        kernel = cuda and compact_kernel.available(self.weight.device)
+        # On the CPU grouped matmuls are a loop over the groups plus a gather and a scatter: never faster
+        # than "slices" here (3-4x slower measured), so not worth timing; run() still accepts it.
+        grouped = cuda and _grouped_available(self.weight.device, self.weight.dtype)
+        return tuple(e for e in EXECUTIONS if (e != "kernel" or kernel) and (e != "grouped" or grouped))
 
     def run(self, x: torch.Tensor, execution: str) -> torch.Tensor:
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if execution == "kernel" and not compact_kernel.available(self.weight.device):
             raise ValueError(f"execution 'kernel' needs Triton and a CUDA device; this layer is on {self.weight.device}")
+        if execution == "grouped" and not _grouped_available(self.weight.device, self.weight.dtype):
+            raise ValueError(f"execution 'grouped' needs torch._grouped_mm for {self.weight.dtype} on {self.weight.device}")
         self._check_input(x)
         x2 = x.reshape(-1, self.in_features)
         runs = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks, "slices": self._slices,
-                "kernel": self._kernel}
+                "grouped": self._grouped, "kernel": self._kernel}
         y = runs[execution](x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
