@@ -70,6 +70,7 @@ API_CASES = {
     "unknown family": (lambda p: structured_from_dense("butterfly", W, 0.5), "butterfly"),
     "make_structured unknown family": (lambda p: make_structured("nope", 8, 8, 0.5), "nope"),
     "fit steps negative": (lambda p: fit_gblr(W, 0.5, steps=-1), "steps"),
+    "fit sweeps negative": (lambda p: fit_gblr(W, 0.5, steps=0, sweeps=-2), "sweeps"),
     "ConvertConfig family": (lambda p: ConvertConfig("xyz", 0.5), "xyz"),
     "ConvertConfig budget": (lambda p: ConvertConfig("gblr", -1.0), "budget"),
     "ConvertConfig unknown option": (lambda p: convert_(model(), ConvertConfig("gblr", 0.5, options={"bogus": 1})), "bogus"),

@@ -288,8 +288,9 @@ def fit_gblr(
     searched freely, not on a grid: seconds per matrix) as one more candidate, judged by the same error."""
     check_weight(weight)
     steps = learned_options.get("steps", 200)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    for name, value in (("steps", steps), ("sweeps", sweeps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     target = weight.detach()
     if gram is not None:
         gram = damped(gram, damping, features=target.shape[1])
