@@ -193,7 +193,13 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
                     cell += f", cost {statistics.mean(r['structured_fraction'] for r in group):.2f}"
                 cells.append(cell)
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
-        lines += ["", "Targets: " + "; ".join(verdicts(task, metric, groups, budgets)) + ".", ""]
+        lines += ["", "Targets: " + "; ".join(verdicts(task, metric, groups, budgets)) + "."]
+        at_edge = [key.split("/")[1] for key, t in meta["tuning"].items()
+                   if key.startswith(f"{task}/") and t["lr"] in (min(LEARNING_RATES), max(LEARNING_RATES))]
+        if at_edge:  # the best rate may lie outside the tried ones
+            lines.append(f"The chosen learning rate is at the edge of the tried ones for: {', '.join(at_edge)}.")
+        picture = RESULTS / f"{name}_{task}.png"
+        lines += ["", f"![{task}: {metric} against FLOPs per example]({picture.relative_to(README.parent)})" if picture.exists() else "", ""]
     return lines
 
 
@@ -215,7 +221,8 @@ def verdicts(task: str, metric: str, groups: dict, budgets: list[float]) -> list
     dense = mean.get(("dense", 1.0))
     if dense is not None and task == "fmnist-vit" and ("gblr", 0.3) in mean:
         gap = 100 * (dense - mean[("gblr", 0.3)])
-        out.append(f"GBLR at 0.3 is {gap:.2f} points below dense (target: within 0.5: {'met' if gap <= 0.5 else 'missed'})")
+        where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+        out.append(f"GBLR at 0.3 is {where} dense (target: within 0.5: {'met' if gap <= 0.5 else 'missed'})")
     if dense is not None and task == "shakespeare-gpt" and ("gblr", 0.5) in mean:
         gap = mean[("gblr", 0.5)] - dense
         out.append(f"GBLR at 0.5 has {gap:+.4f} validation loss against dense (target: no worse: {'met' if gap <= 0 else 'missed'})")
