@@ -22,6 +22,7 @@ example) and study_TASK.png (metric against FLOPs per example, one line per fami
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -102,11 +103,13 @@ def main() -> None:
                         help="also rewrite the README's study summary (between its study markers) from the results")
     args = parser.parse_args()
     runs, extra = Path(args.runs), [f'train.device="{args.device}"', *args.overrides]
-    rows, tuning = [], {}
+    args.saved = committed_rows(args.name)
+    rows, tuning, all_trials = [], {}, []
     for task in args.tasks:
         for family in args.families:
             budget = 1.0 if family == "dense" else TUNING_BUDGET
             trials = [r for lr in LEARNING_RATES if (r := collect(args, runs, task, family, budget, lr, 0, extra))]
+            all_trials += trials
             if len(trials) < len(LEARNING_RATES):
                 continue  # tuning not finished: no grid for this family yet
             chosen = trials[0]
@@ -120,19 +123,33 @@ def main() -> None:
                     row = collect(args, runs, task, family, budget, chosen["lr"], seed, extra)
                     if row is not None:
                         rows.append(row)
-            write(args, rows, tuning)
+            write(args, rows, tuning, all_trials)
         if "gblr" in args.families and f"{task}/gblr" in tuning:
             for ablation in args.ablations:
                 for seed in args.seeds:
                     row = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra)
                     if row is not None:
                         rows.append(row)
-                write(args, rows, tuning)
+                write(args, rows, tuning, all_trials)
+
+
+def committed_rows(name: str) -> dict:
+    """Rows of the results file already written, by run: a run whose directory is gone (another machine,
+    a clean checkout) keeps its committed row instead of being trained again or dropped."""
+    path = RESULTS / f"{name}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
+    rows = saved["rows"] + saved["meta"].get("trials", [])
+    return {(r["task"], r["study_family"], r["budget"], r["lr"], r["seed"]): r for r in rows}
 
 
 def collect(args, runs, task, family, budget, lr, seed, extra) -> dict | None:
-    """The row of one run: trained now unless --report (then None when it is not finished)."""
-    if args.report and not (run_directory(runs, task, family, budget, lr, seed) / "report.json").exists():
+    """The row of one run: its committed row when its directory is gone, else trained now unless
+    --report (then None when it is not finished)."""
+    finished = (run_directory(runs, task, family, budget, lr, seed) / "report.json").exists()
+    saved = args.saved.get((task, family, budget, lr, seed))
+    if saved is not None and not finished and not run_directory(runs, task, family, budget, lr, seed).exists():
+        return saved
+    if args.report and not finished:
         return None
     start = time.perf_counter()
     row = run(runs, task, family, budget, lr, seed, extra)
@@ -142,9 +159,9 @@ def collect(args, runs, task, family, budget, lr, seed, extra) -> dict | None:
     return row
 
 
-def write(args, rows: list[dict], tuning: dict) -> None:
+def write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
     meta = run_metadata(f"device {args.device}", overrides=args.overrides, protocol=" ".join(__doc__.split("results):")[1].split("\n\nEvery")[0].split()),
-                        learning_rates=list(LEARNING_RATES), tuning=tuning,
+                        learning_rates=list(LEARNING_RATES), tuning=tuning, trials=trials,
                         tasks={task: {"config": c, "recipe": r, "about": a} for task, (c, r, a) in TASKS.items()})
     lines = ["# The evidence study: quality against cost", "", provenance(meta), "",
              "Protocol, the same for every family: " + meta["protocol"], ""]
