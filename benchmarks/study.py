@@ -88,7 +88,8 @@ def better(metric: str, a: float, b: float) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
+                        help="what to train now (the results always include every finished run)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
                         help="ablations of GBLR's learner (run once GBLR's tuning is done)")
@@ -105,10 +106,13 @@ def main() -> None:
     runs, extra = Path(args.runs), [f'train.device="{args.device}"', *args.overrides]
     args.saved = committed_rows(args.name)
     rows, tuning, all_trials = [], {}, []
-    for task in args.tasks:
-        for family in args.families:
+    # Results always cover every finished or committed run; the options only choose what is trained now.
+    all_budgets, all_seeds = sorted(set(BUDGETS) | set(args.budgets)), sorted({0, 1, 2} | set(args.seeds))
+    for task in TASKS:
+        for family in FAMILIES:
+            chosen_family = task in args.tasks and family in args.families
             budget = 1.0 if family == "dense" else TUNING_BUDGET
-            trials = [r for lr in LEARNING_RATES if (r := collect(args, runs, task, family, budget, lr, 0, extra))]
+            trials = [r for lr in LEARNING_RATES if (r := collect(args, runs, task, family, budget, lr, 0, extra, chosen_family))]
             all_trials += trials
             if len(trials) < len(LEARNING_RATES):
                 continue  # tuning not finished: no grid for this family yet
@@ -117,17 +121,19 @@ def main() -> None:
                 if better(trial["metric"], trial["best_validation"], chosen["best_validation"]):
                     chosen = trial
             tuning[f"{task}/{family}"] = {"lr": chosen["lr"], "validation": {t["lr"]: t["best_validation"] for t in trials}}
-            budgets = [1.0] if family == "dense" else (args.budgets if family in EVERY_BUDGET else [TUNING_BUDGET])
+            budgets = [1.0] if family == "dense" else (all_budgets if family in EVERY_BUDGET else [TUNING_BUDGET])
             for budget in budgets:
-                for seed in args.seeds:
-                    row = collect(args, runs, task, family, budget, chosen["lr"], seed, extra)
+                for seed in all_seeds:
+                    wanted = chosen_family and (budget in args.budgets or budget in (1.0, TUNING_BUDGET)) and seed in args.seeds
+                    row = collect(args, runs, task, family, budget, chosen["lr"], seed, extra, wanted)
                     if row is not None:
                         rows.append(row)
             write(args, rows, tuning, all_trials)
-        if "gblr" in args.families and f"{task}/gblr" in tuning:
-            for ablation in args.ablations:
-                for seed in args.seeds:
-                    row = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra)
+        if f"{task}/gblr" in tuning:
+            for ablation in ABLATIONS:
+                for seed in all_seeds:
+                    wanted = task in args.tasks and ablation in args.ablations and seed in args.seeds
+                    row = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra, wanted)
                     if row is not None:
                         rows.append(row)
                 write(args, rows, tuning, all_trials)
@@ -142,14 +148,14 @@ def committed_rows(name: str) -> dict:
     return {(r["task"], r["study_family"], r["budget"], r["lr"], r["seed"]): r for r in rows}
 
 
-def collect(args, runs, task, family, budget, lr, seed, extra) -> dict | None:
-    """The row of one run: its committed row when its directory is gone, else trained now unless
-    --report (then None when it is not finished)."""
+def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> dict | None:
+    """The row of one run: its committed row when its directory is gone, else its report when finished,
+    else trained now if ``wanted`` and not --report (else None)."""
     finished = (run_directory(runs, task, family, budget, lr, seed) / "report.json").exists()
     saved = args.saved.get((task, family, budget, lr, seed))
     if saved is not None and not finished and not run_directory(runs, task, family, budget, lr, seed).exists():
         return saved
-    if args.report and not finished:
+    if not finished and (args.report or not wanted):
         return None
     start = time.perf_counter()
     row = run(runs, task, family, budget, lr, seed, extra)
