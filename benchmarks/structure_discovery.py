@@ -24,19 +24,15 @@ from _results import provenance, run_metadata, write_results
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.discover import block_pursuit
-from gblr.fit import _TilePieces, DEFAULT_GRIDS, learned_fit, relative_error, structured_from_dense
+from gblr.fit import block_low_rank_error_curve, learned_fit, relative_error, structured_from_dense
 
 NOISE = 0.003
-
-
-def tilings_error(weight: torch.Tensor, budget: float) -> float:
-    return min(_TilePieces(weight, grid).relative_error(budget) for grid in DEFAULT_GRIDS)
 
 
 METHODS = {
     "low-rank": lambda w, b: relative_error(structured_from_dense("lowrank", w, b).to_dense(), w),
     "BLAST": lambda w, b: relative_error(structured_from_dense("blast", w, b).to_dense(), w),
-    "GBLR tilings": tilings_error,
+    "GBLR tilings": lambda w, b: block_low_rank_error_curve(w, [b])[0],
     "GBLR learned (paper)": lambda w, b: relative_error(learned_fit(w, b).to_dense(), w),
     "GBLR block pursuit": lambda w, b: relative_error(block_pursuit(w, b).to_dense(), w),
 }

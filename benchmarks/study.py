@@ -66,6 +66,7 @@ ABLATIONS = {
 }
 EVERY_BUDGET = ("dense", "gblr", "lowrank")  # the others run at TUNING_BUDGET only
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
+SEEDS = (0, 1, 2)
 TUNING_BUDGET = 0.3
 LEARNING_RATES = (5e-4, 1e-3, 2e-3)
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
                         help="ablations of GBLR's learner (run once GBLR's tuning is done)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--runs", default="runs/study")
     parser.add_argument("--device", default="cpu", help="train.device of every run")
     parser.add_argument("--report", action="store_true", help="no training: rewrite the results from finished runs")
@@ -107,7 +108,7 @@ def main() -> None:
     args.saved = committed_rows(args.name)
     rows, tuning, all_trials = [], {}, []
     # Results always cover every finished or committed run; the options only choose what is trained now.
-    all_budgets, all_seeds = sorted(set(BUDGETS) | set(args.budgets)), sorted({0, 1, 2} | set(args.seeds))
+    all_budgets, all_seeds = sorted(set(BUDGETS) | set(args.budgets)), sorted(set(SEEDS) | set(args.seeds))
     for task in TASKS:
         for family in FAMILIES:
             chosen_family = task in args.tasks and family in args.families
@@ -151,9 +152,10 @@ def committed_rows(name: str) -> dict:
 def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> dict | None:
     """The row of one run: its committed row when its directory is gone, else its report when finished,
     else trained now if ``wanted`` and not --report (else None)."""
-    finished = (run_directory(runs, task, family, budget, lr, seed) / "report.json").exists()
+    directory = run_directory(runs, task, family, budget, lr, seed)
+    finished = (directory / "report.json").exists()
     saved = args.saved.get((task, family, budget, lr, seed))
-    if saved is not None and not finished and not run_directory(runs, task, family, budget, lr, seed).exists():
+    if saved is not None and not finished and not directory.exists():
         return saved
     if not finished and (args.report or not wanted):
         return None

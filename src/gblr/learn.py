@@ -169,6 +169,7 @@ class _FlatWidths:
         # Which layer each entry belongs to (for per-layer sums), and how many entries each layer has.
         self.layer_index = per_entry([float(i % len(layers)) for i in range(len(sides))], torch.float64).long()
         self.entries_per_layer = torch.tensor([2.0 * layer.num_components for layer in layers], dtype=dtype, device=device)
+        self.coefficient_per_layer = torch.zeros_like(self.entries_per_layer).index_add_(0, self.layer_index, self.coefficient)
         self.tiles_per_width = per_entry([n / layer.tile for _, n, layer in sides], torch.float64)
         self.tile = per_entry([float(layer.tile) for _, _, layer in sides], torch.float64)
         self.length = per_entry([float(n) for _, n, _ in sides], torch.float64)
@@ -487,7 +488,7 @@ class StructureLearner:
         else:
             self._gradient_power = self._gradient_power * SENSITIVITY_MEMORY + power * (1.0 - SENSITIVITY_MEMORY)
         rms = self._gradient_power.sqrt()
-        layer_cost = torch.zeros_like(rms).index_add_(0, flat.layer_index, flat.coefficient)
+        layer_cost = flat.coefficient_per_layer
         mean_rms = (rms * layer_cost).sum() / layer_cost.sum()
         # A layer whose gradients are larger than the others' is more sensitive: a smaller threshold.
         relative = (mean_rms / rms.clamp(min=1e-30)).clamp(1.0 / SENSITIVITY_RANGE, SENSITIVITY_RANGE)
