@@ -67,9 +67,14 @@ def _climb(residual: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, round
     return rows, cols, ratio
 
 
-def _grid(length: int, parts: int) -> list[torch.Tensor]:
+def even_splits(length: int, parts: int) -> list[tuple[int, int]]:
+    """(start, size) of ``parts`` nearly equal consecutive pieces of ``range(length)``."""
     edges = [round(i * length / parts) for i in range(parts + 1)]
-    return [torch.arange(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+    return [(a, b - a) for a, b in zip(edges, edges[1:])]
+
+
+def _grid(length: int, parts: int) -> list[torch.Tensor]:
+    return [torch.arange(start, start + size) for start, size in even_splits(length, parts) if size]
 
 
 @torch.no_grad()

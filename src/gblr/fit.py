@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .calibration import damped, whitening
-from .discover import block_pursuit
+from .discover import block_pursuit, even_splits
 from .learn import StructureLearner, param_groups
 from .mask import shortest_cyclic_windows
 from .step import training_step
@@ -42,12 +42,6 @@ def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
     return float((approx.detach().double() - weight).norm() / weight.norm().clamp_min(1e-300))
 
 
-def _splits(length: int, parts: int) -> list[tuple[int, int]]:
-    """(start, size) of ``parts`` nearly equal consecutive pieces of ``range(length)``."""
-    edges = [round(i * length / parts) for i in range(parts + 1)]
-    return [(a, b - a) for a, b in zip(edges, edges[1:])]
-
-
 class _TilePieces:
     """Every rank-1 SVD piece of every tile of a ``grid x grid`` tiling, sorted by energy per MAC.
 
@@ -61,8 +55,8 @@ class _TilePieces:
         grid = max(1, min(grid, m, n))
         target = weight.detach().double()
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for row_start, h in _splits(m, grid):
-            for col_start, w in _splits(n, grid):
+        for row_start, h in even_splits(m, grid):
+            for col_start, w in even_splits(n, grid):
                 by_shape.setdefault((h, w), []).append((row_start, col_start))
         # Data-aware: each tile is fitted in the coordinates whitened by its columns' input statistics,
         # ||(T_fit - T) L_J||, so a piece's energy is the output error it removes (exact for grid 1; for
@@ -70,7 +64,7 @@ class _TilePieces:
         whiten = {}
         self.gram, self.whiten = gram, whiten
         if gram is not None:
-            for col_start, w in _splits(n, grid):
+            for col_start, w in even_splits(n, grid):
                 whiten[col_start] = torch.linalg.cholesky(gram[col_start : col_start + w, col_start : col_start + w])
         self.target, self.grid = target, grid
         self.groups = []  # per tile shape: (h, w, tile origins, U*S, Vh)
