@@ -8,6 +8,7 @@ from torch import nn
 
 from gblr.allocate import BUDGET_GRID, allocate_budgets, error_curve
 from gblr.compress import compress_
+from gblr.convert import KEPT_DENSE
 from gblr.fit import block_low_rank_error_curve, fit_gblr, relative_error
 from gblr.learn import gblr_layers
 from gblr.fit import structured_from_dense
@@ -106,6 +107,18 @@ def test_compress_global_meets_target_and_beats_uniform_on_weight_error():
             assert budgets["b"] > budgets["a"]  # the full-rank layer needs more
             assert "global budget allocation" in result.to_markdown()
     assert results["global"] <= results["uniform"] + 1e-9
+
+
+def test_global_allocation_may_keep_a_layer_dense():
+    model = _Net()
+    result = compress_(model, "lowrank", 0.7, "global")
+    # a is nearly rank 3 (cheap to compress), b full rank: at 0.7 the best split leaves b as it was
+    assert isinstance(model.b, nn.Linear) and not isinstance(model.a, nn.Linear)
+    assert ("b", KEPT_DENSE) in result.conversion.skipped and result.conversion.failed == []
+    assert {a.name: a.budget for a in result.allocation}["b"] == 1.0
+    assert 0.5 < result.reached <= 0.7 + 1e-9  # b counts at its full cost
+    uniform = compress_(_Net(), "lowrank", 0.7, "uniform")
+    assert [r.name for r in uniform.conversion.replaced] == ["a", "b"]
 
 
 def test_calibrated_allocation_uses_the_loss_and_restores_the_model():

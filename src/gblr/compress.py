@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocation_table, allocations_to_dicts,
                        error_curve, layer_sensitivities)
 from .calibration import input_grams
-from .convert import ConversionReport, ConvertConfig, convert_, linear_weight, select_layers
+from .convert import (KEPT_DENSE, ConversionReport, ConvertConfig, convert_, default_filter, linear_weight,
+                      select_layers)
 from .fit import check_data_aware
 
 __all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
@@ -32,7 +33,7 @@ class CompressionResult:
     conversion: ConversionReport
     allocation: list[LayerAllocation] = field(default_factory=list)  # empty for a uniform allocation
     target: float = 0.0
-    reached: float = 0.0  # summed structured MACs / summed dense MACs of the replaced layers
+    reached: float = 0.0  # summed MACs / summed dense MACs of the selected layers (kept-dense ones at 1)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "reached": self.reached, "conversion": self.conversion.to_dict(),
@@ -57,10 +58,11 @@ def compress_(
     calibration_inputs: Callable[[nn.Module], object] | None = None,
 ) -> CompressionResult:
     """Replace the selected linear layers of ``model`` (in place) by ``family`` fits whose summed cost
-    is at most ``budget`` of the replaced layers' dense cost.
+    is at most ``budget`` of the selected layers' dense cost.
 
     ``allocation="uniform"`` gives every layer ``budget``; ``"global"`` allocates per-layer budgets by
-    error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given.
+    error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given; it
+    may also leave a layer dense (its full cost, no error) where that buys more than compressing it.
     ``calibration_inputs(model)``, when given, runs the model on calibration data: every fit then
     minimises the error of its layer's outputs on those inputs instead of the error of its weights (GBLR
     and low-rank; see :func:`gblr.calibration.input_grams`), and so do the error curves of the allocation.
@@ -74,7 +76,7 @@ def compress_(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if calibration_inputs is not None:  # before the model runs on any calibration data
         check_data_aware(family, "calibration_inputs")
-    budgets, allocations, grams = None, [], None
+    budgets, allocations, grams, kept = None, [], None, set()
     selected, _ = select_layers(model, filter_fn)
     if calibration_inputs is not None:
         linear = {name: module for name, module in selected.items() if linear_weight(module) is not None}
@@ -85,12 +87,17 @@ def compress_(
             raise ValueError(f"allocation='global' covers linear layers only; {convolutions[0]!r} is a convolution "
                              "(leave convolutions out with filter_fn, or use allocation='uniform')")
         budgets, allocations = _global_budgets(model, selected, config, calibration_loss, grams)
+        kept = {name for name, b in budgets.items() if b >= 1.0}
+        grams = grams and {name: gram for name, gram in grams.items() if name not in kept}
     elif calibration_loss is not None:
         raise ValueError("calibration_loss is used only by allocation='global'")
-    report = convert_(model, config, filter_fn, budgets, grams)
-    dense = sum(r.in_features * r.out_features for r in report.replaced)
-    reached = sum(r.reached_cost * r.in_features * r.out_features for r in report.replaced) / max(dense, 1)
-    return CompressionResult(report, allocations, budget, reached)
+    convert_filter = (lambda module, name: name not in kept and (filter_fn or default_filter)(module, name))
+    report = convert_(model, config, convert_filter, budgets, grams)
+    report.skipped = [(name, KEPT_DENSE if name in kept else reason) for name, reason in report.skipped]
+    kept_macs = sum(linear_weight(selected[name]).numel() for name in kept)
+    dense = sum(r.in_features * r.out_features for r in report.replaced) + kept_macs
+    structured = sum(r.reached_cost * r.in_features * r.out_features for r in report.replaced) + kept_macs
+    return CompressionResult(report, allocations, budget, structured / max(dense, 1))
 
 
 def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss, grams):
@@ -110,10 +117,13 @@ def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig
         sensitivity = {name: max(increase, 0.0) / max(error * error, 1e-12) for name, (increase, error) in measured.items()}
         if not any(sensitivity.values()):
             raise ValueError("calibration: no layer increased the calibration loss; use more calibration data")
-    budgets = allocate_budgets(curves, macs, config.budget, BUDGET_GRID, sensitivity)
+    # the last choice keeps a layer dense: its full cost and no error
+    grid = (*BUDGET_GRID, 1.0)
+    curves = {name: [*errors, 0.0] for name, errors in curves.items()}
+    budgets = allocate_budgets(curves, macs, config.budget, grid, sensitivity)
     allocations = []
     for name, w in weights.items():
-        index = BUDGET_GRID.index(budgets[name])
+        index = grid.index(budgets[name])
         allocations.append(LayerAllocation(name, w.shape[1], w.shape[0], budgets[name], curves[name][index],
                                            sensitivity[name], uniform[name]))
     log.info("global allocation: %s", {n: b for n, b in budgets.items()})

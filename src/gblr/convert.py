@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 INITS = ("dense", "random")
 EXCLUDED, TIED = "excluded by the filter", "weight tied to an embedding"  # reasons a layer is not selected
 UNSUPPORTED = "unsupported layer type: "  # followed by the type; not a failure, the layer was never a candidate
+KEPT_DENSE = "kept dense: the global allocation gave it its full cost"
 
 
 @dataclass
@@ -104,7 +105,7 @@ class ConversionReport:
     def failed(self) -> list[tuple[str, str]]:
         """Selected layers that could not be converted (e.g. a budget the family cannot reach), with why."""
         return [(name, reason) for name, reason in self.skipped
-                if reason not in (EXCLUDED, TIED) and not reason.startswith(UNSUPPORTED)]
+                if reason not in (EXCLUDED, TIED, KEPT_DENSE) and not reason.startswith(UNSUPPORTED)]
 
     def to_dict(self) -> dict:
         return {"replaced": [asdict(r) for r in self.replaced], "skipped": [list(s) for s in self.skipped]}
