@@ -21,6 +21,7 @@ import torch
 from _results import monarch_dense_execution, provenance, run_metadata, write_results
 
 from gblr.compress import compress_
+from gblr.convert import KEPT_DENSE
 from gblr.objectives import CausalLMObjectives
 from gblr.pretrained import load_pretrained
 from gblr.train.recovery import recover_
@@ -44,9 +45,10 @@ def main() -> None:
     parser.add_argument("--learned-fit", action="store_true", help="also fit every layer with the learned fit")
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
     parser.add_argument("--name", default="compress_smollm2", help="results file name")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     original = load_pretrained("smollm2")
     load_seconds = time.perf_counter() - start
@@ -72,8 +74,10 @@ def main() -> None:
                            calibration_loss=objectives.calibration_loss if calibrated else None,
                            calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
         monarch_dense_execution(model)
+        kept = sum(1 for _, reason in result.conversion.skipped if reason == KEPT_DENSE)
         common = {"method": label, "family": family, "budget": budget, "reached": result.reached,
-                  "layers": len(result.conversion.replaced), "compress_seconds": time.perf_counter() - begin,
+                  "layers": len(result.conversion.replaced), "kept_dense": kept,
+                  "compress_seconds": time.perf_counter() - begin,
                   "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced),
                   "mean_output_error": _mean([r.output_error for r in result.conversion.replaced])}
         before = evaluate(model)
@@ -98,7 +102,7 @@ def main() -> None:
     tuned = fine_tune(model)
     reference["after"] = None if tuned is None else {**tuned, **evaluate(model)}
     rows.insert(0, reference)
-    meta = run_metadata("2 cores, CPU, 2 torch threads", finetune_steps=args.steps, finetune_batch="4 x 256 tokens",
+    meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", finetune_steps=args.steps, finetune_batch="4 x 256 tokens",
                         eval_tokens=len(objectives.validation), load_seconds=load_seconds)
     write_results(args.name, meta, rows, markdown(meta, rows))
 
@@ -118,15 +122,15 @@ def markdown(meta, rows) -> list[str]:
              "Fits of the outputs use each layer's inputs on 16x256 training tokens; the mean relative error "
              "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",
-             "| method | budget | reached cost | layers | mean relative error | mean output error | compress s | perplexity | after fine-tune | fine-tune s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | budget | reached cost | layers replaced | kept dense | mean relative error | mean output error | compress s | perplexity | after fine-tune | fine-tune s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         after = r.get("after") or {}
         error = r.get("mean_relative_error")
         tuned = f"{after['perplexity']:.2f} | {after['finetune_seconds']:.0f}" if after else "- | -"
         error_text = "-" if error is None else f"{error:.4f}"
         output = "-" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.4f}"
-        lines.append(f"| {r['method']} | {r['budget']:.2f} | {r['reached']:.3f} | {r['layers']} | {error_text} | {output} | "
+        lines.append(f"| {r['method']} | {r['budget']:.2f} | {r['reached']:.3f} | {r['layers']} | {r.get('kept_dense', 0)} | {error_text} | {output} | "
                      f"{r['compress_seconds']:.0f} | {r['before']['perplexity']:.2f} | {tuned} |")
     learned = [r for r in rows if "learned_fit_chosen" in r]
     for r in learned:
