@@ -9,6 +9,7 @@ steps) on every layer.
 
     python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --methods "uniform, outputs" --name compress_smollm2_recovery
+    python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 0.5 --methods "global, calibrated, outputs"
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
     parser.add_argument("--name", default="compress_smollm2", help="results file name")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--recover-at", type=float, nargs="+", default=None,
+                        help="fine-tune only the models of these budgets (default: every budget)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -54,8 +57,8 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT)
 
-    def fine_tune(model) -> dict | None:
-        if not args.steps:
+    def fine_tune(model, budget: float) -> dict | None:
+        if not args.steps or (args.recover_at is not None and budget not in args.recover_at and budget != 1.0):
             return None
         result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=1e-4)
         return {"finetune_seconds": result.seconds, "finetune_loss_first": result.losses[0],
@@ -65,7 +68,12 @@ def main() -> None:
         begin = time.perf_counter()
         return {**objectives.quality(model), "eval_seconds": time.perf_counter() - begin}
 
-    rows = []
+    meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", finetune_steps=args.steps,
+                        finetune_batch="4 x 256 tokens", eval_tokens=len(objectives.validation), load_seconds=load_seconds)
+    # the original first, so that every row written after each run has its reference (fine-tuned last)
+    reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
+                 "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
+    rows = [reference]
     selected = [m for m in METHODS if "all" in args.methods or any(word in m[0] for word in args.methods)]
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         model = copy.deepcopy(original.model)
@@ -82,9 +90,10 @@ def main() -> None:
                   "mean_output_error": _mean([r.output_error for r in result.conversion.replaced])}
         before = evaluate(model)
         print(common, before, flush=True)
-        tuned = fine_tune(model)
+        tuned = fine_tune(model, budget)
         rows.append({**common, "before": before, "after": None if tuned is None else {**tuned, **evaluate(model)}})
         print(rows[-1], flush=True)
+        write_results(args.name, meta, rows, markdown(meta, rows))
     if args.learned_fit:
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
@@ -97,13 +106,8 @@ def main() -> None:
                      "before": evaluate(model), "after": None})
         print(rows[-1], flush=True)
     model = copy.deepcopy(original.model)
-    reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
-                 "compress_seconds": 0.0, "before": evaluate(model)}
-    tuned = fine_tune(model)
+    tuned = fine_tune(model, 1.0)
     reference["after"] = None if tuned is None else {**tuned, **evaluate(model)}
-    rows.insert(0, reference)
-    meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", finetune_steps=args.steps, finetune_batch="4 x 256 tokens",
-                        eval_tokens=len(objectives.validation), load_seconds=load_seconds)
     write_results(args.name, meta, rows, markdown(meta, rows))
 
 
