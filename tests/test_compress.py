@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gblr.allocate import BUDGET_GRID, allocate_budgets, error_curve
-from gblr.compress import compress_
+from gblr.compress import SENSITIVITY_FLOOR, compress_
 from gblr.convert import KEPT_DENSE
 from gblr.fit import block_low_rank_error_curve, fit_gblr, relative_error
 from gblr.learn import gblr_layers
@@ -119,6 +119,21 @@ def test_global_allocation_may_keep_a_layer_dense():
     assert 0.5 < result.reached <= 0.7 + 1e-9  # b counts at its full cost
     uniform = compress_(_Net(), "lowrank", 0.7, "uniform")
     assert [r.name for r in uniform.conversion.replaced] == ["a", "b"]
+
+
+def test_a_layer_the_calibration_cannot_resolve_is_not_treated_as_free():
+    reference = _Net().b.weight.detach().clone()
+
+    def loss(m):  # blind to layer a: its measured increase is zero
+        with torch.no_grad():
+            weight = m.b.weight if isinstance(m.b, nn.Linear) else m.b.to_dense()
+            return float((weight - reference).pow(2).sum())
+
+    result = compress_(_Net(), "lowrank", 0.5, "global", calibration_loss=loss)
+    allocated = {a.name: a for a in result.allocation}
+    assert allocated["a"].sensitivity == pytest.approx(SENSITIVITY_FLOOR * allocated["b"].sensitivity)
+    assert allocated["a"].budget > BUDGET_GRID[0] and allocated["a"].relative_error < 0.5
+    assert 0.45 <= result.reached <= 0.5 + 1e-9  # the budget is spent, not left over
 
 
 def test_calibrated_allocation_uses_the_loss_and_restores_the_model():

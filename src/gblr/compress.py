@@ -26,6 +26,7 @@ __all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "global")
+SENSITIVITY_FLOOR = 0.1  # of the median calibrated sensitivity: the least weight any layer gets
 
 
 @dataclass
@@ -115,8 +116,14 @@ def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig
                                        **config.options)
         # loss increase per unit of squared relative error, at the uniform budget
         sensitivity = {name: max(increase, 0.0) / max(error * error, 1e-12) for name, (increase, error) in measured.items()}
-        if not any(sensitivity.values()):
+        positive = sorted(a for a in sensitivity.values() if a > 0)
+        if not positive:
             raise ValueError("calibration: no layer increased the calibration loss; use more calibration data")
+        # An increase at or below zero is below what the calibration data resolves at this budget, not a
+        # sign that the layer is free: such a layer would be cut to the smallest budget. Floor each weight
+        # at a fraction of the median measured one.
+        floor = SENSITIVITY_FLOOR * positive[len(positive) // 2]
+        sensitivity = {name: max(a, floor) for name, a in sensitivity.items()}
     # the last choice keeps a layer dense: its full cost and no error
     grid = (*BUDGET_GRID, 1.0)
     curves = {name: [*errors, 0.0] for name, errors in curves.items()}
