@@ -1,8 +1,9 @@
-import pytest
 """The README's Python snippets run as written, and .ci/run calls the README's test command."""
 
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
