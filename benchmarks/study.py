@@ -224,7 +224,7 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines += ["", "Targets: " + "; ".join(verdicts(task, metric, groups, budgets)) + "."]
         at_edge = [key.split("/")[1] for key, t in meta["tuning"].items()
-                   if key.startswith(f"{task}/") and t["lr"] in (min(LEARNING_RATES), max(LEARNING_RATES))]
+                   if key.startswith(f"{task}/") and t["lr"] in (min(meta["learning_rates"]), max(meta["learning_rates"]))]
         if at_edge:  # the best rate may lie outside the tried ones
             lines.append(f"The chosen learning rate is at the edge of the tried ones for: {', '.join(at_edge)}.")
         picture = RESULTS / f"{name}_{task}.png"
