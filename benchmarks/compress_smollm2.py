@@ -9,7 +9,7 @@ steps) on every layer.
 
     python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --methods "uniform, outputs" --name compress_smollm2_recovery
-    python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 0.5 --methods "global, calibrated, outputs"
+    python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 1.0 0.5 --methods "global, calibrated, outputs"
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--name", default="compress_smollm2", help="results file name")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--recover-at", type=float, nargs="+", default=None,
-                        help="fine-tune only the models of these budgets (default: every budget)")
+                        help="fine-tune only the models of these budgets, 1.0 for the original (default: all of them)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -58,7 +58,7 @@ def main() -> None:
     objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT)
 
     def fine_tune(model, budget: float) -> dict | None:
-        if not args.steps or (args.recover_at is not None and budget not in args.recover_at and budget != 1.0):
+        if not args.steps or (args.recover_at is not None and budget not in args.recover_at):
             return None
         result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=1e-4)
         return {"finetune_seconds": result.seconds, "finetune_loss_first": result.losses[0],

@@ -176,3 +176,30 @@ def test_bad_intervals():
         GBLRLinear.from_intervals([(0, 4)], [(0, 4), (4, 4)], u, v)
     with pytest.raises(ValueError, match="in_intervals"):
         GBLRLinear.from_intervals([(0, 4), (4, 4)], [(0, 4), (4, 9)], u, v)
+
+
+def test_layers_whose_factors_are_set_skip_the_random_initialisation(monkeypatch, tmp_path):
+    """Fitting and loading build layers whose factors are overwritten at once: the SVD of a random matrix
+    (about a second for thousands of components) is skipped, and the result is unchanged."""
+    from gblr.io import load, save
+
+    torch.manual_seed(0)
+    weight = torch.randn(12, 20, dtype=torch.float64)
+    expected = GBLRLinear.from_dense(weight).to_dense()
+    model = nn.Sequential(GBLRLinear(20, 12, num_components=5))
+    save(model, tmp_path / "saved")
+
+    def refuse(self):
+        raise AssertionError("random factors computed for a layer whose factors are overwritten")
+
+    monkeypatch.setattr(GBLRLinear, "_set_random_factors", refuse)
+    assert torch.allclose(GBLRLinear.from_dense(weight).to_dense(), expected, atol=1e-12)
+    factors = torch.randn(3, 2, 12), torch.randn(3, 2, 20)
+    layer = GBLRLinear.from_intervals([(0, 4), (2, 6), (8, 4)], [(0, 20), (5, 5), (10, 3)], *factors)
+    assert layer.out_factors.shape == (3, 2, 12)
+    loaded = load(tmp_path / "saved", nn.Sequential(nn.Linear(20, 12)))
+    assert torch.equal(loaded[0].to_dense(), model[0].to_dense())
+    plain = GBLRLinear(20, 12, random_factors=False)
+    assert plain.out_factors.abs().max() == 0 and plain.in_factors.abs().max() == 0
+    with pytest.raises(AssertionError, match="random factors"):
+        GBLRLinear(20, 12)

@@ -185,7 +185,7 @@ def rebuild(base_model: nn.Module, structure: dict, where) -> None:
         reference = next(iter(targets[name].parameters()), None)
         factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
         try:
-            built[name] = FAMILIES[spec["family"]](
+            built[name] = FAMILIES[spec["family"]].to_be_overwritten(
                 spec["in_features"], spec["out_features"], bias=spec["bias"], **spec["options"], **factory
             )
         except (TypeError, ValueError) as error:

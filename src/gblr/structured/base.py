@@ -69,6 +69,12 @@ class StructuredLinear(nn.Module):
         """The ``(out_features, in_features)`` matrix this layer currently multiplies by."""
         raise NotImplementedError
 
+    @classmethod
+    def to_be_overwritten(cls, in_features: int, out_features: int, **kwargs) -> "StructuredLinear":
+        """A layer whose parameters the caller is about to overwrite (loading, fitting): the constructor
+        with ``kwargs``, minus any costly random initialisation a family has."""
+        return cls(in_features, out_features, **kwargs)
+
     # --- construction for a budget (every family in the registry implements these) ----------------
     @classmethod
     def size_for_budget(cls, in_features: int, out_features: int, budget: float, **options) -> dict:

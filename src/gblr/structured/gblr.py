@@ -100,6 +100,8 @@ class GBLRLinear(StructuredLinear):
         round_to_grid: straight-through rounding of widths and starts to whole rows/columns (tiles).
         tile: hardware-aware structure: intervals start and end on multiples of ``tile`` rows/columns,
             so the learned blocks map onto efficient block products (1 = free structure).
+        random_factors: start the factors from the SVD of a random ``nn.Linear``-style matrix (False:
+            zeros, for callers that set them; the SVD takes about a second for thousands of components).
     """
 
     family = "gblr"
@@ -117,6 +119,7 @@ class GBLRLinear(StructuredLinear):
         sigma: float | None = None,
         round_to_grid: bool = True,
         tile: int = 1,
+        random_factors: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -153,11 +156,27 @@ class GBLRLinear(StructuredLinear):
         # Set by gblr.shared_masks for the duration of one forward pass of the model: it computes the
         # training masks (and effective weights) of all layers together.
         self.shared = None
-        self._reset_parameters(init_widths)
+        self._reset_parameters(init_widths, random_factors)
 
     # --- initialisation --------------------------------------------------------------------------
-    def _reset_parameters(self, init_widths: torch.Tensor) -> None:
-        """Factors from the SVD of an ``nn.Linear``-style random matrix; widths per ``width_init``."""
+    def _reset_parameters(self, init_widths: torch.Tensor, random_factors: bool = True) -> None:
+        """Factors from the SVD of an ``nn.Linear``-style random matrix (or zeros); widths per ``width_init``."""
+        if random_factors:
+            self._set_random_factors()
+        else:
+            with torch.no_grad():
+                self.out_factors.zero_()
+                self.in_factors.zero_()
+        self._set_widths(init_widths, init_widths)
+        with torch.no_grad():
+            partial = init_widths < 1.0
+            for starts in (self.out_starts, self.in_starts):
+                starts.zero_()
+                starts[partial.to(starts.device)] = torch.rand(int(partial.sum()), device=starts.device).to(
+                    starts.dtype
+                )
+
+    def _set_random_factors(self) -> None:
         m, n, total = self.out_features, self.in_features, self.num_components * self.rank
         device = self.out_factors.device
         bound = 1.0 / math.sqrt(n)
@@ -171,14 +190,10 @@ class GBLRLinear(StructuredLinear):
             us.append(u)
             vs.append(v)
         self._set_factors(torch.cat(us)[:total], torch.cat(vs)[:total])
-        self._set_widths(init_widths, init_widths)
-        with torch.no_grad():
-            partial = init_widths < 1.0
-            for starts in (self.out_starts, self.in_starts):
-                starts.zero_()
-                starts[partial.to(starts.device)] = torch.rand(int(partial.sum()), device=starts.device).to(
-                    starts.dtype
-                )
+
+    @classmethod
+    def to_be_overwritten(cls, in_features: int, out_features: int, **kwargs) -> "GBLRLinear":
+        return cls(in_features, out_features, random_factors=False, **kwargs)
 
     def _set_factors(self, u: torch.Tensor, v: torch.Tensor) -> None:
         with torch.no_grad():
@@ -225,7 +240,7 @@ class GBLRLinear(StructuredLinear):
         if budget is not None:  # fitting to a budget builds on this module: it lives above it
             raise ValueError("GBLRLinear.from_dense takes no budget; fit one with gblr.fit.fit_gblr or "
                              "gblr.fit.structured_from_dense('gblr', weight, budget)")
-        layer = cls(
+        layer = cls.to_be_overwritten(
             n, m, bias=bias is not None, num_components=num_components, rank=rank,
             width_init=width_init, device=weight.device, dtype=weight.dtype, **kwargs,
         )
@@ -260,7 +275,7 @@ class GBLRLinear(StructuredLinear):
         n = in_factors.shape[2]
         out_iv = _interval_tensor("out_intervals", out_intervals, k, m)
         in_iv = _interval_tensor("in_intervals", in_intervals, k, n)
-        layer = cls(
+        layer = cls.to_be_overwritten(
             n, m, bias=bias is not None, num_components=k, rank=r, width_init="full",
             device=out_factors.device, dtype=out_factors.dtype, **kwargs,
         )
