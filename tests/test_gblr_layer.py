@@ -203,3 +203,58 @@ def test_layers_whose_factors_are_set_skip_the_random_initialisation(monkeypatch
     assert plain.out_factors.abs().max() == 0 and plain.in_factors.abs().max() == 0
     with pytest.raises(AssertionError, match="random factors"):
         GBLRLinear(20, 12)
+
+
+def _frozen_layer(num_components, **options):
+    torch.manual_seed(0)
+    layer = GBLRLinear(40, 24, dtype=torch.float64, num_components=num_components, **options)
+    with torch.no_grad():  # irregular, overlapping and wrapping intervals
+        layer.out_starts.uniform_(0, 1)
+        layer.in_starts.uniform_(0, 1)
+        layer.out_widths.uniform_(0, 0.6)
+        layer.in_widths.uniform_(0, 0.6)
+    for p in layer.structure_parameters():
+        p.requires_grad_(False)
+    return layer.train()
+
+
+@pytest.mark.parametrize("num_components, options, blocks", [
+    (60, {}, True), (50, {"rank": 3, "tile": 4}, True), (60, {"width_init": "lr0.5"}, True),
+    (3, {}, False),  # few components: the skinny products are cheaper
+])
+def test_frozen_structure_trains_the_eval_weight(monkeypatch, num_components, options, blocks):
+    """With widths and starts frozen, the training forward is the eval-mode function and the factors get
+    the same gradients as through the full-length masked product; with many components the weight is
+    built from the factors cropped to their intervals, at a fraction of the masked product's cost."""
+    from gblr.structured.frozen_blocks import FrozenBlocks
+
+    layer = _frozen_layer(num_components, **options)
+    assert layer.structure_frozen()
+    frozen = layer._frozen_blocks()
+    assert frozen.macs < layer.num_components * layer.rank * 24 * 40 / 2
+    assert torch.allclose(frozen.weight(layer.out_factors, layer.in_factors), layer.effective_weight(hard=True), atol=1e-12)
+    calls = []
+    monkeypatch.setattr(FrozenBlocks, "weight", lambda self, *a, real=FrozenBlocks.weight: calls.append(1) or real(self, *a))
+    x = torch.randn(5, 40, dtype=torch.float64)
+    y = layer(x)
+    assert bool(calls) == blocks
+    assert torch.allclose(y, x @ layer.effective_weight(hard=True).T + layer.bias, atol=1e-12)
+    y.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in layer.factor_parameters()]
+    layer.zero_grad()
+    u, v = layer.masked_factors(hard=True)
+    (x @ (u.T @ v).T + layer.bias).pow(2).sum().backward()
+    for got, want in zip(grads, [p.grad for p in layer.factor_parameters()]):
+        assert torch.allclose(got, want, atol=1e-10)
+    for p in layer.structure_parameters():
+        p.requires_grad_(True)
+    assert not layer.structure_frozen()
+
+
+def test_frozen_structure_follows_changes_of_the_structure():
+    layer = _frozen_layer(60)
+    x = torch.randn(3, 40, dtype=torch.float64)
+    layer(x)
+    with torch.no_grad():
+        layer.out_widths.fill_(0.25)
+    assert torch.allclose(layer(x), x @ layer.effective_weight(hard=True).T + layer.bias, atol=1e-12)

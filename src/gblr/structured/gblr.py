@@ -29,6 +29,7 @@ from ..mask import (
     rounded_gaudi_masks,
 )
 from .base import StructuredLinear, check_features, check_weight, unreachable_budget
+from .frozen_blocks import FrozenBlocks
 
 MAX_RANK_PER_FEATURE = 8  # components x rank beyond 8 x the larger dimension add nothing a layer can use
 
@@ -153,6 +154,7 @@ class GBLRLinear(StructuredLinear):
         # 1/(2 sigma^2) as a buffer: changing sigma does not trigger recompilation under torch.compile.
         self.register_buffer("sigma_decay", torch.tensor(inverse_two_sigma_squared(sigma), device=device))
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
+        self._frozen_cache: tuple[tuple, FrozenBlocks | None] | None = None
         # Set by gblr.shared_masks for the duration of one forward pass of the model: it computes the
         # training masks (and effective weights) of all layers together.
         self.shared = None
@@ -421,6 +423,25 @@ class GBLRLinear(StructuredLinear):
                 self._eval_cache = (key, self.effective_weight(hard=True))
         return self._eval_cache[1]
 
+    def structure_frozen(self) -> bool:
+        """True while widths and starts do not train (``requires_grad`` off, as in recovery
+        fine-tuning): the training forward then computes the eval-mode weight from the factors cropped to
+        their intervals (:mod:`gblr.structured.frozen_blocks`) and trains the factors of that function."""
+        return not any(p.requires_grad for p in self.structure_parameters())
+
+    def _frozen_blocks(self) -> FrozenBlocks | None:
+        """The index tables of the hard structure, rebuilt when widths, starts or sigma change; None for a
+        finite sigma (masks with tails, not boxcars)."""
+        tensors = [*self.structure_parameters(), self.sigma_decay]
+        key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            blocks = None
+            if self.sigma is None:  # one read of the device per structure change
+                blocks = FrozenBlocks(self.out_widths, self.out_starts, self.in_widths, self.in_starts, self.rank,
+                                      self.out_features, self.in_features, self.tile).to(self.out_factors.device)
+            self._frozen_cache = (key, blocks)
+        return self._frozen_cache[1]
+
     def _apply(self, fn, recurse=True):
         # Keep widths and starts in at least float32 when the model is cast to half precision: in
         # bfloat16 a width cannot even resolve one row of a 512-row layer.
@@ -441,6 +462,14 @@ class GBLRLinear(StructuredLinear):
             return F.linear(x, self._cached_eval_weight(), self.bias)
         m, n, kr = self.out_features, self.in_features, self.num_components * self.rank
         tokens = x.numel() // n
+        frozen = None
+        if self.structure_frozen() and not torch.compiler.is_compiling():
+            frozen = self._frozen_blocks()
+        if frozen is not None:  # the eval-mode function: W from the cropped blocks, or skinny with hard masks
+            if frozen.macs + tokens * m * n < tokens * kr * (m + n):
+                return F.linear(x, frozen.weight(self.out_factors, self.in_factors), self.bias)
+            u, v = self.masked_factors(hard=True)
+            return F.linear(F.linear(x, v), u.T, self.bias)
         # Build W (kr*m*n) and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)).
         if kr * m * n + tokens * m * n < tokens * kr * (m + n):
             if self.shared is not None:

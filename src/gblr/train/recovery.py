@@ -55,15 +55,16 @@ def recover_(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     structured = [layer for _, layer in gblr_layers(model)]
-    learner = None
+    learner, to_freeze = None, []
     if learn_structure:
         if not structured:
             raise ValueError("learn_structure=True needs GBLR layers in the model")
         optimizer = make_optimizer(model, lr, weight_decay, structure_lr)
         fraction = sum(layer.macs_per_token() for layer in structured) / sum(layer.dense_macs_per_token for layer in structured)
         learner = StructureLearner(model, optimizer, target=min(fraction, 1.0), total_steps=steps, ramp=(0.0, 0.0))
-    else:
-        frozen = {id(p) for layer in structured for p in layer.structure_parameters()}
+    else:  # widths and starts get no gradients, and the layers run their cheaper frozen-structure forward
+        to_freeze = [p for layer in structured for p in layer.structure_parameters() if p.requires_grad]
+        frozen = {id(p) for p in to_freeze}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     warm = max(1, round(warmup * steps))
@@ -75,6 +76,8 @@ def recover_(
     model.train()
     start, step_losses = time.perf_counter(), []
     try:
+        for p in to_freeze:
+            p.requires_grad_(False)
         for step in tqdm(range(steps), desc="recovery", disable=None, leave=False):  # a bar on a terminal only
             loss, _ = training_step(lambda: batch_loss(model, step), optimizer, schedule, learner, trainable,
                                     clip, device, precision)
@@ -83,6 +86,8 @@ def recover_(
                 progress(step, float(loss))
     finally:
         model.eval()
+        for p in to_freeze:
+            p.requires_grad_(True)
         if learner is not None:
             learner.shared_masks.remove()  # leave the caller's model without our hooks
     losses = torch.stack(step_losses).float().tolist()
