@@ -258,3 +258,14 @@ def test_frozen_structure_follows_changes_of_the_structure():
     with torch.no_grad():
         layer.out_widths.fill_(0.25)
     assert torch.allclose(layer(x), x @ layer.effective_weight(hard=True).T + layer.bias, atol=1e-12)
+
+
+def test_frozen_structure_under_bf16_autocast():
+    layer = _frozen_layer(60).float()
+    x = torch.randn(5, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), x @ layer.effective_weight(hard=True).T + layer.bias, atol=0.05, rtol=0.05)
+    y.float().sum().backward()
+    assert layer.out_factors.grad.abs().sum() > 0

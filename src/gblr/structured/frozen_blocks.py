@@ -76,5 +76,5 @@ class FrozenBlocks:
         weight = out_factors.new_zeros(m * n)
         for group in self.groups:
             blocks = out_flat[group.out_index].transpose(1, 2) @ in_flat[group.in_index]  # (blocks, h, w)
-            weight = weight.index_add(0, group.weight_index, blocks.reshape(-1))
+            weight = weight.index_add(0, group.weight_index, blocks.reshape(-1).to(weight.dtype))  # bf16 under autocast
         return weight.view(m, n)
