@@ -12,6 +12,7 @@ Also writes the per-layer allocation table, and checks that save -> load in a fr
 the embeddings exactly.
 
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods outputs --name compress_minilm_outputs
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one budget, two methods, 5 steps (smoke run)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--no-probe", action="store_true", help="skip the MR probe (about a minute per row here)")
+    parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
+    parser.add_argument("--name", default="compress_minilm", help="results file name")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -87,7 +90,7 @@ def main() -> None:
     rows = [{"method": "original", "budget": 1.0, "distilled": False, **evaluate(original.model)}]
     print(rows[-1], flush=True)
     budgets = (0.5,) if args.quick else args.budgets
-    methods = METHODS[::6] if args.quick else METHODS
+    methods = METHODS[::6] if args.quick else [m for m in METHODS if "all" in args.methods or any(w in m[0] for w in args.methods)]
     allocation_rows, saved = [], None
     for budget in budgets:
         for label, family, allocation, calibrated, fit in methods:
@@ -113,7 +116,7 @@ def main() -> None:
     reload_check = check_reload(saved[0], tokenizer, objectives.held_out[:64], saved[1]) if saved else None
     meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32, probe=not args.no_probe,
                         held_out_sentences=len(objectives.held_out), reload_check=reload_check)
-    write_results("compress_minilm" + ("_quick" if args.quick else ""), meta,
+    write_results(args.name + ("_quick" if args.quick else ""), meta,
                   rows + [{"allocation_table": allocation_rows}], markdown(meta, rows, allocation_rows, reload_check))
 
 
