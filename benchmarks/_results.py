@@ -48,6 +48,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def selected_methods(methods: list[tuple], words: list[str]) -> list[tuple]:
+    """The methods whose label (first field) contains one of ``words``; all of them for ``["all"]``."""
+    return [m for m in methods if "all" in words or any(word in m[0] for word in words)]
+
+
 def monarch_dense_execution(model) -> None:
     """Monarch layers run through their dense weight: same outputs, 10-20x faster here (see MonarchLinear)."""
     from gblr.structured import MonarchLinear

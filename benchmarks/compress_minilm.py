@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from _results import monarch_dense_execution, provenance, run_metadata, write_results
+from _results import monarch_dense_execution, provenance, run_metadata, selected_methods, write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
@@ -90,7 +90,7 @@ def main() -> None:
     rows = [{"method": "original", "budget": 1.0, "distilled": False, **evaluate(original.model)}]
     print(rows[-1], flush=True)
     budgets = (0.5,) if args.quick else args.budgets
-    methods = METHODS[::6] if args.quick else [m for m in METHODS if "all" in args.methods or any(w in m[0] for w in args.methods)]
+    methods = METHODS[::6] if args.quick else selected_methods(METHODS, args.methods)
     allocation_rows, saved = [], None
     for budget in budgets:
         for label, family, allocation, calibrated, fit in methods:

@@ -19,7 +19,7 @@ import copy
 import time
 
 import torch
-from _results import monarch_dense_execution, provenance, run_metadata, write_results
+from _results import monarch_dense_execution, provenance, run_metadata, selected_methods, write_results
 
 from gblr.compress import compress_
 from gblr.convert import KEPT_DENSE
@@ -74,7 +74,7 @@ def main() -> None:
     reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
                  "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
     rows = [reference]
-    selected = [m for m in METHODS if "all" in args.methods or any(word in m[0] for word in args.methods)]
+    selected = selected_methods(METHODS, args.methods)
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()

@@ -161,7 +161,7 @@ class GBLRLinear(StructuredLinear):
         self._reset_parameters(init_widths, random_factors)
 
     # --- initialisation --------------------------------------------------------------------------
-    def _reset_parameters(self, init_widths: torch.Tensor, random_factors: bool = True) -> None:
+    def _reset_parameters(self, init_widths: torch.Tensor, random_factors: bool) -> None:
         """Factors from the SVD of an ``nn.Linear``-style random matrix (or zeros); widths per ``width_init``."""
         if random_factors:
             self._set_random_factors()
@@ -416,8 +416,7 @@ class GBLRLinear(StructuredLinear):
     def _cached_eval_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.effective_weight(hard=True)
-        tensors = [*self.factor_parameters(), *self.structure_parameters(), self.sigma_decay]
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        key = _state_key([*self.factor_parameters(), *self.structure_parameters(), self.sigma_decay])
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
                 self._eval_cache = (key, self.effective_weight(hard=True))
@@ -432,8 +431,7 @@ class GBLRLinear(StructuredLinear):
     def _frozen_blocks(self) -> FrozenBlocks | None:
         """The index tables of the hard structure, rebuilt when widths, starts or sigma change; None for a
         finite sigma (masks with tails, not boxcars)."""
-        tensors = [*self.structure_parameters(), self.sigma_decay]
-        key = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+        key = _state_key([*self.structure_parameters(), self.sigma_decay])
         if self._frozen_cache is None or self._frozen_cache[0] != key:
             blocks = None
             if self.sigma is None:  # one read of the device per structure change
@@ -465,17 +463,16 @@ class GBLRLinear(StructuredLinear):
         frozen = None
         if self.structure_frozen() and not torch.compiler.is_compiling():
             frozen = self._frozen_blocks()
-        if frozen is not None:  # the eval-mode function: W from the cropped blocks, or skinny with hard masks
-            if frozen.macs + tokens * m * n < tokens * kr * (m + n):
+        # Build W and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)). Frozen structure:
+        # the eval-mode function, W from the cropped blocks (frozen.macs) and hard masks; else W costs kr*m*n.
+        build = kr * m * n if frozen is None else frozen.macs
+        if build + tokens * m * n < tokens * kr * (m + n):
+            if frozen is not None:
                 return F.linear(x, frozen.weight(self.out_factors, self.in_factors), self.bias)
-            u, v = self.masked_factors(hard=True)
-            return F.linear(F.linear(x, v), u.T, self.bias)
-        # Build W (kr*m*n) and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)).
-        if kr * m * n + tokens * m * n < tokens * kr * (m + n):
             if self.shared is not None:
                 return F.linear(x, self.shared.weight(self), self.bias)
             return F.linear(x, masked_product(self.out_factors, self.in_factors, *self._soft_masks()), self.bias)
-        u, v = self.masked_factors(hard=False)
+        u, v = self.masked_factors(hard=frozen is not None)
         return F.linear(F.linear(x, v), u.T, self.bias)
 
     def extra_repr(self) -> str:
@@ -521,6 +518,11 @@ def masked_product(out_factors, in_factors, out_mask, in_mask) -> torch.Tensor:
     """The effective weight ``(..., out_features, in_features)`` of factors and masks of one GBLR layer,
     or of a stack of same-shape layers (leading dimension)."""
     return _MaskedProduct.apply(out_factors, in_factors, out_mask, in_mask)
+
+
+def _state_key(tensors: list[torch.Tensor]) -> tuple:
+    """Changes whenever one of ``tensors`` is modified in place, replaced, cast or moved (for caches)."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 def _structure_dtype(dtype: torch.dtype) -> torch.dtype:
