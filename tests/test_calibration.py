@@ -137,3 +137,26 @@ def test_finer_tilings_are_refitted_under_the_correlations_between_column_tiles(
     lowrank = structured_from_dense("lowrank", weight, 0.3, gram=x.T @ x / len(x))
     assert fitted.fit_method != "block-low-rank 1x1"
     assert output_error(fitted.to_dense(), weight, gram) < 0.95 * output_error(lowrank.to_dense(), weight, gram)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 12), (3, 12, 40)])
+def test_leading_pieces_are_the_truncated_svd(shape):
+    from gblr.fit import _leading_pieces
+    tiles = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    left, energy, right = _leading_pieces(tiles, 5)
+    u, s, vh = torch.linalg.svd(tiles, full_matrices=False)
+    assert torch.allclose(energy, s[:, :5].pow(2))
+    assert torch.allclose(left @ right, (u[..., :5] * s[:, None, :5]) @ vh[:, :5])
+    whole_left, whole_energy, whole_right = _leading_pieces(tiles)
+    assert torch.allclose(whole_left @ whole_right, tiles) and torch.allclose(whole_energy.sum(-1), tiles.pow(2).sum((1, 2)))
+
+
+def test_refit_handles_tiles_of_unequal_heights_and_ranks():
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(50, 62, generator=generator, dtype=torch.float64)  # 13/12-row bands, 16/15-column tiles
+    x = torch.randn(3000, 62, generator=generator, dtype=torch.float64) @ torch.randn(62, 62, generator=generator, dtype=torch.float64)
+    gram = damped(x.T @ x / len(x))
+    tiling = _TilePieces(weight, 4, gram)
+    greedy, refitted = (tiling.layer(0.4, torch.float64, sweeps=sweeps) for sweeps in (0, 3))
+    assert refitted.out_factors.shape == greedy.out_factors.shape  # the same tiles and ranks
+    assert output_error(refitted.to_dense(), weight, gram) < 0.97 * output_error(greedy.to_dense(), weight, gram)

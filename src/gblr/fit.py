@@ -42,6 +42,24 @@ def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
     return float((approx.detach().double() - weight).norm() / weight.norm().clamp_min(1e-300))
 
 
+def _leading_pieces(tiles: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank`` leading singular pieces of each matrix of a batch ``(..., h, w)``, largest first, as
+    ``(left (..., h, k), energy (..., k), right (..., k, w))``: piece ``k`` is ``left[..., :, k] right[..., k, :]``
+    and ``energy`` its squared norm.
+
+    From the eigendecomposition of the smaller Gram matrix, 2-4x faster than an SVD on CPU: each
+    piece is the exact projection of the matrix on an eigenvector (``T v v^T``), so the pieces stay
+    orthogonal and the sum of the chosen ones is the best fit of their rank; only energies near
+    ``eps * ||T||^2``, never chosen before larger ones, lose relative accuracy."""
+    h, w = tiles.shape[-2:]
+    tall = w <= h
+    energy, vectors = torch.linalg.eigh(tiles.mT @ tiles if tall else tiles @ tiles.mT)
+    energy, vectors = energy.flip(-1)[..., :rank].clamp_min(0), vectors.flip(-1)[..., :rank]
+    if tall:
+        return tiles @ vectors, energy, vectors.mT
+    return vectors, energy, vectors.mT @ tiles
+
+
 class _TilePieces:
     """Every rank-1 SVD piece of every tile of a ``grid x grid`` tiling, sorted by energy per MAC.
 
@@ -67,7 +85,7 @@ class _TilePieces:
             for col_start, w in even_splits(n, grid):
                 whiten[col_start] = torch.linalg.cholesky(gram[col_start : col_start + w, col_start : col_start + w])
         self.target, self.grid = target, grid
-        self.groups = []  # per tile shape: (h, w, tile origins, U*S, Vh)
+        self.groups = []  # per tile shape: (h, w, tile origins, left pieces, right pieces)
         energy, cost, where = [], [], []
         self.shape, self.total = (m, n), 0.0
         for (h, w), origins in by_shape.items():
@@ -75,15 +93,15 @@ class _TilePieces:
             if gram is not None:
                 factors = torch.stack([whiten[c] for _, c in origins])
                 tiles = tiles @ factors
-            u, s, vh = torch.linalg.svd(tiles, full_matrices=False)
-            if gram is not None:  # back to the original coordinates: vh L_J^-1
-                vh = torch.linalg.solve_triangular(factors, vh, upper=False, left=False)
+            left, piece_energy, right = _leading_pieces(tiles)
+            if gram is not None:  # back to the original coordinates: right L_J^-1
+                right = torch.linalg.solve_triangular(factors, right, upper=False, left=False)
             self.total += float(tiles.pow(2).sum())
-            self.groups.append((h, w, origins, u * s.unsqueeze(1), vh))
+            self.groups.append((h, w, origins, left, right))
             g = len(self.groups) - 1
-            energy.append(s.pow(2).flatten())
-            cost.append(torch.full((s.numel(),), float(h + w), dtype=torch.float64))
-            tile, rank = torch.meshgrid(torch.arange(len(origins)), torch.arange(s.shape[1]), indexing="ij")
+            energy.append(piece_energy.flatten())
+            cost.append(torch.full((piece_energy.numel(),), float(h + w), dtype=torch.float64))
+            tile, rank = torch.meshgrid(torch.arange(len(origins)), torch.arange(piece_energy.shape[1]), indexing="ij")
             where.append(torch.stack([torch.full_like(tile.flatten(), g), tile.flatten(), rank.flatten()], 1))
         energy, cost, where = torch.cat(energy), torch.cat(cost), torch.cat(where)
         order = torch.argsort(energy / cost, descending=True, stable=True)
@@ -120,9 +138,9 @@ class _TilePieces:
             raise ValueError(f"budget {budget:g} is below the cost of one rank-1 piece of a {m}x{n} matrix")
         pieces = []
         for g, tile, rank in self.where[torch.from_numpy(chosen)].tolist():
-            h, w, origins, us, vh = self.groups[g]
+            h, w, origins, left, right = self.groups[g]
             r0, c0 = origins[tile]
-            pieces.append((r0, h, c0, w, us[tile, :, rank], vh[tile, rank]))
+            pieces.append((r0, h, c0, w, left[tile, :, rank], right[tile, rank]))
         return pieces
 
     def layer(self, budget: float, dtype: torch.dtype, bias: torch.Tensor | None = None, sweeps: int = 0) -> GBLRLinear:
@@ -143,37 +161,42 @@ class _TilePieces:
     def _refit(self, pieces: list, sweeps: int) -> list:
         """The chosen tiles and ranks refitted under the full input statistics ``G``: the greedy choice
         measured each tile in coordinates whitened by its own columns only, leaving out the correlations
-        between column tiles. Rows are independent in ``tr(E G E^T)``, so each row band is refitted on its
-        own, one tile at a time: the best rank-k block ``B`` on columns ``J`` given the others' residual
-        ``R`` minimises ``||B L_J - R G[:, J] L_J^-T||`` (``G_JJ = L_J L_J^T``), a truncated SVD. Every
-        update lowers the output error (block coordinate descent)."""
+        between column tiles. Rows are independent in ``tr(E G E^T)``, so row bands are refitted side by
+        side, one column tile at a time: the best rank-k block ``B`` on columns ``J`` given the others'
+        residual ``R`` minimises ``||B L_J - R G[:, J] L_J^-T||`` (``G_JJ = L_J L_J^T``), a truncated SVD,
+        batched over the bands' tiles of one column tile. Every update lowers the output error (block
+        coordinate descent)."""
         target, gram = self.target, self.gram
-        tiles: dict[tuple[int, int, int, int], int] = {}
+        ranks: dict[tuple[int, int, int, int], int] = {}
         blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         for r0, h, c0, w, left, right in pieces:
             key = (r0, h, c0, w)
-            tiles[key] = tiles.get(key, 0) + 1
+            ranks[key] = ranks.get(key, 0) + 1
             blocks[key] = blocks.get(key, 0) + torch.outer(left, right)
-        refitted = []
-        for band in dict.fromkeys((r0, h) for r0, h, _, _ in tiles):
-            r0, h = band
-            mine = [key for key in tiles if key[:2] == band]
-            residual = target[r0 : r0 + h].clone()
-            for key in mine:
-                residual[:, key[2] : key[2] + key[3]] -= blocks[key]
-            factors = {}
-            for _ in range(sweeps):
-                for key in mine:
-                    c0, w, rank = key[2], key[3], tiles[key]
-                    residual[:, c0 : c0 + w] += blocks[key]
-                    chol = self.whiten[c0]
-                    projected = torch.linalg.solve_triangular(chol, (residual @ gram[:, c0 : c0 + w]).T, upper=False).T
-                    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
-                    left, right = u[:, :rank] * s[:rank], torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True).T
-                    blocks[key], factors[key] = left @ right, (left, right)
-                    residual[:, c0 : c0 + w] -= blocks[key]
-            refitted += [(*key, factors[key][0][:, k], factors[key][1][k]) for key in mine for k in range(tiles[key])]
-        return refitted
+        residual = target.clone()
+        for (r0, h, c0, w), block in blocks.items():
+            residual[r0 : r0 + h, c0 : c0 + w] -= block
+        columns: dict[tuple[int, int], dict[int, list]] = {}  # column tile -> tile height -> its tiles
+        for key in sorted(ranks, key=lambda k: (k[2], k[0])):
+            columns.setdefault((key[2], key[3]), {}).setdefault(key[1], []).append(key)
+        factors = {}
+        for _ in range(sweeps):
+            for (c0, w), by_height in columns.items():
+                chol = self.whiten[c0]
+                for tiles in by_height.values():
+                    for r0, h, _, _ in tiles:
+                        residual[r0 : r0 + h, c0 : c0 + w] += blocks[r0, h, c0, w]
+                    rows = torch.cat([torch.arange(r0, r0 + h) for r0, h, _, _ in tiles])
+                    projected = torch.linalg.solve_triangular(chol, (residual[rows] @ gram[:, c0 : c0 + w]).T, upper=False).T
+                    rank = torch.tensor([ranks[key] for key in tiles])
+                    left, _, right = _leading_pieces(projected.view(len(tiles), -1, w), int(rank.max()))
+                    left = left * (torch.arange(left.shape[-1]) < rank.unsqueeze(1)).unsqueeze(1)  # each tile's own rank
+                    right = torch.linalg.solve_triangular(chol.T, right.mT, upper=True).mT
+                    fitted = left @ right
+                    for i, key in enumerate(tiles):
+                        blocks[key], factors[key] = fitted[i], (left[i], right[i])
+                        residual[key[0] : key[0] + key[1], c0 : c0 + w] -= fitted[i]
+        return [(*key, factors[key][0][:, k], factors[key][1][k]) for key in ranks for k in range(ranks[key])]
 
 
 def block_low_rank_fit(weight: torch.Tensor, budget: float, grid: int, bias=None, gram=None,
