@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import _best_window, block_pursuit
+from gblr.discover import _best_window, _cyclic_union, block_pursuit
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -42,3 +42,19 @@ def test_blocks_have_the_asked_cost_and_noise():
 def test_pursuit_below_one_piece_is_a_clear_error():
     with pytest.raises(ValueError, match="below the cost of one rank-1 piece"):
         block_pursuit(torch.randn(20, 30), 0.001)
+
+
+def test_consolidated_blocks_reach_the_noise_level_the_pieces_alone_miss():
+    weight, _ = overlapping_blocks(0, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    pieces_only = relative_error(block_pursuit(weight, 0.25, overlaps=()).to_dense(), weight)
+    layer = block_pursuit(weight, 0.25)
+    found = relative_error(layer.to_dense(), weight)
+    assert layer.relative_cost() <= 0.25
+    assert found < 0.006 and pieces_only > 10 * found, (found, pieces_only)
+
+
+def test_cyclic_union_is_the_shortest_window_holding_both():
+    assert _cyclic_union((10, 20), (25, 10), 100) == (10, 25)
+    assert _cyclic_union((25, 10), (10, 20), 100) == (10, 25)
+    assert _cyclic_union((90, 20), (5, 10), 100) == (90, 25)  # across the end
+    assert _cyclic_union((0, 60), (50, 60), 100) == (0, 100)  # the whole circle at most
