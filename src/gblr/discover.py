@@ -253,13 +253,13 @@ def _stays_inside(moved, window, shape: tuple[int, int]) -> bool:
             and (moved[0] + moved[1] > m) == (r0 + h > m) and (moved[2] + moved[3] > n) == (c0 + w > n))
 
 
-def _consolidated(target: torch.Tensor, pieces: list, budget: float, overlap: float, sweeps: int) -> _Blocks:
+def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, sweeps: int) -> _Blocks:
     """Block pursuit's pieces turned into blocks: pieces of one hidden block found it on slightly
     different, trimmed windows; merged (:func:`_clusters`), given one window and a rank, their edges moved
     and their ranks rebalanced under the budget, they can fit the block exactly."""
     m, n = target.shape
     allowed = budget * m * n
-    blocks = _Blocks(target, _clusters(pieces, overlap, (m, n)))
+    blocks = _Blocks(target, [list(window) for window in merged])
     size = [w[1] + w[3] for w in blocks.windows]
     while blocks.cost() > allowed:  # the unions are larger than the pieces: drop ranks of the largest first
         blocks.windows[max((i for i, w in enumerate(blocks.windows) if w[4]), key=size.__getitem__)][4] -= 1
@@ -317,9 +317,13 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
             piece[2], piece[3] = _top_pair(residual[where])
             residual[where] -= torch.outer(piece[2], piece[3])
     greedy = [(int(rows[0]), len(rows), int(cols[0]), len(cols), left, right) for rows, cols, left, right in pieces]
-    found, error = greedy, _error(residual)
+    found, error, tried = greedy, _error(residual), []
     for overlap in overlaps:
-        blocks = _consolidated(target, greedy, budget, overlap, sweeps=8)
+        merged = _clusters(greedy, overlap, (m, n))
+        if merged in tried:  # another threshold merged the same pieces
+            continue
+        tried.append(merged)
+        blocks = _consolidated(target, merged, budget, sweeps=8)
         if _error(blocks.residual) < error:
             found, error = blocks.pieces(), _error(blocks.residual)
     m_idx = [_window(r0, h, m) for r0, h, _, _, _, _ in found]
