@@ -164,3 +164,12 @@ def test_learner_ablations_train_from_the_config(options, tmp_path):
         assert 0.4 * 0.98 <= report["structured_fraction"] <= 0.4
     else:  # the paper's rule only observes the FLOPs: it shrank, and the reached cost is reported
         assert report["structured_fraction"] < 0.9
+
+
+def test_dense_execution_from_the_config_holds_on_load(tmp_path):
+    config = load_config(None, TINY + ["train.max_steps=5", 'structure.family="monarch"', "structure.budget=0.5",
+                                       "structure.dense_execution=true"])
+    train(config, tmp_path, progress=False)
+    model, loaded, _ = load_trained(tmp_path)
+    monarch = [m for m in model.modules() if type(m).__name__ == "MonarchLinear"]
+    assert loaded.structure.dense_execution and monarch and all(m.dense_execution for m in monarch)

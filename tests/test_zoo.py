@@ -173,13 +173,19 @@ def test_gblr_fit_is_never_worse_than_lowrank():
     assert (gblr.to_dense() - weight).norm() <= (lowrank.to_dense() - weight).norm() + 1e-10
 
 
-def test_monarch_dense_execution_is_the_same_function():
+@pytest.mark.parametrize("name", ["monarch", "pixelfly"])
+def test_dense_execution_is_the_same_function(name):
     torch.manual_seed(0)
-    layer = structured_from_dense("monarch", torch.randn(40, 24), 0.5)
-    x = torch.randn(5, 24, requires_grad=True)
-    blocks = layer(x)
-    layer.dense_execution = True
-    dense = layer(x)
-    assert torch.allclose(blocks, dense, atol=1e-5)
-    dense.sum().backward()
-    assert layer.left.grad is not None and layer.right.grad is not None
+    layer = structured_from_dense(name, torch.randn(40, 24), 0.5)
+    x = torch.randn(5, 24)
+    runs = []
+    for dense in (False, True):
+        layer.dense_execution = dense
+        layer.zero_grad()
+        y = layer(x)
+        (y * torch.arange(40.0)).sum().backward()
+        runs.append((y.detach(), [p.grad.clone() for p in layer.parameters()]))
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(runs[0][1], runs[1][1]))
+
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["StructuredLinear", "check_features", "check_budget", "unreachable_budget"]
@@ -48,6 +49,12 @@ class StructuredLinear(nn.Module):
     #: True for inference forms whose forward executes the structure (``compact``): a
     #: :class:`StructuredConv2d` then runs them on its patches instead of convolving with ``to_dense()``.
     executes_structure: bool = False
+    #: Run through the effective dense weight (``to_dense()``) instead of the family's own block
+    #: products: the same function, differentiable, not saved. Honoured by Monarch and Pixelfly, whose
+    #: small blocks run several times slower than one dense matmul on CPU (quality studies set it to
+    #: finish in time: ``structure.dense_execution`` in a training config); the other families run their
+    #: own products (GBLR and low-rank already choose the cheaper of their executions).
+    dense_execution: bool = False
     in_features: int
     out_features: int
 
@@ -135,6 +142,10 @@ class StructuredLinear(nn.Module):
     def relative_cost(self) -> float:
         """Structured cost as a fraction of the dense layer of the same shape."""
         return self.macs_per_token() / self.dense_macs_per_token
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` through the effective dense weight (what ``dense_execution`` selects)."""
+        return F.linear(x, self.to_dense(), self.bias)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:

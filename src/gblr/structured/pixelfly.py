@@ -117,6 +117,8 @@ class PixelflyLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.dense_execution:
+            return self.dense_forward(x)
         lead = x.shape[:-1]
         g, bh, bw = self.grid, self.block_rows, self.block_cols
         flat = x.reshape(-1, self.in_features)

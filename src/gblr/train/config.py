@@ -57,6 +57,7 @@ class StructureConfig:
     allocation: str = "global"  # GBLR: one threshold shares the budget between layers ("global"), weighted by their gradients ("sensitivity"), or each layer holds it ("per_layer")
     controller: str = "flops"  # GBLR: the threshold meets the FLOPs budget ("flops") or the paper's fixed threshold on a mean-width target ("mean_width")
     l1: float = 0.0  # the fixed threshold's lambda (controller "mean_width"; with "flops" an extra shrink above the budget)
+    dense_execution: bool = False  # Monarch and Pixelfly layers run through their dense weight: the same function, faster on CPU
 
 
 @dataclass

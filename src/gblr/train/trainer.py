@@ -22,6 +22,7 @@ from ..learn import SigmaSchedule, StructureLearner, gblr_layers
 from ..io import check_structure, rebuild, structure_of
 from ..models import GPT, MLPMixer, ResNet, ViT, paper_filter
 from ..step import make_optimizer, training_step
+from ..structured import StructuredLinear
 from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save_checkpoint
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
@@ -138,10 +139,15 @@ def _structured(model: nn.Module, config: RunConfig, meta: dict | None, where) -
         if not isinstance(meta["structure"], dict):
             raise ValueError(f"checkpoint in {where} is corrupt: field 'structure' is not an object")
         rebuild(model, check_structure(meta["structure"], f"checkpoint in {where}"), f"checkpoint in {where}")
-        return meta.get("conversion")
-    if meta is None and config.train.init_from:
-        start_from_dense_run(model, config)
-    return structure_model(model, config)
+        report = meta.get("conversion")
+    else:
+        if meta is None and config.train.init_from:
+            start_from_dense_run(model, config)
+        report = structure_model(model, config)
+    for module in model.modules():  # an execution choice, not saved: set on resume too
+        if isinstance(module, StructuredLinear):
+            module.dense_execution = config.structure.dense_execution
+    return report
 
 
 def _example(data: dict, config: RunConfig) -> torch.Tensor:
