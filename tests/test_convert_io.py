@@ -157,3 +157,57 @@ def test_corrupt_and_mismatched_files_give_clear_errors(tmp_path):
         load(tmp_path / "ok", other)
     with pytest.raises(FileNotFoundError, match="structure.json"):
         load(tmp_path / "missing", TinyLM())
+
+
+def finely_tiled_model():
+    """TinyLM whose mlp.0 is a GBLR fit on a 4x4 tiling: many pieces, each on a short interval."""
+    from gblr.fit import block_low_rank_fit
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    weight = torch.block_diag(*[torch.randn(16, 8, dtype=torch.float64) for _ in range(4)])
+    model.mlp[0] = block_low_rank_fit(weight, 0.4, grid=4, bias=torch.randn(64, dtype=torch.float64))
+    return model.eval()
+
+
+def test_gblr_factors_are_stored_packed_and_load_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    model = finely_tiled_model()
+    layer = model.mlp[0]
+    save(model, tmp_path / "saved")
+    stored = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    packed = stored["mlp.0.out_factors.packed"].numel() + stored["mlp.0.in_factors.packed"].numel()
+    assert "mlp.0.out_factors" not in stored and packed == layer.effective_parameters() - 64  # bias apart
+    assert packed < (layer.out_factors.numel() + layer.in_factors.numel()) / 3
+    tokens = torch.randint(0, 50, (3, 7))
+    loaded = load(tmp_path / "saved", TinyLM().double()).eval()
+    assert torch.equal(loaded(tokens), model(tokens))
+    assert torch.equal(loaded.tied.weight, loaded.embed.weight) and loaded.tied.weight is loaded.embed.weight
+
+
+def test_saves_of_the_first_format_still_load(tmp_path):
+    from safetensors.torch import save_model
+
+    model = finely_tiled_model()
+    save(model, tmp_path / "new")
+    old = tmp_path / "old"
+    old.mkdir()
+    structure = json.loads((tmp_path / "new" / "structure.json").read_text())
+    structure["format"] = "gblr-structured/1"
+    del structure["packed"]
+    save_model(model, str(old / "model.safetensors"))  # full-length factors, as the first format stored them
+    (old / "structure.json").write_text(json.dumps(structure))
+    tokens = torch.randint(0, 50, (2, 5))
+    assert torch.equal(load(old, TinyLM().double()).eval()(tokens), model(tokens))
+
+
+def test_packed_factors_of_the_wrong_size_are_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save(finely_tiled_model(), tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    stored["mlp.0.in_factors.packed"] = stored["mlp.0.in_factors.packed"][:-1].contiguous()
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layer 'mlp.0': packed in_factors has shape"):
+        load(tmp_path, TinyLM().double())

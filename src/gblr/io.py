@@ -2,8 +2,11 @@
 
 A saved directory holds ``structure.json`` (format version, every structured layer's family, shape and
 constructor options, the geometry of structured convolutions, the conversion config, the base model's
-identity) and ``model.safetensors`` (the
-whole state dict; tied tensors are stored once). Loading rebuilds each structured layer from the JSON,
+identity) and ``model.safetensors`` (the whole state dict; tied tensors are stored once). GBLR factors
+are stored packed: only the entries inside each component's eval mask (``name.out_factors.packed``,
+``name.in_factors.packed``), so a compressed model's file holds about its effective parameters instead
+of full-length factors (which, for a finely tiled layer, outnumber the dense weight); after loading, the
+entries outside are zero and the eval-mode function is the saved one exactly. Loading rebuilds each structured layer from the JSON,
 puts it into the base model and loads the tensors strictly, so a missing, extra or misshapen tensor is an
 error naming it. Nothing in either file can execute code. Files are written to temporary names and
 renamed, and an existing save is never overwritten unless asked.
@@ -16,16 +19,19 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from .convert import linear_weight
-from .structured import FAMILIES, StructuredConv2d, StructuredLinear
+from .structured import FAMILIES, GBLRLinear, StructuredConv2d, StructuredLinear
 from .structured.conv import LAYOUTS, conv_geometry, conv_unsupported
 
 __all__ = ["save", "load", "read_structure", "structure_of", "check_structure", "rebuild", "FORMAT"]
 
-FORMAT = "gblr-structured/1"
+FORMAT = "gblr-structured/2"
+READABLE = ("gblr-structured/1", FORMAT)  # /1: full-length GBLR factors
+PACKED = ".packed"  # suffix of a packed GBLR factor tensor
 STRUCTURE_FILE = "structure.json"
 TENSOR_FILE = "model.safetensors"
 
@@ -41,15 +47,43 @@ def save(model: nn.Module, directory, config: dict | None = None, base_model: st
     directory = Path(directory)
     if (directory / STRUCTURE_FILE).exists() and not overwrite:
         raise FileExistsError(f"{directory} already holds a saved model; pass overwrite=True to replace it")
-    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, **structure_of(model)}
+    tensors = _stored_once(model.state_dict())
+    packed = []
+    for name, module in model.named_modules():
+        if isinstance(module, GBLRLinear):
+            packed.append(name)
+            for key, values in module.packed_factors().items():
+                del tensors[_key(name, key)]
+                tensors[_key(name, key) + PACKED] = values.contiguous()
+    structure = {"format": FORMAT, "base_model": base_model, "config": config or {}, **structure_of(model),
+                 "packed": packed}
     directory.mkdir(parents=True, exist_ok=True)
     tensors_tmp = directory / (TENSOR_FILE + ".tmp")
     structure_tmp = directory / (STRUCTURE_FILE + ".tmp")
-    save_model(model, str(tensors_tmp))
+    save_file(tensors, str(tensors_tmp))
     structure_tmp.write_text(json.dumps(structure, indent=2) + "\n")
     os.replace(tensors_tmp, directory / TENSOR_FILE)
     os.replace(structure_tmp, directory / STRUCTURE_FILE)  # last: its presence marks a complete save
     return directory
+
+
+def _key(module: str, tensor: str) -> str:
+    return f"{module}.{tensor}" if module else tensor
+
+
+def _stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tied tensor kept under one name (the loader accepts the others as aliases);
+    every tensor contiguous and owning its memory where it shared it otherwise."""
+    kept, seen = {}, {}
+    for key in sorted(state):
+        tensor = state[key]
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if view in seen:
+            continue
+        seen[view] = key
+        shares = any(t.untyped_storage().data_ptr() == view[0] for t in kept.values())
+        kept[key] = tensor.detach().clone() if shares or not tensor.is_contiguous() else tensor.detach()
+    return kept
 
 
 def structure_of(model: nn.Module) -> dict:
@@ -82,9 +116,15 @@ def read_structure(directory) -> dict:
         structure = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(structure, dict) or structure.get("format") != FORMAT:
-        raise ValueError(f"{path}: field 'format' must be {FORMAT!r}, got {structure.get('format') if isinstance(structure, dict) else structure!r}")
-    return check_structure(structure, path)
+    if not isinstance(structure, dict) or structure.get("format") not in READABLE:
+        raise ValueError(f"{path}: field 'format' must be one of {READABLE}, got "
+                         f"{structure.get('format') if isinstance(structure, dict) else structure!r}")
+    structure = check_structure(structure, path)
+    packed = structure.setdefault("packed", [])
+    if not isinstance(packed, list) or any(not isinstance(n, str) or structure["layers"].get(n, {}).get("family") != "gblr"
+                                           for n in packed):
+        raise ValueError(f"{path}: field 'packed' must list GBLR layers of field 'layers'")
+    return structure
 
 
 def check_structure(structure: dict, path) -> dict:
@@ -127,21 +167,30 @@ def load(directory, base_model: nn.Module) -> nn.Module:
     modified in place. Every saved layer is checked against the base model's before any is built (see
     :func:`save` for an example)."""
     directory = Path(directory)
-    rebuild(base_model, read_structure(directory), directory / STRUCTURE_FILE)
+    structure = read_structure(directory)
+    rebuild(base_model, structure, directory / STRUCTURE_FILE)
     path = directory / TENSOR_FILE
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} cannot be read as safetensors: {error}") from None
     state = base_model.state_dict()
-    missing = [k for k in state if k not in tensors and not _is_shared_alias(k, state, tensors)]
-    unexpected = [k for k in tensors if k not in state]
+    factors = {_key(name, key): name for name in structure["packed"] for key in ("out_factors", "in_factors")}
+    expected = [k for k in state if k not in factors] + [k + PACKED for k in factors]
+    missing = [k for k in expected if k not in tensors and not (k in state and _is_shared_alias(k, state, tensors))]
+    unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, value in tensors.items():
-        if tuple(value.shape) != tuple(state[key].shape):
+        if key in state and tuple(value.shape) != tuple(state[key].shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")
-    base_model.load_state_dict(tensors, strict=False)
+    base_model.load_state_dict({k: v for k, v in tensors.items() if k in state}, strict=False)
+    for name in structure["packed"]:  # after the widths, starts and sigma they are packed by
+        try:
+            base_model.get_submodule(name).unpack_factors_(tensors[_key(name, "out_factors") + PACKED],
+                                                           tensors[_key(name, "in_factors") + PACKED])
+        except ValueError as error:
+            raise ValueError(f"{path}: layer {name!r}: {error}") from None
     return base_model
 
 

@@ -378,6 +378,35 @@ class GBLRLinear(StructuredLinear):
         v = (self.in_factors * in_mask.to(dtype).unsqueeze(1)).reshape(-1, self.in_features)
         return u, v
 
+    def _factor_support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the factors matter in eval mode: ``(K, r, m)`` and ``(K, r, n)`` boolean, inside each
+        component's hard mask."""
+        out_mask, in_mask = self._hard_masks()
+        return ((out_mask != 0).unsqueeze(1).expand_as(self.out_factors),
+                (in_mask != 0).unsqueeze(1).expand_as(self.in_factors))
+
+    def packed_factors(self) -> dict[str, torch.Tensor]:
+        """The factor entries the eval-mode function uses, flat (component, rank, position order): a
+        fitted layer's full-length factors are mostly entries outside its intervals, which a save need
+        not store. :meth:`unpack_factors_` puts them back."""
+        out_support, in_support = self._factor_support()
+        return {"out_factors": self.out_factors.detach()[out_support], "in_factors": self.in_factors.detach()[in_support]}
+
+    def unpack_factors_(self, out_factors: torch.Tensor, in_factors: torch.Tensor) -> None:
+        """Set the factors from :meth:`packed_factors` of a layer with this structure (widths, starts and
+        sigma already in place); the entries outside the eval masks become zero, so the eval-mode
+        function is the packed layer's exactly."""
+        supports = self._factor_support()
+        for name, values, support in zip(("out_factors", "in_factors"), (out_factors, in_factors), supports):
+            if values.dim() != 1 or values.numel() != int(support.sum()):
+                raise ValueError(f"packed {name} has shape {tuple(values.shape)}; this layer's structure "
+                                 f"needs {int(support.sum())} entries")
+        with torch.no_grad():
+            for target, values, support in zip((self.out_factors, self.in_factors), (out_factors, in_factors), supports):
+                target.zero_()
+                target[support] = values.to(device=target.device, dtype=target.dtype)
+        self._eval_cache = None
+
     def effective_weight(self, hard: bool | None = None) -> torch.Tensor:
         u, v = self.masked_factors(hard)
         return u.T @ v
