@@ -15,8 +15,8 @@ Greedy pieces stop short of a block's edges: a piece keeps only the rows and col
 energy per MAC, so one hidden rank-k block ends up as many rank-1 pieces on slightly different, trimmed
 windows. Consolidation merges pieces whose windows overlap into one block on their union, then moves
 every edge while that removes more error than its MACs are worth and trades ranks between blocks
-under the budget; on blocks plus noise this comes near the noise level where
-the pieces alone stay far above it.
+under the budget; on blocks plus noise this comes near the noise level where the pieces alone stay far
+above it.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs ten to thirty seconds on a
 200 x 320 matrix, far more than the tilings, so it is not tried by default.
@@ -158,7 +158,7 @@ class _Blocks:
         for window, fit in zip(self.windows, self.fits):
             if window[4] and fit is not None:
                 u, s, vh = torch.linalg.svd(fit, full_matrices=False)
-                found += [(*window[:4], u[:, k] * s[k], vh[k]) for k in range(window[4])]
+                found += [(*window[:4], u[:, k] * s[k], vh[k]) for k in range(min(window[4], len(s)))]
         return found
 
 
@@ -237,8 +237,9 @@ def _move_edges(blocks: _Blocks, i: int, price: float) -> None:
     for edge in range(4):
         for step in _EDGE_STEPS:
             r0, h, c0, w = window[:4]
-            moved = [(r0 + step, h - step, c0, w), (r0, h + step, c0, w), (r0, h, c0 + step, w - step), (r0, h, c0, w + step)][edge]
-            if _stays_inside(moved, window, (m, n)):
+            moved = [(r0 + step, h - step, c0, w), (r0, h + step, c0, w),
+                     (r0, h, c0 + step, w - step), (r0, h, c0, w + step)][edge]
+            if _stays_inside(moved, window, (m, n)) and min(moved[1], moved[3]) >= rank:
                 value = net([*moved, rank])
                 if value > best:
                     best, window[:4] = value, list(moved)
@@ -326,12 +327,10 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
         blocks = _consolidated(target, merged, budget, sweeps=8)
         if _error(blocks.residual) < error:
             found, error = blocks.pieces(), _error(blocks.residual)
-    m_idx = [_window(r0, h, m) for r0, h, _, _, _, _ in found]
-    n_idx = [_window(c0, w, n) for _, _, c0, w, _, _ in found]
     out_factors = torch.zeros(len(found), 1, m, dtype=torch.float64)
     in_factors = torch.zeros(len(found), 1, n, dtype=torch.float64)
-    for k, (rows, cols, piece) in enumerate(zip(m_idx, n_idx, found)):
-        out_factors[k, 0, rows], in_factors[k, 0, cols] = piece[4], piece[5]
+    for k, (r0, h, c0, w, left, right) in enumerate(found):
+        out_factors[k, 0, _window(r0, h, m)], in_factors[k, 0, _window(c0, w, n)] = left, right
     layer = GBLRLinear.from_intervals([(p[0], p[1]) for p in found], [(p[2], p[3]) for p in found],
                                       out_factors.to(weight.dtype), in_factors.to(weight.dtype),
                                       None if bias is None else bias.detach().cpu())

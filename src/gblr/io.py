@@ -6,10 +6,12 @@ identity) and ``model.safetensors`` (the whole state dict; tied tensors are stor
 are stored packed: only the entries inside each component's eval mask (``name.out_factors.packed``,
 ``name.in_factors.packed``), so a compressed model's file holds about its effective parameters instead
 of full-length factors (which, for a finely tiled layer, outnumber the dense weight); after loading, the
-entries outside are zero and the eval-mode function is the saved one exactly. Loading rebuilds each structured layer from the JSON,
-puts it into the base model and loads the tensors strictly, so a missing, extra or misshapen tensor is an
-error naming it. Nothing in either file can execute code. Files are written to temporary names and
-renamed, and an existing save is never overwritten unless asked.
+entries outside are zero and the eval-mode function is the saved one exactly.
+
+Loading rebuilds each structured layer from the JSON, puts it into the base model and loads the tensors
+strictly, so a missing, extra or misshapen tensor is an error naming it. Nothing in either file can
+execute code. Files are written to temporary names and renamed, and an existing save is never
+overwritten unless asked.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-import torch
 from torch import nn
 
 from .convert import linear_weight
@@ -175,7 +177,7 @@ def load(directory, base_model: nn.Module) -> nn.Module:
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} cannot be read as safetensors: {error}") from None
     state = base_model.state_dict()
-    factors = {_key(name, key): name for name in structure["packed"] for key in ("out_factors", "in_factors")}
+    factors = {_key(name, key) for name in structure["packed"] for key in ("out_factors", "in_factors")}
     expected = [k for k in state if k not in factors] + [k + PACKED for k in factors]
     missing = [k for k in expected if k not in tensors and not (k in state and _is_shared_alias(k, state, tensors))]
     unexpected = [k for k in tensors if k not in expected]
