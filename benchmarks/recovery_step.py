@@ -1,7 +1,8 @@
 """Time of one recovery step of a pretrained model compressed to a fraction of its linear layers' cost:
-GBLR with its structure frozen (the factors cropped to their intervals) against the previous execution
-(full-length masked factors; widths and starts out of the optimizer but still in the graph), low-rank
-with the same allocation and fit, and the original.
+GBLR as recovery trains it (structure frozen, packed factors on the cropped blocks) against two earlier
+executions (the cropped blocks read from the full-length factors; before that, full-length masked
+factors with widths and starts out of the optimizer but still in the graph), low-rank with the same
+allocation and fit, and the original.
 
     .venv/bin/python benchmarks/recovery_step.py --model minilm --fit weights
     .venv/bin/python benchmarks/recovery_step.py --model smollm2 --fit outputs
@@ -55,16 +56,22 @@ def main() -> None:
     finer = sum(1 for layer in layers if not getattr(layer, "fit_method", "").endswith(" 1x1"))
     notes["GBLR"] = f"{finer} of {len(layers)} layers on a tiling finer than 1x1, {sum(l.num_components for l in layers)} components"
     print(notes["GBLR"], flush=True)
-    models["GBLR, previous execution"] = copy.deepcopy(gblr)
+    models["GBLR, full-length factors"] = copy.deepcopy(gblr)
+    models["GBLR, masked product"] = copy.deepcopy(gblr)
 
     steps = {}
     for label, model in models.items():
         structure = [p for _, layer in gblr_layers(model) for p in layer.structure_parameters()]
-        if label == "GBLR":
+        if label in ("GBLR", "GBLR, full-length factors"):
             for p in structure:
-                p.requires_grad_(False)  # what recovery does now
+                p.requires_grad_(False)  # what recovery does
+        if label == "GBLR":
+            packed = sum(layer.pack_for_training_() for _, layer in gblr_layers(model))
+            notes[label] += f"; {packed} layers train packed factors"
         excluded = {id(p) for p in structure}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+        trained = f"{sum(p.numel() for p in params) / 1e6:.1f}M trained entries"
+        notes[label] = f"{notes[label]}; {trained}" if label in notes else trained
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         loss = objectives.recovery_loss(seed=0)
         model.train()

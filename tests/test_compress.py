@@ -180,7 +180,8 @@ def test_recovery_distils_with_frozen_or_learned_structure():
             assert sum(layer.macs_per_token() for _, layer in layers) <= cost * 1.01
         else:
             assert all(torch.equal(w, layer.out_widths) for w, (_, layer) in zip(widths, layers))
-        # frozen only while recovering: the caller's model can learn its structure afterwards
-        assert all(p.requires_grad for _, layer in layers for p in layer.structure_parameters())
+        # frozen (and packed) only while recovering: the caller's model can learn its structure afterwards
+        assert all(p.requires_grad for _, layer in layers for p in layer.parameters())
+        assert not any(name.endswith("_packed") for name, _ in student.named_parameters())
     with pytest.raises(ValueError, match="steps"):
         recover_(student, batch_loss, 0)

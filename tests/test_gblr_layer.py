@@ -251,6 +251,46 @@ def test_frozen_structure_trains_the_eval_weight(monkeypatch, num_components, op
     assert not layer.structure_frozen()
 
 
+@pytest.mark.parametrize("num_components, options", [(60, {}), (50, {"rank": 3, "tile": 4}), (3, {})])
+def test_packed_training_is_the_frozen_function_with_the_same_gradients(num_components, options):
+    """Packed parameters hold the factor entries inside the intervals: the same outputs and, on those
+    entries, the same gradients as the full-length factors (built weight or skinny products); unpacking
+    writes them back."""
+    layer = _frozen_layer(num_components, **options)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    full_grads = [p.grad.clone() for p in layer.factor_parameters()]
+    layer.zero_grad()
+    assert layer.pack_for_training_()
+    assert not any(p.requires_grad for p in layer.factor_parameters())
+    packed = layer(x)
+    assert torch.allclose(packed, y, atol=1e-12)
+    packed.pow(2).sum().backward()
+    supports = layer._factor_support()
+    for param, grad, support in zip((layer.out_packed, layer.in_packed), full_grads, supports):
+        assert torch.allclose(param.grad, grad[support], atol=1e-10)
+        assert param.numel() == int(support.sum())
+    with torch.no_grad():
+        layer.out_packed.add_(1.0)
+    expected = layer(x).detach()
+    layer.unpack_after_training_()
+    assert not hasattr(layer, "out_packed") and all(p.requires_grad for p in layer.factor_parameters())
+    assert set(dict(layer.named_parameters())) == {"out_factors", "in_factors", "out_widths", "out_starts",
+                                                    "in_widths", "in_starts", "bias"}
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+
+
+def test_packing_needs_frozen_exact_structure():
+    layer = _frozen_layer(10)
+    layer.sigma = 2.0
+    assert not layer.pack_for_training_()
+    for p in layer.structure_parameters():
+        p.requires_grad_(True)
+    layer.sigma = None
+    assert not layer.pack_for_training_() and not hasattr(layer, "out_packed")
+
+
 def test_frozen_structure_follows_changes_of_the_structure():
     layer = _frozen_layer(60)
     x = torch.randn(3, 40, dtype=torch.float64)

@@ -61,6 +61,15 @@ class FrozenBlocks:
             self.groups.append(_ShapeGroup(out_index, in_index, torch.cat(weight_index)))
             self.macs += len(blocks) * block_rank * h * w
 
+    def repointed(self, out_position: torch.Tensor, in_position: torch.Tensor) -> "FrozenBlocks":
+        """The same blocks reading their factors from packed vectors instead of the full-length factors:
+        ``out_position[i]`` is the packed position of flat entry ``i`` of the output factors, its last
+        entry (the padding) that of a zero appended to the packed vector; likewise ``in_position``."""
+        packed = FrozenBlocks.__new__(FrozenBlocks)
+        packed.shape, packed.macs = self.shape, self.macs
+        packed.groups = [_ShapeGroup(out_position[g.out_index], in_position[g.in_index], g.weight_index) for g in self.groups]
+        return packed
+
     def to(self, device: torch.device) -> "FrozenBlocks":
         for group in self.groups:
             for name in ("out_index", "in_index", "weight_index"):
@@ -68,7 +77,8 @@ class FrozenBlocks:
         return self
 
     def weight(self, out_factors: torch.Tensor, in_factors: torch.Tensor) -> torch.Tensor:
-        """``(m, n)`` weight of factors ``(K, r, m)``, ``(K, r, n)`` on this structure (differentiable)."""
+        """``(m, n)`` weight of factors ``(K, r, m)``, ``(K, r, n)`` on this structure, or of packed factor
+        vectors for :meth:`repointed` blocks (differentiable)."""
         m, n = self.shape
         zero = out_factors.new_zeros(1)
         out_flat = torch.cat([out_factors.reshape(-1), zero])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -155,6 +156,7 @@ class GBLRLinear(StructuredLinear):
         self.register_buffer("sigma_decay", torch.tensor(inverse_two_sigma_squared(sigma), device=device))
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
         self._frozen_cache: tuple[tuple, FrozenBlocks | None] | None = None
+        self._packed: _PackedTraining | None = None  # see pack_for_training_
         # Set by gblr.shared_masks for the duration of one forward pass of the model: it computes the
         # training masks (and effective weights) of all layers together.
         self.shared = None
@@ -407,6 +409,49 @@ class GBLRLinear(StructuredLinear):
                 target[support] = values.to(device=target.device, dtype=target.dtype)
         self._eval_cache = None
 
+    def pack_for_training_(self) -> bool:
+        """Train the factor entries the eval function uses (:meth:`packed_factors`) as two packed
+        parameters, ``out_packed`` and ``in_packed``, instead of the full-length factors, which for a
+        finely tiled layer hold several times more entries than the dense weight: gradients and the
+        optimizer then cost the layer's effective parameters. Only while the structure is frozen with
+        exact masks (``sigma=None``); returns False and changes nothing otherwise.
+        :meth:`unpack_after_training_` writes the trained entries back."""
+        blocks = self._frozen_blocks() if self.structure_frozen() and self._packed is None else None
+        if blocks is None:
+            return False
+        out_support, in_support = (support.reshape(-1).nonzero().squeeze(1) for support in self._factor_support())
+        positions = []
+        for support, factors in ((out_support, self.out_factors), (in_support, self.in_factors)):
+            position = torch.full((factors.numel() + 1,), len(support), dtype=torch.long, device=support.device)
+            position[support] = torch.arange(len(support), device=support.device)
+            positions.append(position)
+        packed = self.packed_factors()
+        self.out_packed = nn.Parameter(packed["out_factors"].clone())
+        self.in_packed = nn.Parameter(packed["in_factors"].clone())
+        self._packed = _PackedTraining(blocks.repointed(*positions), out_support, in_support,
+                                       (self.out_factors.requires_grad, self.in_factors.requires_grad))
+        self.out_factors.requires_grad_(False)
+        self.in_factors.requires_grad_(False)
+        return True
+
+    def unpack_after_training_(self) -> None:
+        """Write the packed parameters back into the full-length factors and remove them."""
+        if self._packed is None:
+            return
+        out_values, in_values = self.out_packed.detach(), self.in_packed.detach()
+        del self.out_packed, self.in_packed
+        for factors, trained in zip((self.out_factors, self.in_factors), self._packed.requires_grad):
+            factors.requires_grad_(trained)
+        self._packed = None
+        self.unpack_factors_(out_values, in_values)
+
+    def _packed_masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masked_factors(hard=True)`` of the packed parameters (differentiable)."""
+        k, r, m, n = self.num_components, self.rank, self.out_features, self.in_features
+        u = self.out_packed.new_zeros(k * r * m).index_put((self._packed.out_support,), self.out_packed)
+        v = self.in_packed.new_zeros(k * r * n).index_put((self._packed.in_support,), self.in_packed)
+        return u.view(k * r, m), v.view(k * r, n)
+
     def effective_weight(self, hard: bool | None = None) -> torch.Tensor:
         u, v = self.masked_factors(hard)
         return u.T @ v
@@ -485,10 +530,15 @@ class GBLRLinear(StructuredLinear):
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self.training:
-            return F.linear(x, self._cached_eval_weight(), self.bias)
         m, n, kr = self.out_features, self.in_features, self.num_components * self.rank
         tokens = x.numel() // n
+        if self._packed is not None:  # frozen structure, packed factors (recovery): the eval function
+            if self._packed.blocks.macs + tokens * m * n < tokens * kr * (m + n):
+                return F.linear(x, self._packed.blocks.weight(self.out_packed, self.in_packed), self.bias)
+            u, v = self._packed_masked_factors()
+            return F.linear(F.linear(x, v), u.T, self.bias)
+        if not self.training:
+            return F.linear(x, self._cached_eval_weight(), self.bias)
         frozen = None
         if self.structure_frozen() and not torch.compiler.is_compiling():
             frozen = self._frozen_blocks()
@@ -510,6 +560,17 @@ class GBLRLinear(StructuredLinear):
             f"bias={self.bias is not None}, num_components={self.num_components}, rank={self.rank}, "
             f"sigma={self.sigma}" + (f", tile={self.tile}" if self.tile > 1 else "")
         )
+
+
+@dataclass
+class _PackedTraining:
+    """What :meth:`GBLRLinear.pack_for_training_` keeps: the frozen blocks reading the packed vectors, the
+    flat positions of the packed entries in the full-length factors, their ``requires_grad`` before."""
+
+    blocks: FrozenBlocks
+    out_support: torch.Tensor
+    in_support: torch.Tensor
+    requires_grad: tuple[bool, bool]
 
 
 class _MaskedProduct(torch.autograd.Function):

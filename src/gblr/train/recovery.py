@@ -55,29 +55,29 @@ def recover_(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     structured = [layer for _, layer in gblr_layers(model)]
-    learner, to_freeze = None, []
-    if learn_structure:
-        if not structured:
-            raise ValueError("learn_structure=True needs GBLR layers in the model")
-        optimizer = make_optimizer(model, lr, weight_decay, structure_lr)
-        fraction = sum(layer.macs_per_token() for layer in structured) / sum(layer.dense_macs_per_token for layer in structured)
-        learner = StructureLearner(model, optimizer, target=min(fraction, 1.0), total_steps=steps, ramp=(0.0, 0.0))
-    else:  # widths and starts get no gradients, and the layers run their cheaper frozen-structure forward
-        to_freeze = [p for layer in structured for p in layer.structure_parameters() if p.requires_grad]
-        frozen = {id(p) for p in to_freeze}
-        params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    warm = max(1, round(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    device = trainable[0].device
+    learner, to_freeze, packed = None, [], []
+    if learn_structure and not structured:
+        raise ValueError("learn_structure=True needs GBLR layers in the model")
+    device = next(model.parameters()).device
     check_precision(precision, device)
-    model.train()
-    start, step_losses = time.perf_counter(), []
     try:
-        for p in to_freeze:
-            p.requires_grad_(False)
+        if learn_structure:
+            optimizer = make_optimizer(model, lr, weight_decay, structure_lr)
+            fraction = sum(layer.macs_per_token() for layer in structured) / sum(layer.dense_macs_per_token for layer in structured)
+            learner = StructureLearner(model, optimizer, target=min(fraction, 1.0), total_steps=steps, ramp=(0.0, 0.0))
+        else:  # widths and starts get no gradients; the layers train packed factors on their frozen blocks
+            to_freeze = [p for layer in structured for p in layer.structure_parameters() if p.requires_grad]
+            for p in to_freeze:
+                p.requires_grad_(False)
+            packed = [layer for layer in structured if layer.pack_for_training_()]
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        warm = max(1, round(warmup * steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        model.train()
+        start, step_losses = time.perf_counter(), []
         for step in tqdm(range(steps), desc="recovery", disable=None, leave=False):  # a bar on a terminal only
             loss, _ = training_step(lambda: batch_loss(model, step), optimizer, schedule, learner, trainable,
                                     clip, device, precision)
@@ -86,6 +86,8 @@ def recover_(
                 progress(step, float(loss))
     finally:
         model.eval()
+        for layer in packed:
+            layer.unpack_after_training_()
         for p in to_freeze:
             p.requires_grad_(True)
         if learner is not None:
