@@ -425,9 +425,9 @@ class GBLRLinear(StructuredLinear):
             position = torch.full((factors.numel() + 1,), len(support), dtype=torch.long, device=support.device)
             position[support] = torch.arange(len(support), device=support.device)
             positions.append(position)
-        packed = self.packed_factors()
-        self.out_packed = nn.Parameter(packed["out_factors"].clone())
-        self.in_packed = nn.Parameter(packed["in_factors"].clone())
+        # the entries of packed_factors(), in its order, from the supports already at hand
+        self.out_packed = nn.Parameter(self.out_factors.detach().reshape(-1)[out_support].clone())
+        self.in_packed = nn.Parameter(self.in_factors.detach().reshape(-1)[in_support].clone())
         self._packed = _PackedTraining(blocks.repointed(*positions), out_support, in_support,
                                        (self.out_factors.requires_grad, self.in_factors.requires_grad))
         self.out_factors.requires_grad_(False)
@@ -533,25 +533,23 @@ class GBLRLinear(StructuredLinear):
         m, n, kr = self.out_features, self.in_features, self.num_components * self.rank
         tokens = x.numel() // n
         if self._packed is not None:  # frozen structure, packed factors (recovery): the eval function
-            if self._packed.blocks.macs + tokens * m * n < tokens * kr * (m + n):
-                return F.linear(x, self._packed.blocks.weight(self.out_packed, self.in_packed), self.bias)
-            u, v = self._packed_masked_factors()
-            return F.linear(F.linear(x, v), u.T, self.bias)
-        if not self.training:
+            frozen, factors = self._packed.blocks, (self.out_packed, self.in_packed)
+        elif not self.training:
             return F.linear(x, self._cached_eval_weight(), self.bias)
-        frozen = None
-        if self.structure_frozen() and not torch.compiler.is_compiling():
-            frozen = self._frozen_blocks()
+        else:
+            frozen, factors = None, (self.out_factors, self.in_factors)
+            if self.structure_frozen() and not torch.compiler.is_compiling():
+                frozen = self._frozen_blocks()
         # Build W and multiply (tokens*m*n), or two skinny matmuls (tokens*kr*(m+n)). Frozen structure:
         # the eval-mode function, W from the cropped blocks (frozen.macs) and hard masks; else W costs kr*m*n.
         build = kr * m * n if frozen is None else frozen.macs
         if build + tokens * m * n < tokens * kr * (m + n):
             if frozen is not None:
-                return F.linear(x, frozen.weight(self.out_factors, self.in_factors), self.bias)
+                return F.linear(x, frozen.weight(*factors), self.bias)
             if self.shared is not None:
                 return F.linear(x, self.shared.weight(self), self.bias)
             return F.linear(x, masked_product(self.out_factors, self.in_factors, *self._soft_masks()), self.bias)
-        u, v = self.masked_factors(hard=frozen is not None)
+        u, v = self._packed_masked_factors() if self._packed is not None else self.masked_factors(hard=frozen is not None)
         return F.linear(F.linear(x, v), u.T, self.bias)
 
     def extra_repr(self) -> str:
