@@ -1,7 +1,8 @@
 """Compress SmolLM2-135M to fractions of its q, k, v, o, gate, up, down projections' cost.
 
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
-loss of 2x256 training tokens; fitting the weights or each layer's outputs on 16x256 training tokens),
+loss of 2x256 training tokens; fitting the weights or each layer's outputs on 16x256 training tokens; both
+counts are options),
 Monarch (uniform, weights), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
 fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
     parser.add_argument("--name", default="compress_smollm2", help="results file name")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--calibration-windows", type=int, default=2,
+                        help="256-token training windows of the calibration loss (allocation)")
+    parser.add_argument("--input-windows", type=int, default=16, help="256-token training windows of the output fits' inputs")
     parser.add_argument("--recover-at", type=float, nargs="+", default=None,
                         help="fine-tune only the models of these budgets, 1.0 for the original (default: all of them)")
     args = parser.parse_args()
@@ -55,7 +59,8 @@ def main() -> None:
     start = time.perf_counter()
     original = load_pretrained("smollm2")
     load_seconds = time.perf_counter() - start
-    objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT)
+    objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT,
+                                    calibration_windows=args.calibration_windows, input_windows=args.input_windows)
 
     def fine_tune(model, budget: float) -> dict | None:
         if not args.steps or (args.recover_at is not None and budget not in args.recover_at):
@@ -69,7 +74,8 @@ def main() -> None:
         return {**objectives.quality(model), "eval_seconds": time.perf_counter() - begin}
 
     meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", finetune_steps=args.steps,
-                        finetune_batch="4 x 256 tokens", eval_tokens=len(objectives.validation), load_seconds=load_seconds)
+                        finetune_batch="4 x 256 tokens", eval_tokens=len(objectives.validation), load_seconds=load_seconds,
+                        calibration_windows=args.calibration_windows, input_windows=args.input_windows)
     # the original first, so that every row written after each run has its reference (fine-tuned last)
     reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
                  "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
@@ -123,7 +129,8 @@ def markdown(meta, rows) -> list[str]:
     lines = ["# Compressing SmolLM2-135M", "", provenance(meta), "",
              f"Perplexity on {meta['eval_tokens']} Shakespeare validation tokens (windows of {CONTEXT}); fine-tune: "
              f"{meta['finetune_steps']} steps of {meta['finetune_batch']}, AdamW lr 1e-4, next-token loss on the training split. "
-             "Fits of the outputs use each layer's inputs on 16x256 training tokens; the mean relative error "
+             f"Calibrated allocations use the next-token loss on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
+             f"tokens; fits of the outputs use each layer's inputs on {meta.get('input_windows', 16)}x{CONTEXT} training tokens; the mean relative error "
              "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",
              "| method | budget | reached cost | layers replaced | kept dense | mean relative error | mean output error | compress s | perplexity | after fine-tune | fine-tune s |",

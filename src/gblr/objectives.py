@@ -5,7 +5,7 @@
   (one at a time: no padding), distillation by MSE to the original's embeddings, quality as the mean
   cosine similarity on held-out sentences;
 - causal language models: calibration by next-token loss on 2x256 training tokens, layer inputs from
-  16x256 training tokens, recovery by next-token fine-tuning, quality as validation perplexity.
+  16x256 training tokens (both counts are options), recovery by next-token fine-tuning, quality as validation perplexity.
 Training data is the first 90 % of the works, held-out data the last 10 %.
 """
 
@@ -70,17 +70,24 @@ class EncoderObjectives:
 
 class CausalLMObjectives:
     def __init__(self, teacher: Pretrained, eval_windows: int = 64, context: int = 256, batch_size: int = 4,
-                 training_characters: int = 2_000_000) -> None:
+                 training_characters: int = 2_000_000, calibration_windows: int = 2, input_windows: int = 16) -> None:
+        for name, value in (("calibration_windows", calibration_windows), ("input_windows", input_windows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.context, self.batch_size = context, batch_size
         self.validation = token_ids(teacher.tokenizer, load_shakespeare("val"))[: eval_windows * context]
         self.training = token_ids(teacher.tokenizer, load_shakespeare("train")[:training_characters])
-        self.calibration = self.training[: 2 * context].view(2, context)  # window 0 and 1: never trained on
-        self.input_windows = self.training[: 16 * context].view(16, context)
+        if (max(calibration_windows, input_windows) + batch_size) * context > len(self.training):
+            raise ValueError(f"{training_characters} training characters are too few for {calibration_windows} "
+                             f"calibration and {input_windows} input windows of {context} tokens")
+        # the first windows are the calibration loss's, never trained on
+        self.calibration = self.training[: calibration_windows * context].view(calibration_windows, context)
+        self.input_windows = self.training[: input_windows * context].view(input_windows, context)
 
     def calibration_loss(self, model: nn.Module) -> float:
-        with torch.no_grad():
-            calibration = self.calibration.to(model_device(model))
-            return float(model(input_ids=calibration, labels=calibration).loss)
+        with torch.no_grad():  # in batches; windows of equal length, so weighting by windows is by tokens
+            batches = self.calibration.to(model_device(model)).split(self.batch_size)
+            return float(sum(model(input_ids=b, labels=b).loss * len(b) for b in batches) / len(self.calibration))
 
     @torch.no_grad()
     def calibration_inputs(self, model: nn.Module) -> None:
@@ -90,10 +97,10 @@ class CausalLMObjectives:
 
     def recovery_loss(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
-        windows = len(self.training) // self.context
+        windows, first = len(self.training) // self.context, len(self.calibration)
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
-            picks = torch.randint(2, windows, (self.batch_size,), generator=generator).tolist()
+            picks = torch.randint(first, windows, (self.batch_size,), generator=generator).tolist()
             batch = torch.stack([self.training[i * self.context : (i + 1) * self.context] for i in picks])
             batch = batch.to(model_device(student))
             return student(input_ids=batch, labels=batch).loss
