@@ -185,3 +185,19 @@ def test_recovery_distils_with_frozen_or_learned_structure():
         assert not any(name.endswith("_packed") for name, _ in student.named_parameters())
     with pytest.raises(ValueError, match="steps"):
         recover_(student, batch_loss, 0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_recovery_trains_without_dropout_unless_asked(dropout):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    repeats = []
+
+    def batch_loss(student, step):  # the same batch twice: equal outputs only without dropout
+        first, second = student(x), student(x)
+        repeats.append(torch.equal(first, second))
+        return first.pow(2).mean() + second.pow(2).mean()
+
+    recover_(model, batch_loss, 3, dropout=dropout)
+    assert repeats == [not dropout] * 3
+    assert model[1].p == 0.5 and not model.training
