@@ -1,17 +1,27 @@
-"""The causal language model's objectives: window counts, batched calibration loss, training windows."""
+"""Objectives of pretrained models: the encoder's distillation loss; the causal language model's window
+counts, batched calibration loss and training windows."""
+
+import copy
 
 import pytest
 import torch
 
-from gblr.objectives import CausalLMObjectives
+from gblr.objectives import CausalLMObjectives, EncoderObjectives
 from gblr.pretrained import Pretrained
 
 transformers = pytest.importorskip("transformers")
 
 
 class CharacterTokenizer:
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [ord(c) % 128 for c in text]}
+    """Characters as token ids; padded batches of sentences like a Hugging Face tokenizer's."""
+
+    def __call__(self, text, add_special_tokens=False, padding=False, truncation=False, max_length=64, return_tensors=None):
+        if isinstance(text, str):
+            return {"input_ids": [ord(c) % 128 for c in text]}
+        ids = [[1 + ord(c) % 127 for c in sentence[:max_length]] for sentence in text]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([row + [0] * (width - len(row)) for row in ids]),
+                "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])}
 
 
 class Recorder(torch.nn.Module):
@@ -58,3 +68,20 @@ def test_window_counts_batched_calibration_loss_and_training_windows(teacher):
 def test_bad_window_counts(teacher, options, message):
     with pytest.raises(ValueError, match=message):
         CausalLMObjectives(teacher, eval_windows=2, context=16, training_characters=4000, **options)
+
+
+def test_encoder_distillation_matches_every_layer_on_real_tokens():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=80)
+    teacher = Pretrained(transformers.BertModel(config).eval(), CharacterTokenizer(), "encoder", "tiny")
+    objectives = EncoderObjectives(teacher, held_out=8, batch_size=4, input_sentences=10)
+    assert len(objectives.input_sentences) == 10
+    student = copy.deepcopy(teacher.model)
+    loss = objectives.recovery_loss(seed=0)
+    assert float(loss(student, 0).detach()) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():  # only the last layer's states change: the mean over 2 layers is half of its error
+        student.encoder.layer[1].output.LayerNorm.bias += 0.1
+    assert float(loss(student, 1).detach()) == pytest.approx(0.01 / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="input_sentences must be an integer >= 1"):
+        EncoderObjectives(teacher, held_out=8, input_sentences=0)

@@ -1,9 +1,9 @@
 """What "quality" means for a compressed pretrained model, on offline Shakespeare text.
 
 - sentence encoders: embeddings should stay those of the original model: calibration loss
-  ``1 - cosine`` on 64 training sentences, layer inputs for output-error fits from 256 training sentences
-  (one at a time: no padding), distillation by MSE to the original's embeddings, quality as the mean
-  cosine similarity on held-out sentences;
+  ``1 - cosine`` on 64 training sentences, layer inputs for output-error fits from 1024 training sentences
+  (one at a time: no padding; the count is an option), distillation by MSE to the original's hidden states
+  after every layer (all real tokens), quality as the mean cosine similarity on held-out sentences;
 - causal language models: calibration by next-token loss on 2x256 training tokens, layer inputs from
   16x256 training tokens (both counts are options), recovery by next-token fine-tuning, quality as validation perplexity.
 Training data is the first 90 % of the works, held-out data the last 10 %.
@@ -32,12 +32,14 @@ __all__ = ["EncoderObjectives", "CausalLMObjectives", "objectives_for"]
 
 
 class EncoderObjectives:
-    def __init__(self, teacher: Pretrained, held_out: int = 512, batch_size: int = 32) -> None:
+    def __init__(self, teacher: Pretrained, held_out: int = 512, batch_size: int = 32, input_sentences: int = 1024) -> None:
+        if isinstance(input_sentences, bool) or not isinstance(input_sentences, int) or input_sentences < 1:
+            raise ValueError(f"input_sentences must be an integer >= 1, got {input_sentences!r}")
         self.teacher, self.tokenizer, self.batch_size = teacher.model, teacher.tokenizer, batch_size
         self.held_out = shakespeare_sentences("val")[:held_out]
         training = shakespeare_sentences("train")
         self.calibration, self.training = encode_sentences(self.tokenizer, training[:64]), training[64:]
-        self.input_sentences = training[:256]
+        self.input_sentences = training[:input_sentences]
         with torch.no_grad():
             self.calibration_target = sentence_embeddings(self.teacher, self.calibration)
         self.reference = embed_all(self.teacher, self.tokenizer, self.held_out)
@@ -57,9 +59,17 @@ class EncoderObjectives:
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
             batch = encode_sentences(self.tokenizer, rng.sample(self.training, self.batch_size))
+            device, teacher_device = model_device(student), model_device(self.teacher)
             with torch.no_grad():
-                target = sentence_embeddings(self.teacher, batch)
-            return torch.nn.functional.mse_loss(sentence_embeddings(student, batch), target)
+                targets = self.teacher(**{k: v.to(teacher_device) for k, v in batch.items()},
+                                       output_hidden_states=True).hidden_states[1:]
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["attention_mask"].unsqueeze(-1)
+            hidden = student(**batch, output_hidden_states=True).hidden_states[1:]
+            targets = [t.to(device) for t in targets]
+            # every layer's states, not only the pooled embedding: far more signal per sentence
+            errors = [((h - t) * mask).pow(2).sum() / (mask.sum() * h.shape[-1]) for h, t in zip(hidden, targets)]
+            return torch.stack(errors).mean()
 
         return batch_loss
 
