@@ -2,9 +2,10 @@
 
 GBLR and low-rank get the same options: every allocation (uniform budgets; one global budget allocated
 by error curves; the same calibrated on the embedding loss of 64 training sentences) with either fit
-(of the weights; of each layer's outputs on 256 training sentences); Monarch gets the uniform weight fit
-(it has no output fit). Each is measured without and with a short distillation (MSE to the original
-embeddings, frozen structure; the calibrated GBLR rows also with the structure learner active):
+(of the weights; of each layer's outputs on 1024 training sentences); Monarch gets the uniform weight fit
+(it has no output fit). Each is measured without and with a short distillation (MSE to the original's
+hidden states after every layer, no dropout, frozen structure; the calibrated GBLR rows also with the
+structure learner active):
 - mean cosine similarity between compressed and original embeddings of 512 held-out Shakespeare
   sentences (the last 10 % of the works; distillation and calibration use the first 90 %),
 - 5-fold cross-validated accuracy of a logistic-regression probe on the 4000 MR sentences.
@@ -115,7 +116,8 @@ def main() -> None:
                 saved = (model, result)
     reload_check = check_reload(saved[0], tokenizer, objectives.held_out[:64], saved[1]) if saved else None
     meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32, probe=not args.no_probe,
-                        held_out_sentences=len(objectives.held_out), reload_check=reload_check)
+                        held_out_sentences=len(objectives.held_out), reload_check=reload_check,
+                        input_sentences=len(objectives.input_sentences))
     write_results(args.name + ("_quick" if args.quick else ""), meta,
                   rows + [{"allocation_table": allocation_rows}], markdown(meta, rows, allocation_rows, reload_check))
 
@@ -138,11 +140,11 @@ def check_reload(model, tokenizer, sentences, result) -> dict:
 def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
     lines = ["# Compressing all-MiniLM-L6-v2", "", provenance(meta), "",
              f"Distillation: {meta['distill_steps']} steps of 32 Shakespeare training sentences, AdamW lr 2e-4, "
-             "MSE to the original embeddings. Cosine: mean over "
+             "MSE to the original's hidden states after every layer, no dropout. Cosine: mean over "
              f"{meta['held_out_sentences']} held-out Shakespeare sentences. "
              + ("Probe: 5-fold CV logistic regression on the 4000 MR sentences. " if meta["probe"] else
                 "The MR probe was not run (`--no-probe`). ")
-             + "Output fits use each layer's inputs on 256 training sentences. Monarch layers run through their effective dense weight (the same function; "
+             + f"Output fits use each layer's inputs on {meta.get('input_sentences', 256)} training sentences. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",
              "| method | budget | reached cost | distilled | cosine to original | MR probe accuracy | compress s | distill s |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]

@@ -1,8 +1,8 @@
 """Compress SmolLM2-135M to fractions of its q, k, v, o, gate, up, down projections' cost.
 
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
-loss of 2x256 training tokens; fitting the weights or each layer's outputs on 16x256 training tokens; both
-counts are options),
+loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
+both counts are options),
 Monarch (uniform, weights), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
 fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
@@ -48,9 +48,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
     parser.add_argument("--name", default="compress_smollm2", help="results file name")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--calibration-windows", type=int, default=2,
+    parser.add_argument("--calibration-windows", type=int, default=8,
                         help="256-token training windows of the calibration loss (allocation)")
-    parser.add_argument("--input-windows", type=int, default=16, help="256-token training windows of the output fits' inputs")
+    parser.add_argument("--input-windows", type=int, default=128, help="256-token training windows of the output fits' inputs")
     parser.add_argument("--recover-at", type=float, nargs="+", default=None,
                         help="fine-tune only the models of these budgets, 1.0 for the original (default: all of them)")
     args = parser.parse_args()

@@ -63,7 +63,7 @@ def test_window_counts_batched_calibration_loss_and_training_windows(teacher):
 @pytest.mark.parametrize("options, message", [
     ({"calibration_windows": 0}, "calibration_windows must be an integer >= 1"),
     ({"input_windows": 2.5}, "input_windows must be an integer >= 1"),
-    ({"input_windows": 1000}, "too few for 2 calibration and 1000 input windows"),
+    ({"input_windows": 1000}, "too few for 8 calibration and 1000 input windows"),
 ])
 def test_bad_window_counts(teacher, options, message):
     with pytest.raises(ValueError, match=message):
