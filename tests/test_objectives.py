@@ -6,8 +6,9 @@ import copy
 import pytest
 import torch
 
+from gblr.calibration import input_grams
 from gblr.objectives import CausalLMObjectives, EncoderObjectives
-from gblr.pretrained import Pretrained
+from gblr.pretrained import Pretrained, encode_sentences, sentence_embeddings
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,6 +20,8 @@ class CharacterTokenizer:
         if isinstance(text, str):
             return {"input_ids": [ord(c) % 128 for c in text]}
         ids = [[1 + ord(c) % 127 for c in sentence[:max_length]] for sentence in text]
+        if return_tensors is None:
+            return {"input_ids": ids}
         width = max(map(len, ids))
         return {"input_ids": torch.tensor([row + [0] * (width - len(row)) for row in ids]),
                 "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])}
@@ -70,11 +73,32 @@ def test_bad_window_counts(teacher, options, message):
         CausalLMObjectives(teacher, eval_windows=2, context=16, training_characters=4000, **options)
 
 
-def test_encoder_distillation_matches_every_layer_on_real_tokens():
+@pytest.fixture(scope="module")
+def encoder():
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, max_position_embeddings=80)
-    teacher = Pretrained(transformers.BertModel(config).eval(), CharacterTokenizer(), "encoder", "tiny")
+    return Pretrained(transformers.BertModel(config).eval(), CharacterTokenizer(), "encoder", "tiny")
+
+
+def test_encoder_calibration_inputs_batch_sentences_of_equal_length_without_padding(encoder):
+    objectives = EncoderObjectives(encoder, held_out=8, input_sentences=40)
+    layers = {name: encoder.model.get_submodule(name) for name in ("encoder.layer.0.attention.self.query",
+                                                                    "encoder.layer.1.output.dense")}
+    seen = []
+    hook = encoder.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                   with_kwargs=True)
+    batched = input_grams(encoder.model, layers, objectives.calibration_inputs)
+    hook.remove()
+    assert sum(shape[0] for shape in seen) == 40 and len(seen) < 40
+    one_by_one = input_grams(encoder.model, layers, lambda model: [
+        sentence_embeddings(model, encode_sentences(encoder.tokenizer, [s])) for s in objectives.input_sentences])
+    for name in layers:
+        assert torch.allclose(batched[name], one_by_one[name], rtol=1e-5, atol=1e-8)
+
+
+def test_encoder_distillation_matches_every_layer_on_real_tokens(encoder):
+    teacher = encoder
     objectives = EncoderObjectives(teacher, held_out=8, batch_size=4, input_sentences=10)
     assert len(objectives.input_sentences) == 10
     student = copy.deepcopy(teacher.model)

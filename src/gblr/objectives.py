@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .data import load_shakespeare, shakespeare_sentences
 from .pretrained import (
+    MAX_SENTENCE_TOKENS,
     Pretrained,
     embed_all,
     encode_sentences,
@@ -51,9 +52,15 @@ class EncoderObjectives:
 
     @torch.no_grad()
     def calibration_inputs(self, model: nn.Module) -> None:
-        """Run ``model`` on the calibration sentences (for :func:`gblr.calibration.input_grams`)."""
-        for sentence in tqdm(self.input_sentences, desc="calibration inputs", disable=None, leave=False):
-            sentence_embeddings(model, encode_sentences(self.tokenizer, [sentence]))
+        """Run ``model`` on the calibration sentences (for :func:`gblr.calibration.input_grams`), in batches
+        of sentences with the same number of tokens: no padding reaches the statistics."""
+        lengths = [len(ids) for ids in self.tokenizer(self.input_sentences, truncation=True, max_length=MAX_SENTENCE_TOKENS)["input_ids"]]
+        by_length: dict[int, list[str]] = {}
+        for sentence, length in zip(self.input_sentences, lengths):
+            by_length.setdefault(length, []).append(sentence)
+        batches = [group[i : i + self.batch_size] for group in by_length.values() for i in range(0, len(group), self.batch_size)]
+        for batch in tqdm(batches, desc="calibration inputs", disable=None, leave=False):
+            sentence_embeddings(model, encode_sentences(self.tokenizer, batch, max_length=MAX_SENTENCE_TOKENS))
 
     def recovery_loss(self, seed: int = 0):
         rng = random.Random(seed)

@@ -113,7 +113,10 @@ def load_compressed(directory) -> Pretrained:
     return Pretrained(model.eval(), tokenizer, kind, f"compressed:{directory.resolve()}")
 
 
-def encode_sentences(tokenizer, sentences: list[str], max_length: int = 64) -> dict:
+MAX_SENTENCE_TOKENS = 64  # longer sentences are truncated
+
+
+def encode_sentences(tokenizer, sentences: list[str], max_length: int = MAX_SENTENCE_TOKENS) -> dict:
     return dict(tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
