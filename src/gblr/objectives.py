@@ -2,11 +2,13 @@
 
 - sentence encoders: embeddings should stay those of the original model: calibration loss
   ``1 - cosine`` on 64 training sentences, layer inputs for output-error fits from 1024 training sentences
-  (one at a time: no padding; the count is an option), distillation by MSE to the original's hidden states
-  after every layer (all real tokens), quality as the mean cosine similarity on held-out sentences;
+  (batched by token count, so without padding; the count is an option), distillation by MSE to the
+  original's hidden states after every layer (all real tokens), quality as the mean cosine similarity on
+  held-out sentences;
 - causal language models: calibration by next-token loss on 8x256 training tokens, layer inputs from
   128x256 training tokens (both counts are options; SmolLM2-135M at 0.8 of its projections' cost, low-rank
-  without training: perplexity 139 with 2 and 16 windows, 109 with 8 and 128), recovery by next-token fine-tuning, quality as validation perplexity.
+  without training: perplexity 139 with 2 and 16 windows, 109 with 8 and 128), recovery by next-token
+  fine-tuning, quality as validation perplexity.
 Training data is the first 90 % of the works, held-out data the last 10 %.
 """
 
