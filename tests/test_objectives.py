@@ -98,14 +98,13 @@ def test_encoder_calibration_inputs_batch_sentences_of_equal_length_without_padd
 
 
 def test_encoder_distillation_matches_every_layer_on_real_tokens(encoder):
-    teacher = encoder
-    objectives = EncoderObjectives(teacher, held_out=8, batch_size=4, input_sentences=10)
+    objectives = EncoderObjectives(encoder, held_out=8, batch_size=4, input_sentences=10)
     assert len(objectives.input_sentences) == 10
-    student = copy.deepcopy(teacher.model)
+    student = copy.deepcopy(encoder.model)
     loss = objectives.recovery_loss(seed=0)
     assert float(loss(student, 0).detach()) == pytest.approx(0.0, abs=1e-10)
     with torch.no_grad():  # only the last layer's states change: the mean over 2 layers is half of its error
         student.encoder.layer[1].output.LayerNorm.bias += 0.1
     assert float(loss(student, 1).detach()) == pytest.approx(0.01 / 2, rel=1e-4)
     with pytest.raises(ValueError, match="input_sentences must be an integer >= 1"):
-        EncoderObjectives(teacher, held_out=8, input_sentences=0)
+        EncoderObjectives(encoder, held_out=8, input_sentences=0)

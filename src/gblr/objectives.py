@@ -31,14 +31,14 @@ from .pretrained import (
     sentence_embeddings,
     token_ids,
 )
+from .structured.base import check_features
 
 __all__ = ["EncoderObjectives", "CausalLMObjectives", "objectives_for"]
 
 
 class EncoderObjectives:
     def __init__(self, teacher: Pretrained, held_out: int = 512, batch_size: int = 32, input_sentences: int = 1024) -> None:
-        if isinstance(input_sentences, bool) or not isinstance(input_sentences, int) or input_sentences < 1:
-            raise ValueError(f"input_sentences must be an integer >= 1, got {input_sentences!r}")
+        check_features("input_sentences", input_sentences)
         self.teacher, self.tokenizer, self.batch_size = teacher.model, teacher.tokenizer, batch_size
         self.held_out = shakespeare_sentences("val")[:held_out]
         training = shakespeare_sentences("train")
@@ -91,9 +91,8 @@ class EncoderObjectives:
 class CausalLMObjectives:
     def __init__(self, teacher: Pretrained, eval_windows: int = 64, context: int = 256, batch_size: int = 4,
                  training_characters: int = 2_000_000, calibration_windows: int = 8, input_windows: int = 128) -> None:
-        for name, value in (("calibration_windows", calibration_windows), ("input_windows", input_windows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_features("calibration_windows", calibration_windows)
+        check_features("input_windows", input_windows)
         self.context, self.batch_size = context, batch_size
         self.validation = token_ids(teacher.tokenizer, load_shakespeare("val"))[: eval_windows * context]
         self.training = token_ids(teacher.tokenizer, load_shakespeare("train")[:training_characters])

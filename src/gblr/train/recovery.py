@@ -60,8 +60,7 @@ def recover_(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     structured = [layer for _, layer in gblr_layers(model)]
     learner, to_freeze, packed = None, [], []
-    silenced = [] if dropout else [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-    rates = [m.p for m in silenced]
+    silenced = [] if dropout else [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
     if learn_structure and not structured:
         raise ValueError("learn_structure=True needs GBLR layers in the model")
     device = next(model.parameters()).device
@@ -83,7 +82,7 @@ def recover_(
             optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         model.train()
-        for module in silenced:  # attention modules read their dropout's p, so zero it rather than eval()
+        for module, _ in silenced:  # attention modules read their dropout's p, so zero it rather than eval()
             module.p = 0.0
         start, step_losses = time.perf_counter(), []
         for step in tqdm(range(steps), desc="recovery", disable=None, leave=False):  # a bar on a terminal only
@@ -94,7 +93,7 @@ def recover_(
                 progress(step, float(loss))
     finally:
         model.eval()
-        for module, rate in zip(silenced, rates):
+        for module, rate in silenced:
             module.p = rate
         for layer in packed:
             layer.unpack_after_training_()
