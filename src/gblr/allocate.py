@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .convert import linear_weight
 from .calibration import whitening
+from .replay import BlockReplay
 from .fit import (DEFAULT_GRIDS, block_low_rank_error_curve, check_data_aware, output_error, relative_error,
                   structured_from_dense)
 from .structured import FAMILIES, LowRankLinear
@@ -99,8 +100,10 @@ def layer_sensitivities(
     """Calibration: for each layer, the increase of ``loss_fn(model)`` when only that layer is replaced
     by its ``family`` fit at ``budget`` (fitted to its inputs' ``grams`` when given), with that fit's
     relative error (of the outputs, with grams): ``{name: (loss increase, error)}``. The model is
-    restored after each measurement."""
-    base = loss_fn(model)
+    restored after each measurement. Blocks before a measured layer's block replay their recorded outputs
+    where that is exact (:class:`gblr.replay.BlockReplay`): the same numbers in about half the time."""
+    replay = BlockReplay(model, list(layers))
+    base = replay.record(lambda: loss_fn(model))
     result = {}
     for name, module in tqdm(layers.items(), desc="sensitivities", disable=None, leave=False):
         weight = linear_weight(module).detach()
@@ -111,7 +114,8 @@ def layer_sensitivities(
             error = relative_error(trial.to_dense(), weight) if gram is None else output_error(trial.to_dense(), weight, gram)
         model.set_submodule(name, trial)
         try:
-            increase = loss_fn(model) - base
+            with replay.skipping_before(name):
+                increase = loss_fn(model) - base
         finally:
             model.set_submodule(name, module)
         result[name] = (increase, error)

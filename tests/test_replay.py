@@ -1,0 +1,114 @@
+"""Block replay: the blocks before a changed layer return recorded outputs only where that is exact."""
+
+import pytest
+import torch
+from torch import nn
+
+from gblr.allocate import layer_sensitivities
+from gblr.fit import structured_from_dense
+from gblr.replay import BlockReplay
+
+transformers = pytest.importorskip("transformers")
+
+
+class Stack(nn.Module):
+    """Blocks of two linear layers; ``order`` and ``passes`` choose how the forward pass runs them."""
+
+    def __init__(self, blocks: int = 4, width: int = 24, order: str = "forward", passes: int = 1, shared: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+                                    for _ in range(blocks))
+        if shared:
+            self.blocks[2][0] = self.blocks[0][0]
+        self.head = nn.Linear(width, 1)
+        self.order, self.passes = order, passes
+
+    def forward(self, x):
+        for _ in range(self.passes):
+            for block in (self.blocks if self.order == "forward" else reversed(self.blocks)):
+                x = x + block(x)
+        return self.head(x)
+
+
+def direct_sensitivities(model, layers, loss_fn):
+    """The loss increase of each layer's low-rank fit, every run in full."""
+    base, result = loss_fn(model), {}
+    for name, module in layers.items():
+        fitted = structured_from_dense("lowrank", module.weight, 0.3, module.bias).eval()
+        model.set_submodule(name, fitted)
+        result[name] = loss_fn(model) - base
+        model.set_submodule(name, module)
+    return result
+
+
+def linear_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features > 1}
+
+
+def counting_calls(model):
+    counts = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("variant", [{}, {"order": "reverse"}, {"passes": 2}, {"shared": True}])
+def test_sensitivities_equal_those_run_in_full_and_replay_only_where_exact(variant):
+    torch.manual_seed(0)
+    model = Stack(**variant).eval()
+    data = [torch.randn(16, 24) for _ in range(3)]  # three forward passes per loss
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(sum(m(x).square().mean() for x in data))
+
+    layers = linear_layers(model)
+    expected = direct_sensitivities(model, layers, loss_fn)
+    counts = counting_calls(model)
+    measured = layer_sensitivities(model, layers, loss_fn, "lowrank", 0.3)
+    for name in layers:
+        assert measured[name][0] == pytest.approx(expected[name], rel=1e-6, abs=1e-9)
+    full = 3 * (1 + len(layers)) * variant.get("passes", 1)  # every block in every pass of every loss
+    if variant:  # not safe (found when recording, or for shared modules at once): everything ran in full
+        assert counts[0] == full
+    else:  # a layer of block i skips blocks 0 .. i-1: block 0 runs only for the base loss and its own layers
+        assert counts[0] < full and counts[-1] >= full
+    assert all(isinstance(block, nn.Sequential) for block in model.blocks)  # every block put back
+
+
+def test_a_tiny_llama_skips_earlier_layers_with_the_same_losses():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    windows = torch.randint(0, 64, (4, 12))
+
+    def loss_fn(m):
+        with torch.no_grad():  # two forward passes, with the model's key-value cache
+            return float(sum(m(input_ids=b, labels=b).loss for b in windows.split(2)))
+
+    layers = {name: m for name, m in linear_layers(model).items() if "layers." in name}
+    replay = BlockReplay(model, list(layers))
+    assert replay.enabled and replay.block_of("model.layers.2.mlp.up_proj") == 2 and replay.block_of("lm_head") == 0
+    base = replay.record(lambda: loss_fn(model))
+    assert replay.enabled  # replaying all but the last layer gave the recorded loss
+    expected = direct_sensitivities(model, layers, loss_fn)
+    measured = layer_sensitivities(model, layers, loss_fn, "lowrank", 0.3)
+    assert loss_fn(model) == base  # the model is unchanged
+    for name in layers:
+        assert measured[name][0] == pytest.approx(expected[name], rel=1e-5, abs=1e-7)
+
+
+def test_a_run_that_differs_from_the_recording_is_an_error():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    replay, x = BlockReplay(model, list(linear_layers(model))), torch.randn(4, 24)
+    with torch.no_grad():
+        replay.record(lambda: float(model(x).sum()))
+        assert replay.enabled
+        with pytest.raises(RuntimeError, match="called more often"), replay.skipping(2):
+            model(torch.randn(4, 24))
+            model(torch.randn(4, 24))
+        with pytest.raises(RuntimeError, match="less often"), replay.skipping(2):
+            pass
+    assert all(isinstance(block, nn.Sequential) for block in model.blocks)
