@@ -18,7 +18,8 @@ Protocol, the same for every family (written into the results):
 Every (task, family, budget, lr, seed) is one `gblr train` run under --runs: finished runs are skipped and
 interrupted ones resumed, so the grid can be run in pieces, on a CPU or (--device cuda) a GPU. Writes
 benchmarks/results/study.json (rows and protocol), study.md (per task: mean ± std over seeds and FLOPs per
-example) and study_TASK.png (metric against FLOPs per example, one line per family, error bars: std).
+example) and study_TASK.png (left: metric against FLOPs per example for the families trained at every budget,
+dense as a line; right: every family and ablation at 0.3, best first; error bars: std over seeds).
 """
 
 from __future__ import annotations
@@ -280,27 +281,46 @@ def _groups(rows: list[dict]) -> dict:
 
 
 def pareto_picture(name: str, task: str, rows: list[dict]) -> Path | None:
-    """Metric against FLOPs per example, one line per family, mean ± std over seeds."""
+    """Left: metric against FLOPs per example for the families trained at every budget (dense as a line
+    with its spread). Right: every family and ablation at the tuning budget, best first. Mean ± std over seeds."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    by_family: dict = {}
-    for (family, _), group in _groups(rows).items():
-        flops = statistics.mean(r["flops_per_example"] for r in group)
+    metric = rows[0]["metric"]
+    points: dict = {}  # family -> [(MFLOPs, mean, std, budget)]
+    for (family, budget), group in _groups(rows).items():
         mean, spread = mean_and_spread([r["value"] for r in group])
-        by_family.setdefault(family, []).append((flops, mean, 0.0 if spread != spread else spread))
-    for family, points in by_family.items():
-        points.sort()
-        axes.errorbar([p[0] / 1e6 for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                      marker="o", capsize=3, label=family)
-    axes.set_xlabel("MFLOPs per example")
-    axes.set_ylabel(f"test {rows[0]['metric']}")
-    axes.set_title(task)
-    axes.legend(fontsize=8)
+        flops = statistics.mean(r["flops_per_example"] for r in group) / 1e6
+        points.setdefault(family, []).append((flops, mean, 0.0 if spread != spread else spread, budget))
+    figure, (curves, at_budget) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    colors = dict(zip([*FAMILIES, *ABLATIONS], [*plt.get_cmap("tab10").colors, "black"]))
+    for family, found in points.items():
+        found.sort()
+        if family == "dense":
+            _, mean, spread, _ = found[0]
+            curves.axhline(mean, color=colors[family], linestyle="--", label=f"dense ({found[0][0]:.0f} MFLOPs)")
+            curves.axhspan(mean - spread, mean + spread, color=colors[family], alpha=0.15)
+        elif family in EVERY_BUDGET:
+            curves.errorbar([p[0] for p in found], [p[1] for p in found], yerr=[p[2] for p in found], marker="o",
+                            capsize=3, color=colors[family], label=family)
+    curves.set_xlabel("MFLOPs per example")
+    curves.set_ylabel(f"test {metric}")
+    curves.set_title(f"{task}: every budget")
+    curves.legend(fontsize=8)
+    shown = [(family, p) for family, found in points.items() for p in found if p[3] in (TUNING_BUDGET, 1.0)]
+    shown.sort(key=lambda item: item[1][1], reverse=metric == "accuracy")  # best first
+    for y, (family, (_, mean, spread, _)) in enumerate(shown):
+        at_budget.errorbar(mean, y, xerr=spread, marker="o" if family in FAMILIES else "s", capsize=3,
+                           color=colors[family], markerfacecolor="white" if family in ABLATIONS else colors[family])
+    at_budget.set_yticks(range(len(shown)), [f"{family} (ablation)" if family in ABLATIONS else family for family, _ in shown],
+                         fontsize=8)
+    at_budget.invert_yaxis()
+    at_budget.set_xlabel(f"test {metric}")
+    at_budget.set_title(f"budget {TUNING_BUDGET:g} (dense: 1)")
+    at_budget.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     path = RESULTS / f"{name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
