@@ -44,7 +44,8 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
 
 
 def metric_text(metric: str, values: list[float]) -> str:
+    """Mean ± standard deviation over seeds; the mean alone for one seed (no spread to show)."""
     mean, spread = mean_and_spread(values)
-    if metric == "accuracy":
-        return f"{100 * mean:.2f} ± {100 * spread:.2f} %"
-    return f"{mean:.4f} ± {spread:.4f}"
+    scale, digits, unit = (100, 2, " %") if metric == "accuracy" else (1, 4, "")
+    spread_text = f" ± {scale * spread:.{digits}f}" if len(values) > 1 else ""
+    return f"{scale * mean:.{digits}f}{spread_text}{unit}"
