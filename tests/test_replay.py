@@ -76,20 +76,37 @@ def test_sensitivities_equal_those_run_in_full_and_replay_only_where_exact(varia
     assert all(isinstance(block, nn.Sequential) for block in model.blocks)  # every block put back
 
 
-def test_a_tiny_llama_skips_earlier_layers_with_the_same_losses():
-    torch.manual_seed(0)
+def tiny_llama():
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                       num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(config).eval()
     windows = torch.randint(0, 64, (4, 12))
+    # two forward passes, with the model's key-value cache
+    return model, "model.layers.", lambda m: float(sum(m(input_ids=b, labels=b).loss for b in windows.split(2)))
+
+
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=2)
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(1, 64, (4, 10)), torch.ones(4, 10, dtype=torch.long)
+    mask[0, 6:] = 0  # padding: the attention mask built outside the layers must reach them as before
+    return model, "encoder.layer.", lambda m: float(m(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
+def test_hugging_face_models_skip_earlier_layers_with_the_same_losses(build):
+    torch.manual_seed(0)
+    model, prefix, loss = build()
 
     def loss_fn(m):
-        with torch.no_grad():  # two forward passes, with the model's key-value cache
-            return float(sum(m(input_ids=b, labels=b).loss for b in windows.split(2)))
+        with torch.no_grad():
+            return loss(m)
 
-    layers = {name: m for name, m in linear_layers(model).items() if "layers." in name}
+    layers = {name: m for name, m in linear_layers(model).items() if name.startswith(prefix)}
     replay = BlockReplay(model, list(layers))
-    assert replay.enabled and replay.block_of("model.layers.2.mlp.up_proj") == 2 and replay.block_of("lm_head") == 0
+    assert replay.enabled and replay.block_of(f"{prefix}2.{'mlp.up_proj' if 'model' in prefix else 'output.dense'}") == 2
+    assert replay.block_of("lm_head") == 0
     base = replay.record(lambda: loss_fn(model))
     assert replay.enabled  # replaying all but the last layer gave the recorded loss
     expected = direct_sensitivities(model, layers, loss_fn)
