@@ -3,7 +3,8 @@
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
 loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
 both counts are options),
-Monarch (uniform, weights), and the original for reference: Shakespeare validation perplexity (the last
+Monarch (uniform, weights), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
+(the two families then differ only in their fit), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
 fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
 steps) on every layer.
@@ -11,6 +12,7 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --methods "uniform, outputs" --name compress_smollm2_recovery
     python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 1.0 0.5 --methods "global, calibrated, outputs"
+    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --methods "low-rank global, calibrated, outputs" "low-rank's"
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from gblr.train.recovery import recover_
 
 CONTEXT = 256
 
+LOWRANK_ALLOCATION = "low-rank's allocation"  # the budgets of "low-rank global, calibrated, outputs fit"
 METHODS = [  # (label, family, allocation, calibrated, fit)
     *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation, calibrated, fit)
       for allocation, calibrated in (("uniform", False), ("global", True))
       for fit in ("outputs", "weights")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
     ("Monarch uniform, weights fit", "monarch", "uniform", False, "weights"),
+    # the fit alone: GBLR on the per-layer budgets low-rank's calibrated global allocation chose
+    (f"GBLR on {LOWRANK_ALLOCATION}, outputs fit", "gblr", LOWRANK_ALLOCATION, False, "outputs"),
 ]
 
 
@@ -81,12 +86,19 @@ def main() -> None:
                  "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
     rows = [reference]
     selected = selected_methods(METHODS, args.methods)
+    lowrank_allocations = {}  # budget -> the per-layer budgets of low-rank's calibrated global allocation
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
+        if allocation == LOWRANK_ALLOCATION:
+            if budget not in lowrank_allocations:
+                raise SystemExit(f"{label!r} needs the 'low-rank global, calibrated, outputs fit' row at budget {budget:g}: select both")
+            allocation = lowrank_allocations[budget]
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
         result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
                            calibration_loss=objectives.calibration_loss if calibrated else None,
                            calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
+        if (family, allocation, calibrated, fit) == ("lowrank", "global", True, "outputs"):
+            lowrank_allocations[budget] = {a.name: a.budget for a in result.allocation}
         monarch_dense_execution(model)
         kept = sum(1 for _, reason in result.conversion.skipped if reason == KEPT_DENSE)
         common = {"method": label, "family": family, "budget": budget, "reached": result.reached,

@@ -121,6 +121,26 @@ def test_global_allocation_may_keep_a_layer_dense():
     assert [r.name for r in uniform.conversion.replaced] == ["a", "b"]
 
 
+def test_a_given_allocation_gives_gblr_the_budgets_of_another_family():
+    lowrank = compress_(_Net(), "lowrank", 0.7, "global")
+    given = {a.name: a.budget for a in lowrank.allocation}  # b kept dense (the test above)
+    model = _Net()
+    result = compress_(model, "gblr", 0.7, given, options={"steps": 0})
+    assert ("b", KEPT_DENSE) in result.conversion.skipped and isinstance(model.b, nn.Linear)
+    assert [(r.name, r.budget) for r in result.conversion.replaced] == [("a", given["a"])]
+    assert result.target == pytest.approx((given["a"] + 1.0) / 2)  # a and b have the same dense cost
+    assert result.reached <= result.target + 1e-9
+    # a layer left out gets `budget`; bad names and budgets are one-line errors
+    partial = compress_(_Net(), "lowrank", 0.5, {"a": 0.2})
+    assert {r.name: r.budget for r in partial.conversion.replaced} == {"a": 0.2, "b": 0.5}
+    with pytest.raises(ValueError, match="'c' is not one of the layers"):
+        compress_(_Net(), "lowrank", 0.5, {"c": 0.2})
+    with pytest.raises(ValueError, match=r"allocation\['a'\] must be a budget in \(0, 1\]"):
+        compress_(_Net(), "lowrank", 0.5, {"a": 1.5})
+    with pytest.raises(ValueError, match="only by allocation='global'"):
+        compress_(_Net(), "lowrank", 0.5, {"a": 0.2}, calibration_loss=lambda m: 0.0)
+
+
 def test_a_layer_the_calibration_cannot_resolve_is_not_treated_as_free():
     reference = _Net().b.weight.detach().clone()
 

@@ -63,7 +63,9 @@ def compress_(
 
     ``allocation="uniform"`` gives every layer ``budget``; ``"global"`` allocates per-layer budgets by
     error curves, weighted by each layer's measured effect on ``calibration_loss(model)`` when given; it
-    may also leave a layer dense (its full cost, no error) where that buys more than compressing it.
+    may also leave a layer dense (its full cost, no error) where that buys more than compressing it. A
+    dict ``{layer name: budget}`` gives those layers their budgets (1 keeps a layer dense; the others get
+    ``budget``), e.g. another family's global allocation, so that two families differ only in their fit.
     ``calibration_inputs(model)``, when given, runs the model on calibration data: every fit then
     minimises the error of its layer's outputs on those inputs instead of the error of its weights (GBLR
     and low-rank; see :func:`gblr.calibration.input_grams`), and so do the error curves of the allocation.
@@ -73,8 +75,9 @@ def compress_(
         print(result.target, result.reached)       # asked and reached cost of the replaced layers
     """
     config = ConvertConfig(family=family, budget=budget, options=dict(options or {}))
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    given = allocation if isinstance(allocation, dict) else None
+    if given is None and allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS} or a dict of per-layer budgets, got {allocation!r}")
     if calibration_inputs is not None:  # before the model runs on any calibration data
         check_data_aware(family, "calibration_inputs")
     budgets, allocations, grams, kept = None, [], None, set()
@@ -89,16 +92,33 @@ def compress_(
                              "(leave convolutions out with filter_fn, or use allocation='uniform')")
         budgets, allocations = _global_budgets(model, selected, config, calibration_loss, grams)
         kept = {name for name, b in budgets.items() if b >= 1.0}
-        grams = grams and {name: gram for name, gram in grams.items() if name not in kept}
-    elif calibration_loss is not None:
+    elif given is not None:
+        budgets = _given_budgets(given, selected, budget)
+        kept = {name for name, b in budgets.items() if b >= 1.0}
+    if calibration_loss is not None and allocation != "global":
         raise ValueError("calibration_loss is used only by allocation='global'")
+    grams = grams and {name: gram for name, gram in grams.items() if name not in kept}
     convert_filter = (lambda module, name: name not in kept and (filter_fn or default_filter)(module, name))
     report = convert_(model, config, convert_filter, budgets, grams)
     report.skipped = [(name, KEPT_DENSE if name in kept else reason) for name, reason in report.skipped]
     kept_macs = sum(linear_weight(selected[name]).numel() for name in kept)
     dense = sum(r.in_features * r.out_features for r in report.replaced) + kept_macs
     structured = sum(r.reached_cost * r.in_features * r.out_features for r in report.replaced) + kept_macs
-    return CompressionResult(report, allocations, budget, structured / max(dense, 1))
+    target = budget if given is None else (
+        sum(budgets[r.name] * r.in_features * r.out_features for r in report.replaced) + kept_macs) / max(dense, 1)
+    return CompressionResult(report, allocations, target, structured / max(dense, 1))
+
+
+def _given_budgets(given: dict, selected: dict[str, nn.Module], budget: float) -> dict[str, float]:
+    """Every selected layer's budget: ``given``'s where it names one (checked), else ``budget``."""
+    for name, value in given.items():
+        if name not in selected:
+            raise ValueError(f"allocation: {name!r} is not one of the layers to compress")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"allocation[{name!r}] must be a budget in (0, 1], got {value!r}")
+        if value >= 1 and linear_weight(selected[name]) is None:
+            raise ValueError(f"allocation[{name!r}]: only linear layers can be kept dense; leave convolutions out with filter_fn")
+    return {name: float(given.get(name, budget)) for name in selected}
 
 
 def _global_budgets(model, selected: dict[str, nn.Module], config: ConvertConfig, calibration_loss, grams):
