@@ -25,6 +25,7 @@ dense as a line; right: every family and ablation at 0.3, best first; error bars
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import time
@@ -155,7 +156,7 @@ def committed_rows(name: str) -> dict:
     path = RESULTS / f"{name}.json"
     saved = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
     rows = saved["rows"] + saved["meta"].get("trials", [])
-    return {(r["task"], r["study_family"], r["budget"], r["lr"], r["seed"]): r for r in rows}
+    return {_key(r): r for r in rows}
 
 
 def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> dict | None:
@@ -177,6 +178,33 @@ def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> 
 
 
 def write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.runs) / f".{args.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
+        _write(args, *_with_other_writers(args.name, rows, tuning, trials))
+
+
+def _with_other_writers(name: str, rows: list[dict], tuning: dict, trials: list[dict]) -> tuple:
+    """The rows, tunings and trials of the results file that this process does not have: several study
+    processes (e.g. one per task, side by side) write the same file, and none may drop another's runs."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return rows, tuning, trials
+    saved = json.loads(path.read_text())
+    mine_rows, mine_trials = {_key(r) for r in rows}, {_key(r) for r in trials}
+    rows = rows + [r for r in saved["rows"] if _key(r) not in mine_rows]
+    trials = trials + [r for r in saved["meta"].get("trials", []) if _key(r) not in mine_trials]
+    order = list(TASKS)
+    rows.sort(key=lambda r: order.index(r["task"]))  # stable: each task's rows keep their order
+    trials.sort(key=lambda r: order.index(r["task"]))
+    return rows, {**saved["meta"].get("tuning", {}), **tuning}, trials
+
+
+def _key(row: dict) -> tuple:
+    return row["task"], row["study_family"], row["budget"], row["lr"], row["seed"]
+
+
+def _write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
     meta = run_metadata(f"device {args.device}", overrides=args.overrides, protocol=" ".join(__doc__.split("results):")[1].split("\n\nEvery")[0].split()),
                         learning_rates=list(LEARNING_RATES), tuning=tuning, trials=trials,
                         tasks={task: {"config": c, "recipe": r, "about": a} for task, (c, r, a) in TASKS.items()})
