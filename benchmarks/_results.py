@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_metadata(machine_note: str, **extra) -> dict:
     return {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),  # quoted: the line can be pasted back
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {machine_note}",
         "torch": torch.__version__,
