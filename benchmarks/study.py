@@ -115,16 +115,25 @@ def main() -> None:
                         help="also rewrite the README's study summary (between its study markers) from the results")
     args = parser.parse_args()
     runs, extra = Path(args.runs), [f'train.device="{args.device}"', *args.overrides]
-    args.saved = committed_rows(args.name)
+    args.saved, args.trained_now = committed_rows(args.name), set()
     rows, tuning, all_trials = [], {}, []
     # Results always cover every finished or committed run; the options only choose what is trained now.
     all_budgets, all_seeds = sorted(set(BUDGETS) | set(args.budgets)), sorted(set(SEEDS) | set(args.seeds))
+
+    def save_if_new(row: dict) -> None:
+        """Write the results after every run trained now: a stopped process loses no finished run."""
+        if _key(row) in args.trained_now:
+            write(args, rows, tuning, all_trials)
     for task in TASKS:
         for family in FAMILIES:
             chosen_family = task in args.tasks and family in args.families
             budget = 1.0 if family == "dense" else TUNING_BUDGET
-            trials = [r for lr in LEARNING_RATES if (r := collect(args, runs, task, family, budget, lr, 0, extra, chosen_family))]
-            all_trials += trials
+            trials = []
+            for lr in LEARNING_RATES:
+                if (row := collect(args, runs, task, family, budget, lr, 0, extra, chosen_family)) is not None:
+                    trials.append(row)
+                    all_trials.append(row)
+                    save_if_new(row)
             if len(trials) < len(LEARNING_RATES):
                 continue  # tuning not finished: no grid for this family yet
             chosen = trials[0]
@@ -136,18 +145,17 @@ def main() -> None:
             for budget in budgets:
                 for seed in all_seeds:
                     wanted = chosen_family and (budget in args.budgets or budget in (1.0, TUNING_BUDGET)) and seed in args.seeds
-                    row = collect(args, runs, task, family, budget, chosen["lr"], seed, extra, wanted)
-                    if row is not None:
+                    if (row := collect(args, runs, task, family, budget, chosen["lr"], seed, extra, wanted)) is not None:
                         rows.append(row)
-            write(args, rows, tuning, all_trials)
+                        save_if_new(row)
         if f"{task}/gblr" in tuning:
             for ablation in ABLATIONS:
                 for seed in all_seeds:
                     wanted = task in args.tasks and ablation in args.ablations and seed in args.seeds
-                    row = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra, wanted)
-                    if row is not None:
+                    if (row := collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra, wanted)) is not None:
                         rows.append(row)
-                write(args, rows, tuning, all_trials)
+                        save_if_new(row)
+    write(args, rows, tuning, all_trials)
 
 
 def committed_rows(name: str) -> dict:
@@ -171,6 +179,8 @@ def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> 
         return None
     start = time.perf_counter()
     row = run(runs, task, family, budget, lr, seed, extra)
+    if not finished:
+        args.trained_now.add(_key(row))
     if not args.report:
         print(f"{task} {family} budget {budget:g} lr {lr:g} seed {seed}: {row['metric']} {row['value']:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
