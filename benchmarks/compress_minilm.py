@@ -87,7 +87,7 @@ def main() -> None:
         return {"cosine": objectives.quality(model)["cosine_to_original"], "probe_accuracy": probe,
                 "eval_seconds": time.perf_counter() - start}
 
-    def distilled_rows(compressed, common: dict, learn_structure: bool) -> list[dict]:
+    def distilled_rows(compressed, common: dict, learn_structure: bool) -> tuple[list[dict], torch.nn.Module]:
         """One row per distillation learning rate, each from a copy of ``compressed``; the one with the best
         calibration cosine is marked chosen. Returns the rows and the chosen model."""
         rows, models = [], []
