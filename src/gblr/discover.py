@@ -15,10 +15,10 @@ Greedy pieces stop short of a block's edges: a piece keeps only the rows and col
 energy per MAC, so one hidden rank-k block ends up as many rank-1 pieces on slightly different, trimmed
 windows. Consolidation merges pieces whose windows overlap into one block on their union, then moves
 every edge while that removes more error than its MACs are worth and trades ranks between blocks
-under the budget; on blocks plus noise this comes near the noise level where the pieces alone stay far
-above it.
+under the budget, then refits the blocks until the error stops falling; on blocks plus noise this
+comes near the noise level where the pieces alone stay far above it.
 
-This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs ten to thirty seconds on a
+This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs about a minute on a
 200 x 320 matrix, far more than the tilings, so it is not tried by default.
 """
 
@@ -141,6 +141,19 @@ class _Blocks:
         self.fits[i] = (u[:, :rank] * s[:rank]) @ vh[:rank]
         self._add(self.windows[i], -self.fits[i])
         return s
+
+    def converge(self, most: int = 1000, tolerance: float = 1e-4) -> None:
+        """Refit every block in turn until a sweep lowers the squared error by less than ``tolerance`` of
+        it: overlapping blocks pass error back and forth between them, so this takes hundreds of sweeps
+        (on five overlapping rank-10 blocks with their true windows, 30 sweeps leave 0.061 relative error
+        and 300 reach the noise, 0.003)."""
+        error = float(self.residual.square().sum())
+        for _ in range(most):
+            for i in range(len(self.windows)):
+                self.refit(i)
+            previous, error = error, float(self.residual.square().sum())
+            if previous - error <= tolerance * previous:
+                break
 
     def captured(self, window, rank: int) -> float:
         """Squared error a rank-``rank`` block on ``window`` would remove from the residual: its leading
@@ -275,8 +288,7 @@ def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, 
         _balance_ranks(blocks, [blocks.refit(i) for i in range(len(blocks.windows))], allowed)
         if blocks.windows == before:  # no edge moved, no rank traded
             break
-    for i in range(len(blocks.windows)):
-        blocks.refit(i)
+    blocks.converge()
     return blocks
 
 
