@@ -147,11 +147,11 @@ class _Blocks:
         it: overlapping blocks pass error back and forth between them, so this takes hundreds of sweeps
         (on five overlapping rank-10 blocks with their true windows, 30 sweeps leave 0.061 relative error
         and 300 reach the noise, 0.003)."""
-        error = float(self.residual.square().sum())
+        error = _error(self.residual)
         for _ in range(most):
             for i in range(len(self.windows)):
                 self.refit(i)
-            previous, error = error, float(self.residual.square().sum())
+            previous, error = error, _error(self.residual)
             if previous - error <= tolerance * previous:
                 break
 
