@@ -115,14 +115,14 @@ def main() -> None:
                         help="also rewrite the README's study summary (between its study markers) from the results")
     args = parser.parse_args()
     runs, extra = Path(args.runs), [f'train.device="{args.device}"', *args.overrides]
-    args.saved, args.trained_now = committed_rows(args.name), set()
+    args.saved = committed_rows(args.name)
     rows, tuning, all_trials = [], {}, []
     # Results always cover every finished or committed run; the options only choose what is trained now.
     all_budgets, all_seeds = sorted(set(BUDGETS) | set(args.budgets)), sorted(set(SEEDS) | set(args.seeds))
 
-    def save_if_new(row: dict) -> None:
+    def save_if_new(trained_now: bool) -> None:
         """Write the results after every run trained now: a stopped process loses no finished run."""
-        if _key(row) in args.trained_now:
+        if trained_now:
             write(args, rows, tuning, all_trials)
     for task in TASKS:
         for family in FAMILIES:
@@ -130,10 +130,11 @@ def main() -> None:
             budget = 1.0 if family == "dense" else TUNING_BUDGET
             trials = []
             for lr in LEARNING_RATES:
-                if (row := collect(args, runs, task, family, budget, lr, 0, extra, chosen_family)) is not None:
+                row, trained_now = collect(args, runs, task, family, budget, lr, 0, extra, chosen_family)
+                if row is not None:
                     trials.append(row)
                     all_trials.append(row)
-                    save_if_new(row)
+                    save_if_new(trained_now)
             if len(trials) < len(LEARNING_RATES):
                 continue  # tuning not finished: no grid for this family yet
             chosen = trials[0]
@@ -145,16 +146,19 @@ def main() -> None:
             for budget in budgets:
                 for seed in all_seeds:
                     wanted = chosen_family and (budget in args.budgets or budget in (1.0, TUNING_BUDGET)) and seed in args.seeds
-                    if (row := collect(args, runs, task, family, budget, chosen["lr"], seed, extra, wanted)) is not None:
+                    row, trained_now = collect(args, runs, task, family, budget, chosen["lr"], seed, extra, wanted)
+                    if row is not None:
                         rows.append(row)
-                        save_if_new(row)
+                        save_if_new(trained_now)
         if f"{task}/gblr" in tuning:
             for ablation in ABLATIONS:
                 for seed in all_seeds:
                     wanted = task in args.tasks and ablation in args.ablations and seed in args.seeds
-                    if (row := collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"], seed, extra, wanted)) is not None:
+                    row, trained_now = collect(args, runs, task, ablation, TUNING_BUDGET, tuning[f"{task}/gblr"]["lr"],
+                                               seed, extra, wanted)
+                    if row is not None:
                         rows.append(row)
-                        save_if_new(row)
+                        save_if_new(trained_now)
     write(args, rows, tuning, all_trials)
 
 
@@ -167,24 +171,22 @@ def committed_rows(name: str) -> dict:
     return {_key(r): r for r in rows}
 
 
-def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> dict | None:
+def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> tuple[dict | None, bool]:
     """The row of one run: its committed row when its directory is gone, else its report when finished,
-    else trained now if ``wanted`` and not --report (else None)."""
+    else trained now if ``wanted`` and not --report (else None); and whether it was trained now."""
     directory = run_directory(runs, task, family, budget, lr, seed)
     finished = (directory / "report.json").exists()
     saved = args.saved.get((task, family, budget, lr, seed))
     if saved is not None and not finished and not directory.exists():
-        return saved
+        return saved, False
     if not finished and (args.report or not wanted):
-        return None
+        return None, False
     start = time.perf_counter()
     row = run(runs, task, family, budget, lr, seed, extra)
-    if not finished:
-        args.trained_now.add(_key(row))
     if not args.report:
         print(f"{task} {family} budget {budget:g} lr {lr:g} seed {seed}: {row['metric']} {row['value']:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return row
+    return row, not finished
 
 
 def write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
