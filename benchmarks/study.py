@@ -70,6 +70,8 @@ ABLATIONS = {
     # our FLOPs controller, every layer held to the budget
     "gblr-per-layer": ['structure.allocation="per_layer"'],
 }
+#: the split each task reports (the GPT recipe has no separate test split)
+REPORTED_SPLIT = {"fmnist-vit": "test", "fmnist-mixer": "test", "shakespeare-gpt": "validation"}
 EVERY_BUDGET = ("dense", "gblr", "lowrank")  # the others run at TUNING_BUDGET only
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)
@@ -226,7 +228,7 @@ def _write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
         mine = [r for r in rows if r["task"] == task]
         metric = mine[0]["metric"]
         lines += [f"## {task}", "", TASKS[task][2] + ".", "",
-                  f"| family | lr | budget | structured cost | FLOPs / example | test {metric} (mean ± std) | seeds |",
+                  f"| family | lr | budget | structured cost | FLOPs / example | {REPORTED_SPLIT[task]} {metric} (mean ± std) | seeds |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for (family, budget), group in _groups(mine).items():
             lines.append(f"| {family} | {group[0]['lr']:g} | {budget:g} | "
@@ -250,14 +252,14 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
     lines = [f"Quality at equal cost (`.venv/bin/python benchmarks/study.py`, `benchmarks/results/{name}.md`; "
              f"{meta['date'][:10]}, {meta['machine']}). Every family's learning rate was tuned on seed 0's "
              f"validation split from the same {len(meta['learning_rates'])} values "
-             f"({', '.join(f'{lr:g}' for lr in meta['learning_rates'])}); test metrics are mean ± std over seeds; budgets are "
+             f"({', '.join(f'{lr:g}' for lr in meta['learning_rates'])}); reported metrics are mean ± std over seeds; budgets are "
              "fractions of the structured layers' FLOPs.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         metric = mine[0]["metric"]
         groups = _groups(mine)
         budgets = sorted({b for (_, b) in groups})
-        lines += [f"**{task}**: {TASKS[task][2]}; test {metric}.", "",
+        lines += [f"**{task}**: {TASKS[task][2]}; {REPORTED_SPLIT[task]} {metric}.", "",
                   "| family \\ budget | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
         for family in dict.fromkeys(f for f, _ in groups):
             cells = []
@@ -290,9 +292,9 @@ def verdicts(task: str, metric: str, groups: dict, budgets: list[float]) -> list
     if not compared:
         out = ["no structured family to compare with GBLR yet"]
     elif not losses:
-        out = [f"GBLR's mean is the best at every measured budget ({compared} comparisons with other families)"]
+        out = [f"GBLR's mean is the best at every measured budget ({_count(compared, 'comparison')} with other families)"]
     else:
-        out = [f"GBLR's mean is beaten by {', '.join(losses)} (of {compared} comparisons with other families)"]
+        out = [f"GBLR's mean is beaten by {', '.join(losses)} (of {_count(compared, 'comparison')} with other families)"]
     dense = mean.get(("dense", 1.0))
     if dense is not None and task == "fmnist-vit" and ("gblr", 0.3) in mean:
         gap = 100 * (dense - mean[("gblr", 0.3)])
@@ -302,6 +304,10 @@ def verdicts(task: str, metric: str, groups: dict, budgets: list[float]) -> list
         gap = mean[("gblr", 0.5)] - dense
         out.append(f"GBLR at 0.5 has {gap:+.4f} validation loss against dense (target: no worse: {'met' if gap <= 0 else 'missed'})")
     return out
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def replace_readme_block(lines: list[str]) -> None:
@@ -347,7 +353,7 @@ def pareto_picture(name: str, task: str, rows: list[dict]) -> Path | None:
             curves.errorbar([p[0] for p in found], [p[1] for p in found], yerr=[p[2] for p in found], marker="o",
                             capsize=3, color=colors[family], label=family)
     curves.set_xlabel("MFLOPs per example")
-    curves.set_ylabel(f"test {metric}")
+    curves.set_ylabel(f"{REPORTED_SPLIT[task]} {metric}")
     curves.set_title(f"{task}: every budget")
     curves.legend(fontsize=8)
     shown = [(family, p) for family, found in points.items() for p in found if p[3] in (TUNING_BUDGET, 1.0)]
@@ -358,7 +364,7 @@ def pareto_picture(name: str, task: str, rows: list[dict]) -> Path | None:
     at_budget.set_yticks(range(len(shown)), [f"{family} (ablation)" if family in ABLATIONS else family for family, _ in shown],
                          fontsize=8)
     at_budget.invert_yaxis()
-    at_budget.set_xlabel(f"test {metric}")
+    at_budget.set_xlabel(f"{REPORTED_SPLIT[task]} {metric}")
     at_budget.set_title(f"budget {TUNING_BUDGET:g} (dense: 1)")
     at_budget.grid(axis="x", alpha=0.3)
     figure.tight_layout()
