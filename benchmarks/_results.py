@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shlex
 import sys
@@ -32,8 +33,15 @@ def provenance(meta: dict) -> str:
 def write_results(name: str, meta: dict, rows: list[dict], markdown_lines: list[str]) -> None:
     """benchmarks/results/NAME.json (metadata + rows) and NAME.md (the generated table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(markdown_lines) + "\n")
+    _replace(RESULTS / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    _replace(RESULTS / f"{name}.md", "\n".join(markdown_lines) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file: a process stopped while writing leaves the old file whole."""
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def device_note(device: torch.device) -> str:
