@@ -62,7 +62,7 @@ torch.save(embed_all(p.model, p.tokenizer, sentences), sys.argv[3])
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100, help="distillation steps (batch 32)")
-    parser.add_argument("--quick", action="store_true", help="one budget, two methods, 5 steps (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="one budget, three methods, at most 5 distillation steps (smoke run)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--no-probe", action="store_true", help="skip the MR probe (about a minute per row here)")
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
@@ -71,6 +71,8 @@ def main() -> None:
                         help="distillation learning rates, the same for every method; with several, each method's is chosen "
                              "by the cosine on the 64 calibration sentences (training side), never on the held-out ones")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 5)
     torch.manual_seed(0)
     torch.set_num_threads(2)
     original = load_pretrained("minilm")
@@ -90,7 +92,7 @@ def main() -> None:
     def distilled_rows(compressed, common: dict, learn_structure: bool) -> tuple[list[dict], torch.nn.Module]:
         """One row per distillation learning rate, each from a copy of ``compressed``; the one with the best
         calibration cosine is marked chosen. Returns the rows and the chosen model."""
-        rows, models = [], []
+        rows, best = [], None  # (row, model) of the best so far: only its copy is kept
         for lr in args.distill_lrs:
             model = copy.deepcopy(compressed)
             result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=lr, learn_structure=learn_structure)
@@ -98,11 +100,11 @@ def main() -> None:
                          "calibration_cosine": 1 - objectives.calibration_loss(model), "distill_seconds": result.seconds,
                          "distill_loss_first": result.losses[0], "distill_loss_last": result.losses[-1],
                          "cost_after": result.cost_fraction, **evaluate(model)})
-            models.append(model)
             print(rows[-1], flush=True)
-        best = max(range(len(rows)), key=lambda i: rows[i]["calibration_cosine"])
-        rows[best]["chosen"] = True
-        return rows, models[best]
+            if best is None or rows[-1]["calibration_cosine"] > best[0]["calibration_cosine"]:
+                best = (rows[-1], model)
+        best[0]["chosen"] = True
+        return rows, best[1]
 
     rows = [{"method": "original", "budget": 1.0, "distilled": False, **evaluate(original.model)}]
     print(rows[-1], flush=True)
