@@ -117,8 +117,7 @@ def diagnose_sweeps(seeds: list[int], checkpoints: list[int]) -> None:
         start, done = time.perf_counter(), 0
         for checkpoint in checkpoints:
             for _ in range(checkpoint - done):
-                for i in range(len(windows)):
-                    blocks.refit(i)
+                blocks.sweep()
             done = checkpoint
             rows.append({"matrix": f"seed {seed}", "sweeps": checkpoint,
                          "relative_error": float(blocks.residual.norm() / weight.norm()),

@@ -142,6 +142,10 @@ class _Blocks:
         self._add(self.windows[i], -self.fits[i])
         return s
 
+    def sweep(self) -> list[torch.Tensor]:
+        """Refit every block once, in order; returns each block's window singular values."""
+        return [self.refit(i) for i in range(len(self.windows))]
+
     def converge(self, most: int = 1000, tolerance: float = 1e-4) -> None:
         """Refit every block in turn until a sweep lowers the squared error by less than ``tolerance`` of
         it: overlapping blocks pass error back and forth between them, so this takes hundreds of sweeps
@@ -149,8 +153,7 @@ class _Blocks:
         noise, 0.003, after 300; ``benchmarks/structure_discovery.py --sweeps``)."""
         error = _error(self.residual)
         for _ in range(most):
-            for i in range(len(self.windows)):
-                self.refit(i)
+            self.sweep()
             previous, error = error, _error(self.residual)
             if previous - error <= tolerance * previous:
                 break
@@ -279,13 +282,13 @@ def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, 
         blocks.windows[max((i for i, w in enumerate(blocks.windows) if w[4]), key=size.__getitem__)][4] -= 1
     for _ in range(sweeps):
         before = [list(w) for w in blocks.windows]
-        spectra = [blocks.refit(i) for i in range(len(blocks.windows))]
+        spectra = blocks.sweep()
         kept = [float(s[w[4] - 1].square()) / (w[1] + w[3]) for s, w in zip(spectra, blocks.windows) if w[4]]
         price = min(kept, default=0.0)  # the error per MAC of the cheapest rank in use
         for i, window in enumerate(blocks.windows):
             if window[4]:
                 _move_edges(blocks, i, price)
-        _balance_ranks(blocks, [blocks.refit(i) for i in range(len(blocks.windows))], allowed)
+        _balance_ranks(blocks, blocks.sweep(), allowed)
         if blocks.windows == before:  # no edge moved, no rank traded
             break
     blocks.converge()
