@@ -29,7 +29,7 @@ import torch
 from _results import provenance, run_metadata, write_results
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import _Blocks, block_pursuit
+from gblr.discover import BlockFit, block_pursuit
 from gblr.fit import block_low_rank_error_curve, learned_fit, relative_error, structured_from_dense
 
 NOISE = 0.003
@@ -113,7 +113,7 @@ def diagnose_sweeps(seeds: list[int], checkpoints: list[int]) -> None:
     rows = []
     for seed in seeds:
         weight, windows = overlapping_blocks(seed, noise=NOISE)
-        blocks = _Blocks(weight, [[*window, 10] for window in windows])  # the demo's blocks are rank 10
+        blocks = BlockFit(weight, [[*window, 10] for window in windows])  # the demo's blocks are rank 10
         start, done = time.perf_counter(), 0
         for checkpoint in checkpoints:
             for _ in range(checkpoint - done):

@@ -30,7 +30,7 @@ import torch
 
 from .structured.gblr import GBLRLinear
 
-__all__ = ["block_pursuit"]
+__all__ = ["BlockFit", "block_pursuit"]
 
 
 def _best_window(energy: torch.Tensor, other_side: int) -> tuple[int, int, float]:
@@ -103,9 +103,11 @@ def _overlap(a: tuple[int, int], b: tuple[int, int], length: int) -> float:
     return float(inside.all(0).sum()) / float(inside.any(0).sum())
 
 
-class _Blocks:
+class BlockFit:
     """Rank-k blocks on cyclic windows, fitted by block coordinate descent on one shared residual: each
-    block is the truncated SVD of what the others leave on its windows."""
+    block is the truncated SVD of what the others leave on its windows. ``windows`` are
+    ``[row start, height, col start, width, rank]`` lists; ``sweep()`` refits all once, ``residual`` is
+    what the blocks leave of ``target``."""
 
     def __init__(self, target: torch.Tensor, windows: list[list[int]]) -> None:
         self.target, self.residual = target, target.clone()
@@ -207,7 +209,7 @@ def _clusters(pieces: list, overlap: float, shape: tuple[int, int]) -> list[list
     return list(merged.values())
 
 
-def _balance_ranks(blocks: _Blocks, spectra: list[torch.Tensor], allowed: float) -> None:
+def _balance_ranks(blocks: BlockFit, spectra: list[torch.Tensor], allowed: float) -> None:
     """Ranks moved to where a MAC removes the most error: drop the cheapest while over ``allowed``,
     spend what is left on the best, then trade a rank from the block that loses least per MAC to
     the one that gains most while that pays."""
@@ -238,7 +240,7 @@ def _balance_ranks(blocks: _Blocks, spectra: list[torch.Tensor], allowed: float)
 _EDGE_STEPS = (-16, -8, -4, -2, -1, 1, 2, 4, 8, 16)
 
 
-def _move_edges(blocks: _Blocks, i: int, price: float) -> None:
+def _move_edges(blocks: BlockFit, i: int, price: float) -> None:
     """Move each edge of block ``i``'s windows to where it removes the most error net of its MACs
     at ``price`` (error per MAC): the pieces found its windows trimmed to their own best ratio."""
     m, n = blocks.target.shape
@@ -270,13 +272,13 @@ def _stays_inside(moved, window, shape: tuple[int, int]) -> bool:
             and (moved[0] + moved[1] > m) == (r0 + h > m) and (moved[2] + moved[3] > n) == (c0 + w > n))
 
 
-def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, sweeps: int) -> _Blocks:
+def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, sweeps: int) -> BlockFit:
     """Block pursuit's pieces turned into blocks: pieces of one hidden block found it on slightly
     different, trimmed windows; merged (:func:`_clusters`), given one window and a rank, their edges moved
     and their ranks rebalanced under the budget, they can fit the block exactly."""
     m, n = target.shape
     allowed = budget * m * n
-    blocks = _Blocks(target, [list(window) for window in merged])
+    blocks = BlockFit(target, [list(window) for window in merged])
     size = [w[1] + w[3] for w in blocks.windows]
     while blocks.cost() > allowed:  # the unions are larger than the pieces: drop ranks of the largest first
         blocks.windows[max((i for i, w in enumerate(blocks.windows) if w[4]), key=size.__getitem__)][4] -= 1
