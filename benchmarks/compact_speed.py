@@ -10,7 +10,9 @@ speedup, and the fraction of the ideal speedup (speedup x cost; 1.0 = the time f
 exactly). GBLR structures are random intervals shrunk to the cost by the budget projection (as a trained
 layer would have): "free" = rank-1 components, K = min(in, out); "hw" = hardware-aware, rank-32
 components on 32-row/column tiles. The compact layer runs the execution its calibration chose for that
-token count (timed on first use); on a GPU the time of each execution is listed too.
+token count (timed on first use); on a GPU the time of each execution is listed too, and low-rank is also
+timed with its rank padded by zero components to a multiple of 8 (the alignment the compact layer's
+factored execution has: 16-bit GPU matmuls slow down at ranks off 16 bytes).
 Writes benchmarks/results/compact_speed.{json,md} (compact_speed_cuda.* on a GPU).
 """
 
@@ -25,10 +27,10 @@ from _results import device_note, provenance, run_metadata, synchronize, write_r
 from torch import nn
 
 from gblr import GBLRLinear
-from gblr.compact import CompactGBLRLinear
+from gblr.compact import FACTOR_ALIGN, CompactGBLRLinear
 from gblr.device import resolve_device
 from gblr.learn import project_to_budget
-from gblr.structured import make_structured
+from gblr.structured import LowRankLinear, make_structured
 
 DEFAULTS = {  # tokens, costs, shapes, dtypes
     "cpu": ((1, 64, 1024, 4096), (0.1, 0.3, 0.5), ("768x3072", "3072x768", "384x1536", "576x1536"), ("fp32",)),
@@ -48,6 +50,19 @@ def gblr_at_cost(n: int, m: int, cost: float, hardware_aware: bool, seed: int) -
         layer.in_starts.uniform_(0.0, 1.0)
     project_to_budget([layer], cost * n * m)
     return layer.eval()
+
+
+def padded_lowrank(layer: LowRankLinear, multiple: int = FACTOR_ALIGN) -> LowRankLinear:
+    """The same function with its rank padded by zero components to a multiple of ``multiple``: the
+    alignment the compact form's factored execution gets, given to the baseline too."""
+    rank = -(-layer.rank // multiple) * multiple
+    padded = LowRankLinear(layer.in_features, layer.out_features, layer.bias is not None, rank=rank)
+    with torch.no_grad():
+        padded.in_proj.zero_()[: layer.rank] = layer.in_proj
+        padded.out_proj.zero_()[:, : layer.rank] = layer.out_proj
+        if layer.bias is not None:
+            padded.bias.copy_(layer.bias)
+    return padded
 
 
 def compact_layer(layer: GBLRLinear, device: torch.device, dtype: torch.dtype) -> CompactGBLRLinear:
@@ -132,6 +147,8 @@ def main() -> None:
                     "gblr hw (r=32, tile=32)": compact_layer(gblr_at_cost(n, m, cost, True, 0), device, dtype),
                     "lowrank": make_structured("lowrank", n, m, cost).eval().to(device, dtype),
                 }
+                if device.type == "cuda":  # 16-bit matmuls there are slow at ranks off 16 bytes
+                    variants["lowrank, rank padded to 8"] = padded_lowrank(variants["lowrank"]).to(device, dtype)
                 if device.type == "cpu":
                     variants["monarch"] = make_structured("monarch", n, m, cost).eval()
                 for tokens in tokens_list:

@@ -47,6 +47,16 @@ def test_compact_computes_what_the_eval_layer_computes(options):
     assert relative(fast(x), expected) <= 1e-5
 
 
+def test_factored_inner_size_is_padded_with_zero_components():
+    # 16-bit GPU matmuls need 16-byte leading dimensions for their fast kernels: 5 components -> 8
+    layer = random_structure(GBLRLinear(40, 24, num_components=5), max_width=0.9)
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    assert fast.in_factor.shape == (8, 40) and fast.out_factor.shape == (24, 8)
+    assert fast.in_factor[5:].abs().sum() == 0 and fast.out_factor[:, 5:].abs().sum() == 0
+    x = torch.randn(6, 40)
+    assert relative(fast.run(x, "factored"), layer(x)) <= 1e-5
+
+
 def test_identical_intervals_merge_and_small_blocks_go_dense():
     u, v = torch.randn(3, 1, 32, dtype=torch.float64), torch.randn(3, 1, 32, dtype=torch.float64)
     layer = GBLRLinear.from_intervals([(4, 16), (4, 16), (30, 2)], [(28, 8), (28, 8), (0, 2)], u, v).eval()
