@@ -2,8 +2,8 @@
 
 GBLR and low-rank get the same options: every allocation (uniform budgets; one global budget allocated
 by error curves; the same calibrated on the embedding loss of 64 training sentences) with either fit
-(of the weights; of each layer's outputs on 1024 training sentences); Monarch gets the uniform weight fit
-(it has no output fit). Each is measured without and with a short distillation (MSE to the original's
+(of the weights; of each layer's outputs on 1024 training sentences); Monarch gets every allocation with
+the weight fit (it has no output fit). Each is measured without and with a short distillation (MSE to the original's
 hidden states after every layer, no dropout, frozen structure; the calibrated GBLR rows also with the
 structure learner active):
 - mean cosine similarity between compressed and original embeddings of 512 held-out Shakespeare
@@ -14,6 +14,7 @@ the embeddings exactly.
 
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods outputs --name compress_minilm_outputs
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods Monarch --name compress_minilm_monarch
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
 """
 
@@ -44,7 +45,8 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
       for fit in ("weights", "outputs")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))
       for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
-    ("Monarch uniform, weights fit", "monarch", "uniform", False, "weights"),
+    *[(f"Monarch {allocation}{', calibrated' if calibrated else ''}, weights fit", "monarch", allocation, calibrated, "weights")
+      for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
 ]
 
 RELOAD = """
