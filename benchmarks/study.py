@@ -284,6 +284,9 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
         if untried:  # the grid grew after these families were tuned: their rows may still change
             lines.append("Tuning not finished (learning rates not tried yet): "
                          + "; ".join(f"{family} {', '.join(lrs)}" for family, lrs in untried.items()) + ".")
+        missing = [family for family in [*FAMILIES, *ABLATIONS] if not any(r["study_family"] == family for r in mine)]
+        if missing:
+            lines.append(f"Not measured yet: {', '.join(missing)}.")
         picture = RESULTS / f"{name}_{task}.png"
         lines += ["", f"![{task}: {metric} against FLOPs per example]({picture.relative_to(README.parent)})" if picture.exists() else "", ""]
     return lines
