@@ -3,7 +3,7 @@
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
 loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
 both counts are options),
-Monarch (uniform, weights), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
+Monarch (uniform or calibrated global, weights: it has no output fit), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
 (the two families then differ only in their fit), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
 fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
@@ -38,7 +38,8 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
       for allocation, calibrated in (("uniform", False), ("global", True))
       for fit in ("outputs", "weights")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
-    ("Monarch uniform, weights fit", "monarch", "uniform", False, "weights"),
+    *[(f"Monarch {allocation}{', calibrated' if calibrated else ''}, weights fit", "monarch", allocation, calibrated, "weights")
+      for allocation, calibrated in (("uniform", False), ("global", True))],
     # the fit alone: GBLR on the per-layer budgets low-rank's calibrated global allocation chose
     (f"GBLR on {LOWRANK_ALLOCATION}, outputs fit", "gblr", LOWRANK_ALLOCATION, False, "outputs"),
 ]
