@@ -3,7 +3,8 @@
 GBLR and low-rank get the same options: every allocation (uniform budgets; one global budget allocated
 by error curves; the same calibrated on the embedding loss of 64 training sentences) with either fit
 (of the weights; of each layer's outputs on 1024 training sentences); Monarch gets every allocation with
-the weight fit (it has no output fit). Each is measured without and with a short distillation (MSE to the original's
+the weight fit (it has no output fit); the best of these, the calibrated global allocation with output fits,
+is also fitted sequentially (each layer group on the inputs of the partly compressed model). Each is measured without and with a short distillation (MSE to the original's
 hidden states after every layer, no dropout, frozen structure; the calibrated GBLR rows also with the
 structure learner active):
 - mean cosine similarity between compressed and original embeddings of 512 held-out Shakespeare
@@ -15,6 +16,7 @@ the embeddings exactly.
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods outputs --name compress_minilm_outputs
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods Monarch --name compress_minilm_monarch
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods sequential --name compress_minilm_sequential
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
 """
 
@@ -47,6 +49,9 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
       for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
     *[(f"Monarch {allocation}{', calibrated' if calibrated else ''}, weights fit", "monarch", allocation, calibrated, "weights")
       for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
+    # the output fit one layer group at a time, on the partly compressed model's inputs
+    *[(f"{name} global, calibrated, sequential outputs fit", family, "global", True, "sequential outputs")
+      for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
 ]
 
 RELOAD = """
@@ -120,7 +125,8 @@ def main() -> None:
             start = time.perf_counter()
             result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
                                calibration_loss=objectives.calibration_loss if calibrated else None,
-                               calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
+                               calibration_inputs=None if fit == "weights" else objectives.calibration_inputs,
+                               sequential=fit == "sequential outputs")
             monarch_dense_execution(model)
             common = {"method": label, "family": family, "allocation": allocation, "calibrated": calibrated, "fit": fit,
                       "budget": budget, "reached": result.reached, "compress_seconds": time.perf_counter() - start}

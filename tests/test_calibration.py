@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblr.calibration import damped, input_grams
+from gblr.calibration import corrected_weight, damped, input_grams, paired_moments
 from gblr.cli import main
 from gblr.compress import compress_
 from gblr.convert import ConvertConfig, convert_
@@ -44,6 +44,63 @@ def test_input_grams_are_the_second_moment_of_each_layers_inputs():
     assert not model.q._forward_pre_hooks  # the hooks are gone
     with pytest.raises(ValueError, match="layer 'v' received no input"):
         input_grams(model, {"v": model.v}, lambda m: None)
+
+
+def test_input_grams_report_the_call_order_grouped_by_shared_input():
+    model = Attention()
+    groups = []
+    input_grams(model, {"out": model.out, "v": model.v, "q": model.q, "k": model.k},
+                lambda m: [m(torch.randn(2, 16)) for _ in range(2)], groups)
+    assert groups == [["q", "k", "v"], ["out"]]
+
+
+def test_paired_moments_and_the_corrected_weight_give_the_least_squares_fit():
+    torch.manual_seed(0)
+    reference = Attention()
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model.q.weight.mul_(0.5)  # an earlier layer replaced: the inputs of `out` change
+    batches = [torch.randn(4, 16) for _ in range(50)]
+    moments = paired_moments(reference, model, ["q", "out"], lambda m: [m(b) for b in batches])
+    x = torch.cat(batches).double()
+    torch.testing.assert_close(moments["q"][0], x.T @ x / len(x))  # same inputs: cross = gram
+    torch.testing.assert_close(moments["q"][1], x.T @ x / len(x))
+    with torch.no_grad():
+        hidden = torch.cat([reference.q(b) * reference.k(b) + reference.v(b) for b in batches]).double()
+        changed = torch.cat([model.q(b) * model.k(b) + model.v(b) for b in batches]).double()
+    torch.testing.assert_close(moments["out"][0], hidden.T @ changed / len(x))
+    torch.testing.assert_close(moments["out"][1], changed.T @ changed / len(x))
+    weight = reference.out.weight.detach().double()
+    q_weight = reference.q.weight.detach().double()
+    torch.testing.assert_close(corrected_weight(q_weight, *moments["q"]), q_weight)  # nothing to correct
+    best = torch.linalg.lstsq(changed, hidden @ weight.T).solution.T  # min ||changed W'^T - hidden W^T||
+    corrected = corrected_weight(weight, *moments["out"], damping=1e-12)
+    torch.testing.assert_close(corrected, best, rtol=1e-6, atol=1e-8)
+    assert not model.out._forward_pre_hooks and not reference.out._forward_pre_hooks
+    with pytest.raises(ValueError, match="cross must be 8x8"):
+        corrected_weight(weight, moments["q"][0], moments["out"][1])
+
+
+def test_sequential_fits_make_up_for_earlier_layers_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 32))
+    x = _anisotropic_inputs(3000, 64, seed=4)
+    calibrate = lambda m: m(x)  # noqa: E731
+
+    def error(m):
+        with torch.no_grad():
+            return float((m(x) - model(x)).norm() / model(x).norm())
+
+    for family in ("lowrank", "gblr"):
+        one_shot, sequential = copy.deepcopy(model), copy.deepcopy(model)
+        compress_(one_shot, family, 0.3, options={"steps": 0} if family == "gblr" else None, calibration_inputs=calibrate)
+        result = compress_(sequential, family, 0.3, options={"steps": 0} if family == "gblr" else None,
+                           calibration_inputs=calibrate, sequential=True)
+        assert [r.name for r in result.conversion.replaced] == ["0", "2", "4"]
+        assert result.reached <= 0.3
+        assert error(sequential) < 0.99 * error(one_shot)  # 0.135 against 0.139 for low-rank
+    with pytest.raises(ValueError, match="sequential=True fits the layers' outputs: it needs calibration_inputs"):
+        compress_(copy.deepcopy(model), "lowrank", 0.3, sequential=True)
 
 
 def test_output_fit_of_low_rank_is_the_whitened_truncated_svd():

@@ -87,8 +87,8 @@ def _compress(args) -> int:
     if args.calibrate and args.allocation != "global":
         raise ValueError("--calibrate needs --allocation global")
     fit = args.fit or ("outputs" if args.family in DATA_AWARE else "weights")
-    if fit == "outputs" and args.family not in DATA_AWARE:
-        raise ValueError(f"--fit outputs is available for {', '.join(DATA_AWARE)}; use --fit weights for {args.family}")
+    if fit != "weights" and args.family not in DATA_AWARE:
+        raise ValueError(f"--fit {fit} is available for {', '.join(DATA_AWARE)}; use --fit weights for {args.family}")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
@@ -102,7 +102,8 @@ def _compress(args) -> int:
           f"fitting the {fit}) ...", flush=True)
     result = compress_(model, args.family, args.budget, args.allocation, options=options,
                        calibration_loss=objectives.calibration_loss if args.calibrate else None,
-                       calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
+                       calibration_inputs=None if fit == "weights" else objectives.calibration_inputs,
+                       sequential=fit == "sequential")
     print(result.to_markdown())
     quality["compressed"] = objectives.quality(model)
     if args.finetune_steps:
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--allocation", choices=("uniform", "global"), default="global",
                           help="one budget per layer, or one global budget allocated by error curves")
     compress.add_argument("--calibrate", action="store_true", help="weight the allocation by the loss on calibration text")
-    compress.add_argument("--fit", choices=("outputs", "weights"), default=None,
-                          help="fit each layer's outputs on calibration text (default for gblr and lowrank) or its weights")
+    compress.add_argument("--fit", choices=("outputs", "sequential", "weights"), default=None,
+                          help="fit each layer's outputs on calibration text (default for gblr and lowrank); the same "
+                               "one layer group at a time on the inputs of the partly compressed model (sequential: "
+                               "better, two calibration runs per group); or its weights")
     compress.add_argument("--fit-steps", type=int, default=0, help="steps of the learned GBLR fit (0: block-low-rank fits only)")
     compress.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (distillation / next-token loss)")
     compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")

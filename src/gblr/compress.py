@@ -7,16 +7,18 @@ budget allocated by :mod:`gblr.allocate`), then :func:`gblr.convert.convert_` wi
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from .allocate import (BUDGET_GRID, LayerAllocation, allocate_budgets, allocation_table, allocations_to_dicts,
                        error_curve, layer_sensitivities)
-from .calibration import input_grams
+from .calibration import corrected_weight, input_grams, paired_moments
 from .convert import (KEPT_DENSE, ConversionReport, ConvertConfig, convert_, default_filter, linear_weight,
                       select_layers)
 from .fit import check_data_aware
@@ -57,6 +59,7 @@ def compress_(
     calibration_loss: Callable[[nn.Module], float] | None = None,
     options: dict | None = None,
     calibration_inputs: Callable[[nn.Module], object] | None = None,
+    sequential: bool = False,
 ) -> CompressionResult:
     """Replace the selected linear layers of ``model`` (in place) by ``family`` fits whose summed cost
     is at most ``budget`` of the selected layers' dense cost.
@@ -69,6 +72,11 @@ def compress_(
     ``calibration_inputs(model)``, when given, runs the model on calibration data: every fit then
     minimises the error of its layer's outputs on those inputs instead of the error of its weights (GBLR
     and low-rank; see :func:`gblr.calibration.input_grams`), and so do the error curves of the allocation.
+    ``sequential=True`` (with ``calibration_inputs``) fits the layers one group at a time in the order the
+    model calls them, each on the inputs it receives once the earlier layers are replaced, against the
+    original layer's outputs on the original inputs: later layers make up for part of the earlier errors.
+    It runs the calibration data through the original and the partly replaced model once per group of
+    layers sharing an input (attention's q, k and v are one group), so it costs that many more runs.
     Example::
 
         result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
@@ -80,11 +88,15 @@ def compress_(
         raise ValueError(f"allocation must be one of {ALLOCATIONS} or a dict of per-layer budgets, got {allocation!r}")
     if calibration_inputs is not None:  # before the model runs on any calibration data
         check_data_aware(family, "calibration_inputs")
-    budgets, allocations, grams, kept = None, [], None, set()
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential must be True or False, got {sequential!r}")
+    if sequential and calibration_inputs is None:
+        raise ValueError("sequential=True fits the layers' outputs: it needs calibration_inputs")
+    budgets, allocations, grams, kept, groups = None, [], None, set(), []
     selected, _ = select_layers(model, filter_fn)
     if calibration_inputs is not None:
         linear = {name: module for name, module in selected.items() if linear_weight(module) is not None}
-        grams = input_grams(model, linear, calibration_inputs)
+        grams = input_grams(model, linear, calibration_inputs, groups)
     if allocation == "global":
         convolutions = [name for name, module in selected.items() if linear_weight(module) is None]
         if convolutions:
@@ -99,7 +111,10 @@ def compress_(
         raise ValueError("calibration_loss is used only by allocation='global'")
     grams = grams and {name: gram for name, gram in grams.items() if name not in kept}
     convert_filter = (lambda module, name: name not in kept and (filter_fn or default_filter)(module, name))
-    report = convert_(model, config, convert_filter, budgets, grams)
+    if sequential:
+        report = _convert_sequentially(model, config, convert_filter, budgets, groups, calibration_inputs)
+    else:
+        report = convert_(model, config, convert_filter, budgets, grams)
     report.skipped = [(name, KEPT_DENSE if name in kept else reason) for name, reason in report.skipped]
     kept_macs = sum(linear_weight(selected[name]).numel() for name in kept)
     dense = sum(r.in_features * r.out_features for r in report.replaced) + kept_macs
@@ -107,6 +122,38 @@ def compress_(
     target = budget if given is None else (
         sum(budgets[r.name] * r.in_features * r.out_features for r in report.replaced) + kept_macs) / max(dense, 1)
     return CompressionResult(report, allocations, target, structured / max(dense, 1))
+
+
+def _convert_sequentially(model: nn.Module, config: ConvertConfig, filter_fn, budgets: dict | None,
+                          groups: list[list[str]], run: Callable[[nn.Module], object]) -> ConversionReport:
+    """:func:`convert_` one group of layers at a time (``groups`` in call order), each fitted to the
+    corrected weight under the moments of the inputs it now receives (see :mod:`gblr.calibration`); the
+    report's errors are those of each fit against its corrected weight."""
+    to_convert, skipped = select_layers(model, filter_fn)
+    report = ConversionReport(skipped=skipped)
+    convolutions = [name for name, module in to_convert.items() if linear_weight(module) is None]
+    reference = copy.deepcopy(model)  # the original, for its inputs and weights
+    reference.eval()
+    ordered = [[name for name in group if name in to_convert] for group in groups]
+    for names in tqdm([g for g in ordered if g], desc="sequential fits", disable=None, leave=False):
+        moments = paired_moments(reference, model, names, run)
+        with torch.no_grad():
+            for name in names:
+                weight = linear_weight(model.get_submodule(name))
+                original = linear_weight(reference.get_submodule(name))
+                weight.copy_(corrected_weight(original, *moments[name]).to(weight.dtype))
+        part = convert_(model, config, lambda module, name, names=names: name in names, budgets,
+                        {name: moments[name][1] for name in names})
+        report.replaced += part.replaced
+        report.skipped += part.failed
+        with torch.no_grad():  # a layer that could not be converted stays as it was
+            for name, _ in part.failed:
+                linear_weight(model.get_submodule(name)).copy_(linear_weight(reference.get_submodule(name)))
+    if convolutions:  # never called through a linear layer's hook: fitted to their weights, as without data
+        part = convert_(model, config, lambda module, name: name in convolutions, budgets)
+        report.replaced += part.replaced
+        report.skipped += part.failed
+    return report
 
 
 def _given_budgets(given: dict, selected: dict[str, nn.Module], budget: float) -> dict[str, float]:
