@@ -188,6 +188,7 @@ def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
         probe = "-" if r["probe_accuracy"] is None else f"{r['probe_accuracy']:.4f}"
         lines.append(f"| {r['method']} | {r['budget']:.1f} | {r.get('reached', 1.0):.3f} | {distilled} | {lr} | {validation} | {r['cosine']:.4f} | "
                      f"{probe} | {r.get('compress_seconds', 0):.1f} | {r.get('distill_seconds', 0):.0f} |")
+    lines += gains_table(rows, len(lrs) > 1)
     if reload_check:
         lines += ["", f"Save -> load in a fresh process (GBLR global calibrated, distilled, {reload_check['sentences']} "
                   f"sentences): max |embedding difference| = {reload_check['max_abs_difference']}."]
@@ -201,6 +202,30 @@ def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
                          f"{a['budget']:.2f} | {a['relative_error']:.4f} | {a['sensitivity']:.3g} |")
     return lines
 
+
+def gains_table(rows: list[dict], tuned: bool) -> list[str]:
+    """The same rows as family x fit against allocation, so that the gain of the fit (down a column) and of
+    the allocation (along a row) read apart: cosine without / with distillation (frozen structure)."""
+    names = {"gblr": "GBLR", "lowrank": "low-rank", "monarch": "Monarch"}
+    columns = {("uniform", False): "uniform", ("global", False): "global", ("global", True): "global, calibrated"}
+    cells: dict = {}
+    for r in rows:
+        if "family" not in r or (r["distilled"] is True and tuned and not r.get("chosen")):
+            continue  # the original, and distillations at learning rates not chosen
+        if r["distilled"] not in (False, True):
+            continue  # structure learned during distillation: a separate question
+        key = (r["budget"], names[r["family"]], r["fit"])
+        cells.setdefault(key, {}).setdefault(columns[(r["allocation"], r["calibrated"])], {})[r["distilled"]] = r["cosine"]
+    lines = []
+    for budget in dict.fromkeys(key[0] for key in cells):
+        lines += ["", f"Cosine to the original at budget {budget:g}, without / with distillation:", "",
+                  "| family | fit | " + " | ".join(columns.values()) + " |", "|---|---|" + "---:|" * len(columns)]
+        for (b, family, fit), by_column in cells.items():
+            if b == budget:
+                text = [" / ".join("-" if by_column.get(c, {}).get(d) is None else f"{by_column[c][d]:.3f}" for d in (False, True))
+                        if c in by_column else "" for c in columns.values()]
+                lines.append(f"| {family} | {fit} | " + " | ".join(text) + " |")
+    return lines
 
 
 if __name__ == "__main__":
