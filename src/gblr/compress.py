@@ -132,8 +132,7 @@ def _convert_sequentially(model: nn.Module, config: ConvertConfig, filter_fn, bu
     to_convert, skipped = select_layers(model, filter_fn)
     report = ConversionReport(skipped=skipped)
     convolutions = [name for name, module in to_convert.items() if linear_weight(module) is None]
-    reference = copy.deepcopy(model)  # the original, for its inputs and weights
-    reference.eval()
+    reference = copy.deepcopy(model)  # the original (in the same mode), for its inputs and weights
     ordered = [[name for name in group if name in to_convert] for group in groups]
     for names in tqdm([g for g in ordered if g], desc="sequential fits", disable=None, leave=False):
         moments = paired_moments(reference, model, names, run)
