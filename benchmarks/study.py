@@ -8,6 +8,8 @@ Protocol, the same for every family (written into the results):
 1. Tuning: on each task, every family is trained at budget 0.3 (dense at 1.0) with seed 0 and each of the
    same learning rates; the one with the best validation metric is that family's learning rate for the
    whole task. Nothing else is tuned; the recipe (model, data, epochs, schedule) is the task's for all.
+   While any family's choice sits at the top of the rates, one more rate is added for every family on
+   every task; seeds run at a rate that is no longer a family's choice are left out of the results.
 2. Grid: dense, GBLR and low-rank at every budget with every seed; the other families at 0.3 with every seed.
    Ablations of GBLR's structure learner (the paper's fixed-lambda mean-width rule, a sensitivity-weighted
    and a per-layer budget split) at 0.3 with every seed and GBLR's learning rate.
