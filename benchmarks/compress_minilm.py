@@ -3,10 +3,10 @@
 GBLR and low-rank get the same options: every allocation (uniform budgets; one global budget allocated
 by error curves; the same calibrated on the embedding loss of 64 training sentences) with either fit
 (of the weights; of each layer's outputs on 1024 training sentences); Monarch gets every allocation with
-the weight fit (it has no output fit); the best of these, the calibrated global allocation with output fits,
-is also fitted sequentially (each layer group on the inputs of the partly compressed model). Each is measured without and with a short distillation (MSE to the original's
-hidden states after every layer, no dropout, frozen structure; the calibrated GBLR rows also with the
-structure learner active):
+the weight fit (it has no output fit); the best of these, the calibrated global allocation with output
+fits, is also fitted sequentially (each layer group on the inputs of the partly compressed model). Each
+is measured without and with a short distillation (MSE to the original's hidden states after every
+layer, no dropout, frozen structure; the calibrated GBLR rows also with the structure learner active):
 - mean cosine similarity between compressed and original embeddings of 512 held-out Shakespeare
   sentences (the last 10 % of the works; distillation and calibration use the first 90 %),
 - 5-fold cross-validated accuracy of a logistic-regression probe on the 4000 MR sentences.

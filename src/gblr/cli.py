@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--fit", choices=("outputs", "sequential", "weights"), default=None,
                           help="fit each layer's outputs on calibration text (default for gblr and lowrank); the same "
                                "one layer group at a time on the inputs of the partly compressed model (sequential: "
-                               "better, two calibration runs per group); or its weights")
+                               "a better start without fine-tuning, two calibration runs per group); or its weights")
     compress.add_argument("--fit-steps", type=int, default=0, help="steps of the learned GBLR fit (0: block-low-rank fits only)")
     compress.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (distillation / next-token loss)")
     compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")
