@@ -25,6 +25,11 @@ from torch import nn
 __all__ = ["input_grams", "paired_moments", "corrected_weight", "damped", "whitening"]
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as (tokens x features) float64 rows."""
+    return x.detach().reshape(-1, x.shape[-1]).double()
+
+
 @torch.no_grad()
 def input_grams(model: nn.Module, layers: dict[str, nn.Module], run: Callable[[nn.Module], object],
                 groups: list | None = None) -> dict[str, torch.Tensor]:
@@ -48,7 +53,7 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Module], run: Callable[[n
                 else:
                     order.append([name])
             if last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).double()
+                flat = _flat(x)
                 last[0], last[1] = x, ((flat.T @ flat).cpu(), flat.shape[0])
             gram, tokens = last[1]
             if name in sums:
@@ -98,19 +103,16 @@ def paired_moments(reference: nn.Module, model: nn.Module, names: list[str], run
     pending: dict[str, deque] = {name: deque() for name in names}  # the reference's inputs not yet paired
     sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in names}  # [x^T x~, x~^T x~, tokens]
 
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().reshape(-1, x.shape[-1]).double()
-
     def from_reference(name):
         def record(module, args):
-            pending[name].append(flat(args[0]))
+            pending[name].append(_flat(args[0]))
         return record
 
     def from_model(name):
         def record(module, args):
             if not pending[name]:
                 raise RuntimeError(f"calibration: layer {name!r} ran more often in the model than in the reference")
-            x, x_model = pending[name].popleft(), flat(args[0])
+            x, x_model = pending[name].popleft(), _flat(args[0])
             if x.shape != x_model.shape:
                 raise RuntimeError(f"calibration: layer {name!r} got inputs of shape {tuple(x_model.shape)} "
                                    f"against {tuple(x.shape)} in the reference")
