@@ -41,14 +41,14 @@ from gblr.objectives import EncoderObjectives
 from gblr.pretrained import embed_all, load_pretrained
 from gblr.train.recovery import recover_
 
+ALLOCATIONS = (("uniform", False), ("global", False), ("global", True))  # (allocation, calibrated)
 METHODS = [  # (label, family, allocation, calibrated, fit)
-    *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation.split()[0],
-       calibrated, fit)
+    *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation, calibrated, fit)
       for fit in ("weights", "outputs")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))
-      for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
+      for allocation, calibrated in ALLOCATIONS],
     *[(f"Monarch {allocation}{', calibrated' if calibrated else ''}, weights fit", "monarch", allocation, calibrated, "weights")
-      for allocation, calibrated in (("uniform", False), ("global", False), ("global", True))],
+      for allocation, calibrated in ALLOCATIONS],
     # the output fit one layer group at a time, on the partly compressed model's inputs
     *[(f"{name} global, calibrated, sequential outputs fit", family, "global", True, "sequential outputs")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
