@@ -3,6 +3,7 @@
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
 loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
 both counts are options),
+output fits also made sequentially (each layer group fitted on the inputs of the partly compressed model),
 Monarch (uniform or calibrated global, weights: it has no output fit), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
 (the two families then differ only in their fit), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
@@ -12,7 +13,8 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --methods "uniform, outputs" --name compress_smollm2_recovery
     python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 1.0 0.5 --methods "global, calibrated, outputs"
-    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --methods "low-rank global, calibrated, outputs" "low-rank's"
+    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --methods "low-rank global, calibrated, outputs" "low-rank's allocation, outputs"
+    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank's allocation, sequential" --name compress_smollm2_sequential
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gblr.train.recovery import recover_
 
 CONTEXT = 256
 
-LOWRANK_ALLOCATION = "low-rank's allocation"  # the budgets of "low-rank global, calibrated, outputs fit"
+LOWRANK_ALLOCATION = "low-rank's allocation"  # the budgets of "low-rank global, calibrated, (sequential) outputs fit"
 METHODS = [  # (label, family, allocation, calibrated, fit)
     *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation, calibrated, fit)
       for allocation, calibrated in (("uniform", False), ("global", True))
@@ -40,8 +42,12 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
     *[(f"Monarch {allocation}{', calibrated' if calibrated else ''}, weights fit", "monarch", allocation, calibrated, "weights")
       for allocation, calibrated in (("uniform", False), ("global", True))],
+    # the output fit one layer group at a time, on the partly compressed model's inputs
+    *[(f"{name} global, calibrated, sequential outputs fit", family, "global", True, "sequential outputs")
+      for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
     # the fit alone: GBLR on the per-layer budgets low-rank's calibrated global allocation chose
-    (f"GBLR on {LOWRANK_ALLOCATION}, outputs fit", "gblr", LOWRANK_ALLOCATION, False, "outputs"),
+    *[(f"GBLR on {LOWRANK_ALLOCATION}, {fit} fit", "gblr", LOWRANK_ALLOCATION, False, fit)
+      for fit in ("outputs", "sequential outputs")],
 ]
 
 
@@ -91,14 +97,15 @@ def main() -> None:
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         if allocation == LOWRANK_ALLOCATION:
             if budget not in lowrank_allocations:
-                raise SystemExit(f"{label!r} needs the 'low-rank global, calibrated, outputs fit' row at budget {budget:g}: select both")
+                raise SystemExit(f"{label!r} needs a 'low-rank global, calibrated, outputs fit' row at budget {budget:g}: select both")
             allocation = lowrank_allocations[budget]
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
         result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
                            calibration_loss=objectives.calibration_loss if calibrated else None,
-                           calibration_inputs=objectives.calibration_inputs if fit == "outputs" else None)
-        if (family, allocation, calibrated, fit) == ("lowrank", "global", True, "outputs"):
+                           calibration_inputs=None if fit == "weights" else objectives.calibration_inputs,
+                           sequential=fit == "sequential outputs")
+        if (family, allocation, calibrated) == ("lowrank", "global", True) and fit != "weights":
             lowrank_allocations[budget] = {a.name: a.budget for a in result.allocation}
         monarch_dense_execution(model)
         kept = sum(1 for _, reason in result.conversion.skipped if reason == KEPT_DENSE)

@@ -1,32 +1,50 @@
 """Block replay: the blocks before a changed layer return recorded outputs only where that is exact."""
 
+import contextlib
+import copy
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
 
 from gblr.allocate import layer_sensitivities
+from gblr.compress import compress_
 from gblr.fit import structured_from_dense
-from gblr.replay import BlockReplay
+from gblr.replay import BlockReplay, RollingReplay
 
 transformers = pytest.importorskip("transformers")
 
 
-class Stack(nn.Module):
-    """Blocks of two linear layers; ``order`` and ``passes`` choose how the forward pass runs them."""
+class Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
 
-    def __init__(self, blocks: int = 4, width: int = 24, order: str = "forward", passes: int = 1, shared: bool = False):
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+class Stack(nn.Module):
+    """Blocks of two linear layers; ``order`` and ``passes`` choose how the forward pass runs them, and
+    ``residual`` whether the residual sum is the model's (outside the blocks) or each block's own."""
+
+    def __init__(self, blocks: int = 4, width: int = 24, order: str = "forward", passes: int = 1, shared: bool = False,
+                 residual: str = "outside"):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
                                     for _ in range(blocks))
         if shared:
             self.blocks[2][0] = self.blocks[0][0]
+        if residual == "inside":
+            self.blocks = nn.ModuleList(Residual(block) for block in self.blocks)
         self.head = nn.Linear(width, 1)
-        self.order, self.passes = order, passes
+        self.order, self.passes, self.residual = order, passes, residual
 
     def forward(self, x):
         for _ in range(self.passes):
             for block in (self.blocks if self.order == "forward" else reversed(self.blocks)):
-                x = x + block(x)
+                x = block(x) if self.residual == "inside" else x + block(x)
         return self.head(x)
 
 
@@ -76,8 +94,8 @@ def test_sensitivities_equal_those_run_in_full_and_replay_only_where_exact(varia
     assert all(isinstance(block, nn.Sequential) for block in model.blocks)  # every block put back
 
 
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+def tiny_llama(layers: int = 3):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(config).eval()
     windows = torch.randint(0, 64, (4, 12))
@@ -85,8 +103,8 @@ def tiny_llama():
     return model, "model.layers.", lambda m: float(sum(m(input_ids=b, labels=b).loss for b in windows.split(2)))
 
 
-def tiny_bert():
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+def tiny_bert(layers: int = 3):
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                      num_attention_heads=2)
     model = transformers.BertModel(config).eval()
     ids, mask = torch.randint(1, 64, (4, 10)), torch.ones(4, 10, dtype=torch.long)
@@ -129,3 +147,55 @@ def test_a_run_that_differs_from_the_recording_is_an_error():
         with pytest.raises(RuntimeError, match="less often"), replay.skipping(2):
             pass
     assert all(isinstance(block, nn.Sequential) for block in model.blocks)
+
+
+def sequential_compression(model, calibrate, rolling: bool):
+    """The model compressed with sequential low-rank output fits, with or without rolling replay, and the
+    number of times its first block ran."""
+    model = copy.deepcopy(model)
+    counts = [0]
+    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
+    blocks[0].register_forward_pre_hook(lambda module, args: counts.__setitem__(0, counts[0] + 1))
+    with contextlib.ExitStack() as stack:
+        if not rolling:
+            stack.enter_context(mock.patch.object(RollingReplay, "measure", lambda self, names, measure: measure()))
+        compress_(model, "lowrank", 0.4, calibration_inputs=calibrate, sequential=True)
+    return model, counts[0]
+
+
+@pytest.mark.parametrize("variant", [{}, {"order": "reverse"}, {"passes": 2}, {"shared": True}, {"uses_output": True},
+                                     {"residual": "outside"}])
+def test_sequential_fits_through_two_blocks_equal_those_run_in_full(variant):
+    torch.manual_seed(0)
+    uses_output = variant.pop("uses_output", False)
+    # residual sums outside the blocks: a block's input is not the last block's output alone
+    model = Stack(blocks=10, **{"residual": "inside", **variant}).eval()
+    data = [torch.randn(64, 24) for _ in range(3)]
+    # a run that uses the model's outputs cannot be shortened: it must be noticed, and run in full
+    calibrate = (lambda m: [float(m(x).sum()) for x in data]) if uses_output else (lambda m: [m(x) for x in data])
+    full, full_calls = sequential_compression(model, calibrate, rolling=False)
+    rolled, rolled_calls = sequential_compression(model, calibrate, rolling=True)
+    x = torch.randn(32, 24)
+    with torch.no_grad():
+        assert torch.allclose(rolled(x), full(x), rtol=1e-5, atol=1e-6)
+    if variant or uses_output:
+        assert rolled_calls >= full_calls  # replaying was not safe: everything ran in full (plus one check)
+    else:  # block 0 runs for the statistics, its own groups and the checks of each kind of run, not for every group
+        assert rolled_calls < full_calls / 2
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
+def test_sequential_fits_of_hugging_face_models_through_two_blocks_equal_those_run_in_full(build):
+    torch.manual_seed(0)
+    model, prefix, loss = build(layers=8)
+    batches = [torch.randint(0, 64, (2, 12)) for _ in range(3)]
+
+    def calibrate(m):
+        for ids in batches:
+            m(input_ids=ids)
+
+    full, full_calls = sequential_compression(model, calibrate, rolling=False)
+    rolled, rolled_calls = sequential_compression(model, calibrate, rolling=True)
+    with torch.no_grad():
+        assert loss(rolled) == pytest.approx(loss(full), rel=1e-5)
+    assert rolled_calls < full_calls / 2

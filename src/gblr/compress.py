@@ -22,6 +22,7 @@ from .calibration import corrected_weight, input_grams, paired_moments
 from .convert import (KEPT_DENSE, ConversionReport, ConvertConfig, convert_, default_filter, linear_weight,
                       select_layers)
 from .fit import check_data_aware
+from .replay import RollingReplay
 
 __all__ = ["ALLOCATIONS", "CompressionResult", "compress_"]
 
@@ -76,7 +77,10 @@ def compress_(
     model calls them, each on the inputs it receives once the earlier layers are replaced, against the
     original layer's outputs on the original inputs: later layers make up for part of the earlier errors.
     It runs the calibration data through the original and the partly replaced model once per group of
-    layers sharing an input (attention's q, k and v are one group), so it costs that many more runs.
+    layers sharing an input (attention's q, k and v are one group); in a stack of blocks (a transformer's
+    layers) each such run goes through only the group's block and the one before it
+    (:class:`gblr.replay.RollingReplay`), so ``calibration_inputs`` must only call the model, not use
+    what it returns (a shortened call returns None; where it is used, everything runs in full).
     Example::
 
         result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
@@ -133,9 +137,11 @@ def _convert_sequentially(model: nn.Module, config: ConvertConfig, filter_fn, bu
     report = ConversionReport(skipped=skipped)
     convolutions = [name for name, module in to_convert.items() if linear_weight(module) is None]
     reference = copy.deepcopy(model)  # the original (in the same mode), for its inputs and weights
-    ordered = [[name for name in group if name in to_convert] for group in groups]
-    for names in tqdm([g for g in ordered if g], desc="sequential fits", disable=None, leave=False):
-        moments = paired_moments(reference, model, names, run)
+    ordered = [names for names in ([name for name in group if name in to_convert] for group in groups) if names]
+    # a group in block i needs only blocks i-1 (replayed) and i of both models, not the whole of them
+    rolling = RollingReplay(reference, model, [name for group in ordered for name in group])
+    for names in tqdm(ordered, desc="sequential fits", disable=None, leave=False):
+        moments = rolling.measure(names, lambda names=names: paired_moments(reference, model, names, run))
         with torch.no_grad():
             for name in names:
                 weight = linear_weight(model.get_submodule(name))

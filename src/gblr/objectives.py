@@ -61,8 +61,10 @@ class EncoderObjectives:
         for sentence, length in zip(self.input_sentences, lengths):
             by_length.setdefault(length, []).append(sentence)
         batches = [group[i : i + self.batch_size] for group in by_length.values() for i in range(0, len(group), self.batch_size)]
+        device = model_device(model)
         for batch in tqdm(batches, desc="calibration inputs", disable=None, leave=False):
-            sentence_embeddings(model, encode_sentences(self.tokenizer, batch, max_length=MAX_SENTENCE_TOKENS))
+            # the model's output is not used (sequential fits stop its runs early)
+            model(**{k: v.to(device) for k, v in encode_sentences(self.tokenizer, batch, max_length=MAX_SENTENCE_TOKENS).items()})
 
     def recovery_loss(self, seed: int = 0):
         rng = random.Random(seed)
