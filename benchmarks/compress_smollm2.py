@@ -97,7 +97,7 @@ def main() -> None:
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         if allocation == LOWRANK_ALLOCATION:
             if budget not in lowrank_allocations:
-                raise SystemExit(f"{label!r} needs a 'low-rank global, calibrated, outputs fit' row at budget {budget:g}: select both")
+                raise SystemExit(f"{label!r} needs a 'low-rank global, calibrated' row with an outputs fit at budget {budget:g}: select both")
             allocation = lowrank_allocations[budget]
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()

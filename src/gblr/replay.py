@@ -243,10 +243,10 @@ class RollingReplay:
             result = rolling.measure(group, lambda: measure_inputs(reference, model, group))
             ...  # change the group's layers in model
 
-    Only the latest recordings are kept: memory is one block's outputs per model. The first measurement
-    in a block after the first also runs in full; where the blocks do not run once each, in list order,
-    per forward pass, or the results differ (or the shortened run fails), replaying stays off and every
-    measurement runs in full. A measurement of layers outside the blocks runs in full and drops the
+    Only the latest recordings are kept: memory is one block's outputs per model. Each kind of shortened
+    run (stopping only; one replayed block; several) is also run in full the first time, and compared;
+    where the blocks do not run once each, in list order, per forward pass, or the results differ (or the
+    shortened run fails), replaying stays off and every measurement runs in full. A measurement of layers outside the blocks runs in full and drops the
     recordings (the change may reach every block).
     """
 
