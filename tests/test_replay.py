@@ -168,7 +168,8 @@ def sequential_compression(model, calibrate, rolling: bool):
 def test_sequential_fits_through_two_blocks_equal_those_run_in_full(variant):
     torch.manual_seed(0)
     uses_output = variant.pop("uses_output", False)
-    # residual sums outside the blocks: a block's input is not the last block's output alone
+    # blocks hold their residual sums, as in transformers; with the sums outside them (a variant), a
+    # block's input is not the last block's output alone
     model = Stack(blocks=10, **{"residual": "inside", **variant}).eval()
     data = [torch.randn(64, 24) for _ in range(3)]
     # a run that uses the model's outputs cannot be shortened: it must be noticed, and run in full

@@ -68,8 +68,10 @@ def _block_list(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.Modul
     return best
 
 
-def _block_index(prefix: str, blocks: nn.ModuleList, layer_name: str) -> int | None:
-    """The index of the block of ``blocks`` (named ``prefix``) holding ``layer_name``; None if none does."""
+def _block_index(list_name: str, blocks: nn.ModuleList, layer_name: str) -> int | None:
+    """The index of the block of ``blocks`` (the module named ``list_name``) holding ``layer_name``; None
+    if none does."""
+    prefix = f"{list_name}." if list_name else ""
     if not layer_name.startswith(prefix):
         return None
     head = layer_name.removeprefix(prefix).split(".", 1)[0]
@@ -136,11 +138,11 @@ class BlockReplay:
         self.model, self.outputs = model, None
         found = _block_list(model, layer_names)
         self.enabled = found is not None
-        self.prefix, self.blocks = ("", None) if found is None else (f"{found[0]}." if found[0] else "", found[1])
+        self.list_name, self.blocks = found or ("", None)
 
     def block_of(self, layer_name: str) -> int:
         """The index of the block holding ``layer_name``; 0 (nothing to skip) for layers outside the blocks."""
-        return (_block_index(self.prefix, self.blocks, layer_name) or 0) if self.enabled else 0
+        return (_block_index(self.list_name, self.blocks, layer_name) or 0) if self.enabled else 0
 
     def record(self, run: Callable[[], float]) -> float:
         """``run()`` in full, recording every block's outputs; then, where enabled, checks that replaying
@@ -246,21 +248,21 @@ class RollingReplay:
     Only the latest recordings are kept: memory is one block's outputs per model. Each kind of shortened
     run (stopping only; one replayed block; several) is also run in full the first time, and compared;
     where the blocks do not run once each, in list order, per forward pass, or the results differ (or the
-    shortened run fails), replaying stays off and every measurement runs in full. A measurement of layers outside the blocks runs in full and drops the
-    recordings (the change may reach every block).
+    shortened run fails), replaying stays off and every measurement runs in full. A measurement of layers
+    outside the blocks runs in full and drops the recordings (the change may reach every block).
     """
 
     def __init__(self, reference: nn.Module, model: nn.Module, layer_names: list[str]) -> None:
         self.reference, self.model = reference, model
         found = _block_list(model, layer_names)
         self.enabled, self.checked = found is not None, -1  # the kinds of shortened run checked so far
-        self.prefix, self.blocks = ("", None) if found is None else (f"{found[0]}." if found[0] else "", found[1])
-        self.reference_blocks = reference.get_submodule(found[0]) if found else None
+        self.list_name, self.blocks = found or ("", None)
+        self.reference_blocks = reference.get_submodule(self.list_name) if found else None
         self.recorded, self.recordings = -1, None  # the block whose outputs (reference's, model's) are kept
 
     def block_of(self, layer_names: list[str]) -> int | None:
         """The block holding all of ``layer_names``; None if they lie outside the blocks or in several."""
-        indices = {_block_index(self.prefix, self.blocks, name) for name in layer_names} if self.enabled else {None}
+        indices = {_block_index(self.list_name, self.blocks, name) for name in layer_names} if self.enabled else {None}
         return indices.pop() if len(indices) == 1 else None
 
     def measure(self, layer_names: list[str], measure: Callable[[], object]):
