@@ -3,7 +3,8 @@
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
 loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
 both counts are options),
-output fits also made sequentially (each layer group fitted on the inputs of the partly compressed model),
+output fits also made sequentially (each layer group fitted on the inputs of the partly compressed model,
+optionally also refitting the layers kept dense),
 Monarch (uniform or calibrated global, weights: it has no output fit), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
 (the two families then differ only in their fit), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
@@ -15,6 +16,7 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 1.0 0.5 --methods "global, calibrated, outputs"
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --methods "low-rank global, calibrated, outputs" "low-rank's allocation, outputs"
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank's allocation, sequential" --name compress_smollm2_sequential
+    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank on low-rank's allocation, sequential outputs fit, kept" --name compress_smollm2_refit
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
     # the fit alone: GBLR on the per-layer budgets low-rank's calibrated global allocation chose
     *[(f"GBLR on {LOWRANK_ALLOCATION}, {fit} fit", "gblr", LOWRANK_ALLOCATION, False, fit)
       for fit in ("outputs", "sequential outputs")],
+    # sequential fits that also give the layers kept dense their corrected weights (same allocation and cost)
+    *[(f"{name} on {LOWRANK_ALLOCATION}, sequential outputs fit, kept layers refitted", family, LOWRANK_ALLOCATION, False,
+       "sequential outputs, kept layers refitted") for name, family in (("low-rank", "lowrank"), ("GBLR", "gblr"))],
 ]
 
 
@@ -104,7 +109,7 @@ def main() -> None:
         result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
                            calibration_loss=objectives.calibration_loss if calibrated else None,
                            calibration_inputs=None if fit == "weights" else objectives.calibration_inputs,
-                           sequential=fit == "sequential outputs")
+                           sequential=fit.startswith("sequential"), refit_kept=fit.endswith("refitted"))
         if (family, allocation, calibrated) == ("lowrank", "global", True) and fit != "weights":
             lowrank_allocations[budget] = {a.name: a.budget for a in result.allocation}
         monarch_dense_execution(model)

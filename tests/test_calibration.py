@@ -103,6 +103,33 @@ def test_sequential_fits_make_up_for_earlier_layers_errors():
         compress_(copy.deepcopy(model), "lowrank", 0.3, sequential=True)
 
 
+def test_refitting_kept_dense_layers_makes_up_for_the_replaced_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 32))
+    x = _anisotropic_inputs(3000, 64, seed=4)
+    calibrate = lambda m: m(x)  # noqa: E731
+    allocation = {"0": 0.2, "2": 1.0, "4": 1.0}  # only the first layer replaced
+
+    def error(m):
+        with torch.no_grad():
+            return float((m(x) - model(x)).norm() / model(x).norm())
+
+    compressed = {}
+    for refit in (False, True):
+        compressed[refit] = copy.deepcopy(model)
+        result = compress_(compressed[refit], "lowrank", 0.2, allocation=allocation, calibration_inputs=calibrate,
+                           sequential=True, refit_kept=refit)
+        assert [r.name for r in result.conversion.replaced] == ["0"]
+        assert isinstance(compressed[refit][2], nn.Linear) and isinstance(compressed[refit][4], nn.Linear)
+    assert torch.equal(compressed[False][4].weight, model[4].weight)
+    assert not torch.equal(compressed[True][4].weight, model[4].weight)
+    assert torch.equal(compressed[True][4].bias, model[4].bias)
+    assert error(compressed[True]) < error(compressed[False])  # 0.1384 against 0.1399
+    with pytest.raises(ValueError, match="refit_kept must be True or False and needs sequential=True"):
+        compress_(copy.deepcopy(model), "lowrank", 0.3, allocation=allocation, calibration_inputs=calibrate,
+                  refit_kept=True)
+
+
 def test_output_fit_of_low_rank_is_the_whitened_truncated_svd():
     torch.manual_seed(0)
     weight = torch.randn(24, 40, dtype=torch.float64)

@@ -10,6 +10,7 @@ from torch import nn
 
 from gblr.allocate import layer_sensitivities
 from gblr.compress import compress_
+from gblr.convert import select_layers
 from gblr.fit import structured_from_dense
 from gblr.replay import BlockReplay, RollingReplay
 
@@ -149,17 +150,19 @@ def test_a_run_that_differs_from_the_recording_is_an_error():
     assert all(isinstance(block, nn.Sequential) for block in model.blocks)
 
 
-def sequential_compression(model, calibrate, rolling: bool):
+def sequential_compression(model, calibrate, rolling: bool, refit_kept: bool = False):
     """The model compressed with sequential low-rank output fits, with or without rolling replay, and the
-    number of times its first block ran."""
+    number of times its first block ran. With ``refit_kept``, every other layer is kept dense and refitted."""
     model = copy.deepcopy(model)
+    names = list(select_layers(model, None)[0])
+    allocation = {name: 1.0 if refit_kept and i % 2 else 0.4 for i, name in enumerate(names)}
     counts = [0]
     blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
     blocks[0].register_forward_pre_hook(lambda module, args: counts.__setitem__(0, counts[0] + 1))
     with contextlib.ExitStack() as stack:
         if not rolling:
             stack.enter_context(mock.patch.object(RollingReplay, "measure", lambda self, names, measure: measure()))
-        compress_(model, "lowrank", 0.4, calibration_inputs=calibrate, sequential=True)
+        compress_(model, "lowrank", 0.4, allocation, calibration_inputs=calibrate, sequential=True, refit_kept=refit_kept)
     return model, counts[0]
 
 
@@ -185,8 +188,9 @@ def test_sequential_fits_through_two_blocks_equal_those_run_in_full(variant):
         assert rolled_calls < full_calls / 2
 
 
+@pytest.mark.parametrize("refit_kept", [False, True])
 @pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
-def test_sequential_fits_of_hugging_face_models_through_two_blocks_equal_those_run_in_full(build):
+def test_sequential_fits_of_hugging_face_models_through_two_blocks_equal_those_run_in_full(build, refit_kept):
     torch.manual_seed(0)
     model, prefix, loss = build(layers=8)
     batches = [torch.randint(0, 64, (2, 12)) for _ in range(3)]
@@ -195,8 +199,8 @@ def test_sequential_fits_of_hugging_face_models_through_two_blocks_equal_those_r
         for ids in batches:
             m(input_ids=ids)
 
-    full, full_calls = sequential_compression(model, calibrate, rolling=False)
-    rolled, rolled_calls = sequential_compression(model, calibrate, rolling=True)
+    full, full_calls = sequential_compression(model, calibrate, rolling=False, refit_kept=refit_kept)
+    rolled, rolled_calls = sequential_compression(model, calibrate, rolling=True, refit_kept=refit_kept)
     with torch.no_grad():
         assert loss(rolled) == pytest.approx(loss(full), rel=1e-5)
     assert rolled_calls < full_calls / 2

@@ -61,6 +61,7 @@ def compress_(
     options: dict | None = None,
     calibration_inputs: Callable[[nn.Module], object] | None = None,
     sequential: bool = False,
+    refit_kept: bool = False,
 ) -> CompressionResult:
     """Replace the selected linear layers of ``model`` (in place) by ``family`` fits whose summed cost
     is at most ``budget`` of the selected layers' dense cost.
@@ -81,6 +82,8 @@ def compress_(
     layers) each such run goes through only the group's block and the one before it
     (:class:`gblr.replay.RollingReplay`), so ``calibration_inputs`` must only call the model, not use
     what it returns (a shortened call returns None; where it is used, everything runs in full).
+    ``refit_kept=True`` (sequential only) also gives every layer the allocation keeps dense its corrected
+    weight, in its turn: it stays dense (same cost) and makes up for part of the errors before it.
     Example::
 
         result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
@@ -96,6 +99,8 @@ def compress_(
         raise ValueError(f"sequential must be True or False, got {sequential!r}")
     if sequential and calibration_inputs is None:
         raise ValueError("sequential=True fits the layers' outputs: it needs calibration_inputs")
+    if not isinstance(refit_kept, bool) or (refit_kept and not sequential):
+        raise ValueError(f"refit_kept must be True or False and needs sequential=True, got {refit_kept!r}")
     budgets, allocations, grams, kept, groups = None, [], None, set(), []
     selected, _ = select_layers(model, filter_fn)
     if calibration_inputs is not None:
@@ -116,7 +121,8 @@ def compress_(
     grams = grams and {name: gram for name, gram in grams.items() if name not in kept}
     convert_filter = (lambda module, name: name not in kept and (filter_fn or default_filter)(module, name))
     if sequential:
-        report = _convert_sequentially(model, config, convert_filter, budgets, groups, calibration_inputs)
+        report = _convert_sequentially(model, config, convert_filter, budgets, groups, calibration_inputs,
+                                       kept if refit_kept else set())
     else:
         report = convert_(model, config, convert_filter, budgets, grams)
     report.skipped = [(name, KEPT_DENSE if name in kept else reason) for name, reason in report.skipped]
@@ -129,15 +135,18 @@ def compress_(
 
 
 def _convert_sequentially(model: nn.Module, config: ConvertConfig, filter_fn, budgets: dict | None,
-                          groups: list[list[str]], run: Callable[[nn.Module], object]) -> ConversionReport:
+                          groups: list[list[str]], run: Callable[[nn.Module], object], refit: set[str]
+                          ) -> ConversionReport:
     """:func:`convert_` one group of layers at a time (``groups`` in call order), each fitted to the
     corrected weight under the moments of the inputs it now receives (see :mod:`gblr.calibration`); the
-    report's errors are those of each fit against its corrected weight."""
+    report's errors are those of each fit against its corrected weight. The dense layers named in
+    ``refit`` get their corrected weight in their turn and stay dense."""
     to_convert, skipped = select_layers(model, filter_fn)
     report = ConversionReport(skipped=skipped)
     convolutions = [name for name, module in to_convert.items() if linear_weight(module) is None]
     reference = copy.deepcopy(model)  # the original (in the same mode), for its inputs and weights
-    ordered = [names for names in ([name for name in group if name in to_convert] for group in groups) if names]
+    ordered = [names for names in ([name for name in group if name in to_convert or name in refit] for group in groups)
+               if names]
     # a group in block i needs only blocks i-1 (replayed) and i of both models, not the whole of them
     rolling = RollingReplay(reference, model, [name for group in ordered for name in group])
     for names in tqdm(ordered, desc="sequential fits", disable=None, leave=False):
@@ -147,8 +156,11 @@ def _convert_sequentially(model: nn.Module, config: ConvertConfig, filter_fn, bu
                 weight = linear_weight(model.get_submodule(name))
                 original = linear_weight(reference.get_submodule(name))
                 weight.copy_(corrected_weight(original, *moments[name]).to(weight.dtype))
-        part = convert_(model, config, lambda module, name, names=names: name in names, budgets,
-                        {name: moments[name][1] for name in names})
+        fitted = [name for name in names if name not in refit]
+        if not fitted:
+            continue
+        part = convert_(model, config, lambda module, name, fitted=fitted: name in fitted, budgets,
+                        {name: moments[name][1] for name in fitted})
         report.replaced += part.replaced
         report.skipped += part.failed
         with torch.no_grad():  # a layer that could not be converted stays as it was
