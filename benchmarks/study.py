@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -286,6 +287,9 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
                 cells.append(cell)
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
         lines += ["", "Targets: " + "; ".join(verdicts(task, metric, groups, budgets)) + "."]
+        compared = ablations_against_gblr(metric, groups)
+        if compared:
+            lines.append(compared)
         at_edge = [key.split("/")[1] for key, t in meta["tuning"].items()
                    if key.startswith(f"{task}/") and t["lr"] in (min(meta["learning_rates"]), max(meta["learning_rates"]))]
         if at_edge:  # the best rate may lie outside the tried ones
@@ -328,6 +332,27 @@ def verdicts(task: str, metric: str, groups: dict, budgets: list[float]) -> list
         gap = mean[("gblr", 0.5)] - dense
         out.append(f"GBLR at 0.5 has {gap:+.4f} validation loss against dense (target: no worse: {'met' if gap <= 0 else 'missed'})")
     return out
+
+
+def ablations_against_gblr(metric: str, groups: dict) -> str:
+    """Each measured ablation's mean at the tuning budget against GBLR's (our FLOPs controller with one
+    cost-weighted threshold), as a difference of means; "better" or "worse" only where the difference
+    exceeds the larger standard deviation over seeds of the two."""
+    gblr = groups.get(("gblr", TUNING_BUDGET))
+    if not gblr:
+        return ""
+    base, base_spread = mean_and_spread([r["value"] for r in gblr])
+    parts = []
+    for ablation in ABLATIONS:
+        group = groups.get((ablation, TUNING_BUDGET))
+        if group:
+            value, value_spread = mean_and_spread([r["value"] for r in group])
+            difference = f"{100 * (value - base):+.2f} points" if metric == "accuracy" else f"{value - base:+.4f} loss"
+            spread = max((s for s in (base_spread, value_spread) if not math.isnan(s)), default=0.0)
+            verdict = ("within the seeds' spread" if abs(value - base) <= spread
+                       else "better" if better(metric, value, base) else "worse")
+            parts.append(f"{ablation} {difference} ({verdict}; {_count(len(group), 'seed')})")
+    return f"Ablations at {TUNING_BUDGET:g} against GBLR's mean: " + "; ".join(parts) + "." if parts else ""
 
 
 def _count(number: int, noun: str) -> str:
