@@ -83,7 +83,9 @@ def compress_(
     (:class:`gblr.replay.RollingReplay`), so ``calibration_inputs`` must only call the model, not use
     what it returns (a shortened call returns None; where it is used, everything runs in full).
     ``refit_kept=True`` (sequential only) also gives every layer the allocation keeps dense its corrected
-    weight, in its turn: it stays dense (same cost) and makes up for part of the errors before it.
+    weight, in its turn: it stays dense (same cost) and makes up for part of the errors before it on the
+    calibration data (on SmolLM2-135M at 0.8 with 32x256 input tokens it raised held-out perplexity from
+    90.9 to 93.7; hence off by default).
     Example::
 
         result = gblr.compress_(model, "gblr", budget=0.5, allocation="global")
