@@ -51,8 +51,8 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
     *[(f"GBLR on {LOWRANK_ALLOCATION}, {fit} fit", "gblr", LOWRANK_ALLOCATION, False, fit)
       for fit in ("outputs", "sequential outputs")],
     # sequential fits that also give the layers kept dense their corrected weights (same allocation and cost)
-    *[(f"{name} on {LOWRANK_ALLOCATION}, sequential outputs fit, kept layers refitted", family, LOWRANK_ALLOCATION, False,
-       "sequential outputs, kept layers refitted") for name, family in (("low-rank", "lowrank"), ("GBLR", "gblr"))],
+    (f"low-rank on {LOWRANK_ALLOCATION}, sequential outputs fit, kept layers refitted", "lowrank", LOWRANK_ALLOCATION, False,
+     "sequential outputs, kept layers refitted"),
 ]
 
 
