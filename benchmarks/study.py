@@ -83,9 +83,9 @@ TUNING_BUDGET = 0.3
 #: and 2e-3, the edge, the best for all of them on fmnist-vit; then as (1e-3, 2e-3, 4e-3), where 4e-3, the
 #: edge again, won for low-rank; then up to 8e-3, the edge again for Monarch and BLAST; then up to 1.6e-2,
 #: the edge again for Monarch on the Mixer and low-rank on GPT; then up to 3.2e-2, the edge again for
-#: Monarch on the Mixer. The grid grows upwards, for every family on every task alike, until no family's
-#: choice sits at its top.
-LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)
+#: Monarch on the Mixer; then up to 6.4e-2, the edge again for block-diagonal on GPT. The grid grows
+#: upwards, for every family on every task alike, until no family's choice sits at its top.
+LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
 
 
 def run_directory(runs: Path, task: str, family: str, budget: float, lr: float, seed: int) -> Path:
