@@ -170,3 +170,15 @@ def test_fast_masks_cut_into_pieces_and_mixed_sigmas():
     for w, l, s, mask in zip(widths, starts, sigmas, sides):
         assert mask.dtype == torch.float32
         assert torch.allclose(mask, gaudi_mask_with_decay(w, l, 16, inverse_two_sigma_squared(s), True), atol=1e-6)
+
+
+def test_fast_masks_of_non_finite_intervals_are_empty_not_an_index_error():
+    # a diverged run's parameters: the trainer reports the loss; the masks must not fail before it does
+    nan, inf = float("nan"), float("inf")
+    widths, starts = torch.tensor([nan, inf, 0.5, 0.5]), torch.tensor([0.25, 0.25, nan, -inf])
+    masks = rounded_gaudi_masks([widths], [starts], torch.tensor([inverse_two_sigma_squared(None)]), 16)[0]
+    assert torch.isfinite(masks).all()
+    assert torch.equal(masks[0], torch.zeros(16))  # NaN width: empty
+    assert torch.equal(masks[1], torch.ones(16))  # infinite width: all of it
+    reference = reference_boxcar(8, 0, 16).float()  # non-finite starts begin at 0
+    assert torch.allclose(masks[2], reference, atol=1e-6) and torch.allclose(masks[3], reference, atol=1e-6)

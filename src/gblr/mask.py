@@ -158,8 +158,11 @@ class _RoundedMasks(torch.autograd.Function):
         prefix = torch.nn.functional.pad(kernels[:, 0].cumsum(1), (1, 0)).to(dtype)
         position, prefix_row, kernel_row = _cached(_layout, tuple(sizes), n, widths.device)
         grid = n / tile
-        size = (torch.round(widths * grid) * tile).clamp(0, n).to(torch.long).unsqueeze(1)
-        start = torch.remainder(torch.round(starts * grid) * tile, n).to(torch.long).unsqueeze(1)
+        # A diverged run's NaN or infinite intervals become empty ones at 0 rather than indexes outside the
+        # tables: the trainer then stops on the non-finite loss with its own error (it checks at log steps).
+        size = torch.nan_to_num(torch.round(widths * grid) * tile, nan=0.0).clamp(0, n).to(torch.long).unsqueeze(1)
+        start = torch.remainder(torch.nan_to_num(torch.round(starts * grid) * tile, nan=0.0, posinf=0.0, neginf=0.0), n)
+        start = start.to(torch.long).unsqueeze(1)
         # mask[x] sums g over [x-L-W+1, x-L]; offsets are combined per row before the (rows, n) adds.
         row_end = prefix_row - start
         masks = torch.take(prefix, position + row_end) - torch.take(prefix, position + (row_end - size))
