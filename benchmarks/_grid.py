@@ -11,17 +11,39 @@ import sys
 from pathlib import Path
 
 
+DIVERGED = "diverged.txt"  # in a run's directory: the trainer's message; the run is not retried
+
+
+class Diverged(RuntimeError):
+    """A run whose training diverged (its trainer stopped on a non-finite loss or parameter)."""
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
 def train_run(out: Path, config: str, overrides: list[str], init_from: Path | None = None) -> tuple[dict, str]:
-    """The report of the run in ``out`` (trained now unless finished) and the command that trains it."""
+    """The report of the run in ``out`` (trained now unless finished) and the command that trains it;
+    :class:`Diverged` if its training diverged (now or before: resuming would only diverge again)."""
     command = [sys.executable, "-m", "gblr.cli", "train", config, *overrides, "--out", str(out), "--quiet"]
     if init_from is not None:
         command += ["--init-from", str(init_from)]
+    shown = " ".join(["gblr", *command[3:]])
+    if (out / DIVERGED).exists():
+        raise Diverged((out / DIVERGED).read_text().strip(), shown)
     if not (out / "report.json").exists():
         if out.is_dir() and {p.name for p in out.iterdir()} <= {"tensorboard"}:
             shutil.rmtree(out)  # a run stopped before its first checkpoint: only its logs to drop
         resume = ["--resume"] if (out / "checkpoint.json").exists() else []
-        subprocess.run(command + resume, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "report.json").read_text()), " ".join(["gblr", *command[3:]])
+        result = subprocess.run(command + resume, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode:
+            sys.stderr.write(result.stderr)
+            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+            if "training diverged" in message:
+                (out / DIVERGED).write_text(message + "\n")
+                raise Diverged(message, shown)
+            raise subprocess.CalledProcessError(result.returncode, result.args)
+    return json.loads((out / "report.json").read_text()), shown
 
 
 def run_row(report: dict, command: str, **labels) -> dict:

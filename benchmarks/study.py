@@ -34,7 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _grid import mean_and_spread, metric_text, run_row, train_run
+from _grid import Diverged, mean_and_spread, metric_text, run_row, train_run
 from _results import RESULTS, provenance, run_metadata, write_results
 
 #: task -> (base config, the task's recipe as overrides, what it is). Sized so that the CPU grid runs
@@ -73,8 +73,9 @@ ABLATIONS = {
     # our FLOPs controller, every layer held to the budget
     "gblr-per-layer": ['structure.allocation="per_layer"'],
 }
-#: the split each task reports (the GPT recipe has no separate test split)
+#: the split each task reports (the GPT recipe has no separate test split) and its metric
 REPORTED_SPLIT = {"fmnist-vit": "test", "fmnist-mixer": "test", "shakespeare-gpt": "validation"}
+METRIC = {"fmnist-vit": "accuracy", "fmnist-mixer": "accuracy", "shakespeare-gpt": "loss"}
 EVERY_BUDGET = ("dense", "gblr", "lowrank")  # the others run at TUNING_BUDGET only
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)
@@ -96,7 +97,11 @@ def run(runs: Path, task: str, family: str, budget: float, lr: float, seed: int,
     config, recipe, _ = TASKS[task]
     structure = FAMILIES["gblr"] + ABLATIONS[family] if family in ABLATIONS else FAMILIES[family]
     overrides = [*recipe, *structure, f"structure.budget={budget}", f"train.lr={lr}", f"train.seed={seed}", *extra]
-    report, command = train_run(run_directory(runs, task, family, budget, lr, seed), config, overrides)
+    try:
+        report, command = train_run(run_directory(runs, task, family, budget, lr, seed), config, overrides)
+    except Diverged as error:  # a row without a metric: never chosen in tuning, left out of every mean
+        return {"task": task, "study_family": family, "budget": budget, "seed": seed, "lr": lr, "metric": METRIC[task],
+                "value": None, "best_validation": None, "diverged": str(error), "command": error.command}
     return run_row(report, command, task=task, study_family=family)
 
 
@@ -144,8 +149,11 @@ def main() -> None:
                     save_if_new(trained_now)
             if len(trials) < len(LEARNING_RATES):
                 continue  # tuning not finished: no grid for this family yet
-            chosen = trials[0]
-            for trial in trials[1:]:
+            finished = [trial for trial in trials if trial["best_validation"] is not None]
+            if not finished:
+                raise SystemExit(f"{task}/{family}: training diverged at every learning rate")
+            chosen = finished[0]
+            for trial in finished[1:]:
                 if better(trial["metric"], trial["best_validation"], chosen["best_validation"]):
                     chosen = trial
             tuning[f"{task}/{family}"] = {"lr": chosen["lr"], "validation": {t["lr"]: t["best_validation"] for t in trials}}
@@ -191,7 +199,8 @@ def collect(args, runs, task, family, budget, lr, seed, extra, wanted: bool) -> 
     start = time.perf_counter()
     row = run(runs, task, family, budget, lr, seed, extra)
     if not args.report:
-        print(f"{task} {family} budget {budget:g} lr {lr:g} seed {seed}: {row['metric']} {row['value']:.4f} "
+        outcome = "diverged" if row["value"] is None else f"{row['metric']} {row['value']:.4f}"
+        print(f"{task} {family} budget {budget:g} lr {lr:g} seed {seed}: {outcome} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     return row, not finished
 
@@ -240,8 +249,9 @@ def _write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
              "Protocol, the same for every family: " + meta["protocol"], "",
              "The grid is run in pieces (one process per task, across sessions and machines); every row keeps "
              "its own `gblr train` command in the JSON, and `python benchmarks/study.py` resumes or reruns all of it.", ""]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == task]
+    measured, diverged = [r for r in rows if r["value"] is not None], _diverged(rows, trials)
+    for task in dict.fromkeys(r["task"] for r in measured):
+        mine = [r for r in measured if r["task"] == task]
         metric = mine[0]["metric"]
         lines += [f"## {task}", "", TASKS[task][2] + ".", "",
                   f"| family | lr | budget | structured cost | FLOPs / example | {REPORTED_SPLIT[task]} {metric} (mean ± std) | seeds |",
@@ -251,18 +261,30 @@ def _write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
                          f"{statistics.mean(r['structured_fraction'] for r in group):.3f} | "
                          f"{round(statistics.mean(r['flops_per_example'] for r in group)):,} | "
                          f"{metric_text(metric, [r['value'] for r in group])} | {len(group)} |")
+        if diverged.get(task):
+            lines += ["", diverged[task]]
         picture = pareto_picture(f"{args.name}_{task}", task, mine)
         lines += ["", f"![{task}]({picture.name})" if picture else "", ""]
     write_results(args.name, meta, rows, lines)
     if args.readme:
-        replace_readme_block(summary(rows, meta, args.name))
+        replace_readme_block(summary(measured, meta, args.name, diverged))
+
+
+def _diverged(rows: list[dict], trials: list[dict]) -> dict[str, str]:
+    """Per task, a sentence naming the runs whose training diverged (they have no metric)."""
+    runs = {_key(r): r for r in [*trials, *rows] if r["value"] is None}
+    text: dict[str, list[str]] = {}
+    for task, family, budget, lr, seed in runs:
+        text.setdefault(task, []).append(f"{family} at {budget:g}, lr {lr:g}, seed {seed}")
+    return {task: f"Diverged (the trainer stopped on a non-finite loss; no metric, left out): {'; '.join(names)}."
+            for task, names in text.items()}
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = ("<!-- study summary: generated by benchmarks/study.py --report --readme -->", "<!-- end of study summary -->")
 
 
-def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
+def summary(rows: list[dict], meta: dict, name: str, diverged: dict[str, str]) -> list[str]:
     """The README's study summary: per task, mean ± std over seeds by family and budget, and the
     targets' verdicts, all computed from the rows."""
     lines = [f"Quality at equal cost (`.venv/bin/python benchmarks/study.py`, `benchmarks/results/{name}.md`; "
@@ -303,6 +325,8 @@ def summary(rows: list[dict], meta: dict, name: str) -> list[str]:
         missing = [family for family in [*FAMILIES, *ABLATIONS] if not any(r["study_family"] == family for r in mine)]
         if missing:
             lines.append(f"Not measured yet: {', '.join(missing)}.")
+        if diverged.get(task):
+            lines.append(diverged[task])
         picture = RESULTS / f"{name}_{task}.png"
         lines += ["", f"![{task}: {metric} against FLOPs per example]({picture.relative_to(README.parent)})" if picture.exists() else "", ""]
     return lines
