@@ -272,7 +272,7 @@ def _write(args, rows: list[dict], tuning: dict, trials: list[dict]) -> None:
 
 def _diverged(rows: list[dict], trials: list[dict]) -> dict[str, str]:
     """Per task, a sentence naming the runs whose training diverged (they have no metric)."""
-    runs = {_key(r): r for r in [*trials, *rows] if r["value"] is None}
+    runs = dict.fromkeys(_key(r) for r in [*trials, *rows] if r["value"] is None)
     text: dict[str, list[str]] = {}
     for task, family, budget, lr, seed in runs:
         text.setdefault(task, []).append(f"{family} at {budget:g}, lr {lr:g}, seed {seed}")
