@@ -155,7 +155,7 @@ def sequential_compression(model, calibrate, rolling: bool, refit_kept: bool = F
     number of times its first block ran. With ``refit_kept``, every other layer is kept dense and refitted."""
     model = copy.deepcopy(model)
     names = list(select_layers(model, None)[0])
-    allocation = {name: 1.0 if refit_kept and i % 2 else 0.4 for i, name in enumerate(names)}
+    allocation = {name: 1.0 if i % 2 else 0.4 for i, name in enumerate(names)} if refit_kept else "uniform"
     counts = [0]
     blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
     blocks[0].register_forward_pre_hook(lambda module, args: counts.__setitem__(0, counts[0] + 1))
