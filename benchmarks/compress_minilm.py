@@ -14,7 +14,7 @@ Also writes the per-layer allocation table, and checks that save -> load in a fr
 the embeddings exactly.
 
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
-    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe      # every method at 0.5, one table (about 2 h)
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe      # every method at 0.5, one table
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
 """
 
