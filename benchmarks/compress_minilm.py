@@ -112,6 +112,15 @@ def main() -> None:
         best[0]["chosen"] = True
         return rows, best[1]
 
+    meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32, distill_lrs=args.distill_lrs,
+                        probe=not args.no_probe, held_out_sentences=len(objectives.held_out), reload_check=None,
+                        input_sentences=len(objectives.input_sentences))
+    name = args.name + ("_quick" if args.quick else "")
+
+    def write(rows, allocation_rows) -> None:  # after every method too: a long run keeps what it finished
+        write_results(name, meta, rows + [{"allocation_table": allocation_rows}],
+                      markdown(meta, rows, allocation_rows, meta["reload_check"]))
+
     rows = [{"method": "original", "budget": 1.0, "distilled": False, **evaluate(original.model)}]
     print(rows[-1], flush=True)
     budgets = (0.5,) if args.quick else args.budgets
@@ -137,13 +146,9 @@ def main() -> None:
             rows += distilled
             if calibrated and family == "gblr" and saved is None:
                 saved = (model, result)
-    reload_check = check_reload(saved[0], tokenizer, objectives.held_out[:64], saved[1]) if saved else None
-    meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32, distill_lrs=args.distill_lrs,
-                        probe=not args.no_probe,
-                        held_out_sentences=len(objectives.held_out), reload_check=reload_check,
-                        input_sentences=len(objectives.input_sentences))
-    write_results(args.name + ("_quick" if args.quick else ""), meta,
-                  rows + [{"allocation_table": allocation_rows}], markdown(meta, rows, allocation_rows, reload_check))
+            write(rows, allocation_rows)
+    meta["reload_check"] = check_reload(saved[0], tokenizer, objectives.held_out[:64], saved[1]) if saved else None
+    write(rows, allocation_rows)
 
 
 def check_reload(model, tokenizer, sentences, result) -> dict:
