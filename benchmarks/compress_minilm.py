@@ -16,6 +16,7 @@ the embeddings exactly.
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe      # every method at 0.5, one table
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-batch 128 --distill-lrs 1e-3 2e-3 --name compress_minilm_distill_batch
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ torch.save(embed_all(p.model, p.tokenizer, sentences), sys.argv[3])
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100, help="distillation steps (batch 32)")
+    parser.add_argument("--steps", type=int, default=100, help="distillation steps")
+    parser.add_argument("--distill-batch", type=int, default=32, help="training sentences per distillation step")
     parser.add_argument("--quick", action="store_true", help="one budget, three methods, at most 5 distillation steps (smoke run)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--no-probe", action="store_true", help="skip the MR probe (about a minute per row here)")
@@ -101,7 +103,7 @@ def main() -> None:
         rows, best = [], None  # (row, model) of the best so far: only its copy is kept
         for lr in args.distill_lrs:
             model = copy.deepcopy(compressed)
-            result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=lr, learn_structure=learn_structure)
+            result = recover_(model, objectives.recovery_loss(seed=0, batch_size=args.distill_batch), args.steps, lr=lr, learn_structure=learn_structure)
             rows.append({**common, "distilled": "structure learned" if learn_structure else True, "distill_lr": lr,
                          "calibration_cosine": 1 - objectives.calibration_loss(model), "distill_seconds": result.seconds,
                          "distill_loss_first": result.losses[0], "distill_loss_last": result.losses[-1],
@@ -112,7 +114,7 @@ def main() -> None:
         best[0]["chosen"] = True
         return rows, best[1]
 
-    meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=32, distill_lrs=args.distill_lrs,
+    meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=args.distill_batch, distill_lrs=args.distill_lrs,
                         probe=not args.no_probe, held_out_sentences=len(objectives.held_out), reload_check=None,
                         input_sentences=len(objectives.input_sentences))
     name = args.name + ("_quick" if args.quick else "")
@@ -169,7 +171,7 @@ def check_reload(model, tokenizer, sentences, result) -> dict:
 def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
     lrs = meta.get("distill_lrs", [2e-4])
     lines = ["# Compressing all-MiniLM-L6-v2", "", provenance(meta), "",
-             f"Distillation: {meta['distill_steps']} steps of 32 Shakespeare training sentences, AdamW, "
+             f"Distillation: {meta['distill_steps']} steps of {meta.get('distill_batch', 32)} Shakespeare training sentences, AdamW, "
              "MSE to the original's hidden states after every layer, no dropout; "
              + (f"learning rate {lrs[0]:g}. " if len(lrs) == 1 else
                 f"learning rates {', '.join(f'{lr:g}' for lr in lrs)} for every method, each method's chosen (marked) by "

@@ -8,7 +8,8 @@ optionally also refitting the layers kept dense),
 Monarch (uniform or calibrated global, weights: it has no output fit), GBLR on the per-layer budgets low-rank's calibrated global allocation chose
 (the two families then differ only in their fit), and the original for reference: Shakespeare validation perplexity (the last
 10 % of the works, non-overlapping 256-token windows) before and, with ``--steps``, after a next-token
-fine-tune on the first 90 %. ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
+fine-tune on the first 90 % (``--finetune-lrs`` with several rates: every model, the original too, is
+fine-tuned at each and keeps the one with the lowest loss on the calibration windows, which it never trains on). ``--learned-fit`` also times the paper's learned fit (``fit_gblr`` with 100
 steps) on every layer.
 
     python benchmarks/compress_smollm2.py --budgets 0.9 0.8 0.6 0.5 --steps 0 --methods uniform
@@ -16,6 +17,7 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.8 0.5 --steps 200 --recover-at 1.0 0.5 --methods "global, calibrated, outputs"
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --methods "low-rank global, calibrated, outputs" "low-rank's allocation, outputs"
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank's allocation, sequential" --name compress_smollm2_sequential
+    python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --eval-windows 32 --calibration-windows 2 --input-windows 16 --methods "low-rank global, calibrated, outputs" --finetune-lrs 1e-4 3e-4 1e-3 --name compress_smollm2_budget_05_lr
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank on low-rank's allocation, sequential outputs fit, kept" --name compress_smollm2_refit
 """
 
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=8,
                         help="256-token training windows of the calibration loss (allocation)")
     parser.add_argument("--input-windows", type=int, default=128, help="256-token training windows of the output fits' inputs")
+    parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[1e-4],
+                        help="fine-tuning learning rates, the same for every model; with several, each model's is chosen "
+                             "by its next-token loss on the calibration windows (never trained on)")
     parser.add_argument("--recover-at", type=float, nargs="+", default=None,
                         help="fine-tune only the models of these budgets, 1.0 for the original (default: all of them)")
     args = parser.parse_args()
@@ -80,11 +85,20 @@ def main() -> None:
                                     calibration_windows=args.calibration_windows, input_windows=args.input_windows)
 
     def fine_tune(model, budget: float) -> dict | None:
+        """Fine-tune a copy of ``model`` at every learning rate; the chosen one (lowest next-token loss on
+        the calibration windows, which training never sees) is the result, every one is listed under "by_lr"."""
         if not args.steps or (args.recover_at is not None and budget not in args.recover_at):
             return None
-        result = recover_(model, objectives.recovery_loss(seed=0), args.steps, lr=1e-4)
-        return {"finetune_seconds": result.seconds, "finetune_loss_first": result.losses[0],
-                "finetune_loss_last": result.losses[-1]}
+        tries = []
+        for lr in args.finetune_lrs:
+            tuned = copy.deepcopy(model)
+            result = recover_(tuned, objectives.recovery_loss(seed=0), args.steps, lr=lr)
+            tries.append({"lr": lr, "finetune_seconds": result.seconds, "finetune_loss_first": result.losses[0],
+                          "finetune_loss_last": result.losses[-1], "calibration_loss": objectives.calibration_loss(tuned),
+                          **evaluate(tuned)})
+            print(budget, tries[-1], flush=True)
+        chosen = min(tries, key=lambda t: t["calibration_loss"])
+        return {**chosen, "by_lr": tries}
 
     def evaluate(model) -> dict:
         begin = time.perf_counter()
@@ -92,7 +106,8 @@ def main() -> None:
 
     meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", finetune_steps=args.steps,
                         finetune_batch="4 x 256 tokens", eval_tokens=len(objectives.validation), load_seconds=load_seconds,
-                        calibration_windows=args.calibration_windows, input_windows=args.input_windows)
+                        calibration_windows=args.calibration_windows, input_windows=args.input_windows,
+                        finetune_lrs=args.finetune_lrs)
     # the original first, so that every row written after each run has its reference (fine-tuned last)
     reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
                  "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
@@ -121,8 +136,7 @@ def main() -> None:
                   "mean_output_error": _mean([r.output_error for r in result.conversion.replaced])}
         before = evaluate(model)
         print(common, before, flush=True)
-        tuned = fine_tune(model, budget)
-        rows.append({**common, "before": before, "after": None if tuned is None else {**tuned, **evaluate(model)}})
+        rows.append({**common, "before": before, "after": fine_tune(model, budget)})
         print(rows[-1], flush=True)
         write_results(args.name, meta, rows, markdown(meta, rows))
     if args.learned_fit:
@@ -136,9 +150,7 @@ def main() -> None:
                      "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced),
                      "before": evaluate(model), "after": None})
         print(rows[-1], flush=True)
-    model = copy.deepcopy(original.model)
-    tuned = fine_tune(model, 1.0)
-    reference["after"] = None if tuned is None else {**tuned, **evaluate(model)}
+    reference["after"] = fine_tune(original.model, 1.0)
     write_results(args.name, meta, rows, markdown(meta, rows))
 
 
@@ -151,9 +163,13 @@ def _is_learned(layer) -> bool:
 
 
 def markdown(meta, rows) -> list[str]:
+    lrs = meta.get("finetune_lrs", [1e-4])
     lines = ["# Compressing SmolLM2-135M", "", provenance(meta), "",
              f"Perplexity on {meta['eval_tokens']} Shakespeare validation tokens (windows of {CONTEXT}); fine-tune: "
-             f"{meta['finetune_steps']} steps of {meta['finetune_batch']}, AdamW lr 1e-4, next-token loss on the training split. "
+             f"{meta['finetune_steps']} steps of {meta['finetune_batch']}, AdamW, next-token loss on the training split, "
+             + (f"lr {lrs[0]:g}. " if len(lrs) == 1 else
+                f"learning rates {', '.join(f'{lr:g}' for lr in lrs)} for every model, each model's chosen by its next-token "
+                "loss on the calibration windows (never trained on; all listed below). ") +
              f"Calibrated allocations use the next-token loss on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
              f"tokens; fits of the outputs use each layer's inputs on {meta.get('input_windows', 16)}x{CONTEXT} training tokens; the mean relative error "
              "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
@@ -168,6 +184,15 @@ def markdown(meta, rows) -> list[str]:
         output = "-" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.4f}"
         lines.append(f"| {r['method']} | {r['budget']:.2f} | {r['reached']:.3f} | {r['layers']} | {r.get('kept_dense', 0)} | {error_text} | {output} | "
                      f"{r['compress_seconds']:.0f} | {r['before']['perplexity']:.2f} | {tuned} |")
+    tuned_rows = [r for r in rows if r.get("after") and len(r["after"].get("by_lr", [])) > 1]
+    if tuned_rows:
+        lines += ["", "Every fine-tuning learning rate (the chosen one has the lowest calibration loss):", "",
+                  "| method | budget | lr | calibration loss | perplexity after fine-tune | fine-tune s |", "|---|---:|---:|---:|---:|---:|"]
+        for r in tuned_rows:
+            for t in r["after"]["by_lr"]:
+                mark = " (chosen)" if t["lr"] == r["after"]["lr"] else ""
+                lines.append(f"| {r['method']} | {r['budget']:.2f} | {t['lr']:g}{mark} | {t['calibration_loss']:.4f} | "
+                             f"{t['perplexity']:.2f} | {t['finetune_seconds']:.0f} |")
     learned = [r for r in rows if "learned_fit_chosen" in r]
     for r in learned:
         lines += ["", f"Learned fit: chosen over the block-low-rank candidates on {r['learned_fit_chosen']} of {r['layers']} layers; "

@@ -166,6 +166,8 @@ CLI_CASES = {  # name: (arguments given the test's folder, message, the path tha
     "compress: negative fit steps": (
         lambda p: ["compress", "--model", "minilm", "--fit-steps", "-1", "--out", str(p / "c")], "--fit-steps", "c"),
     "compress: lr 0": (lambda p: ["compress", "--model", "minilm", "--lr", "0", "--out", str(p / "c")], "--lr", "c"),
+    "compress: recovery batch 0": (
+        lambda p: ["compress", "--model", "minilm", "--finetune-batch", "0", "--out", str(p / "c")], "--finetune-batch", "c"),
     "compress: model folder without config": (
         lambda p: ["compress", "--model", str(p), "--out", str(p / "c")], "config.json", "c"),
     "compress: calibrate with uniform allocation": (

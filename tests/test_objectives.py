@@ -61,6 +61,11 @@ def test_window_counts_batched_calibration_loss_and_training_windows(teacher):
     trained = torch.cat(student.seen)
     assert trained.shape == (40, 16)  # from the 7 windows after the first 3 (of 10)
     assert not any(torch.equal(window, held) for window in trained for held in objectives.calibration)
+    student.seen.clear()
+    objectives.recovery_loss(seed=0, batch_size=3)(student, 0)  # a batch size of its own
+    assert torch.cat(student.seen).shape == (3, 16)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        objectives.recovery_loss(seed=0, batch_size=0)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -106,5 +111,9 @@ def test_encoder_distillation_matches_every_layer_on_real_tokens(encoder):
     with torch.no_grad():  # only the last layer's states change: the mean over 2 layers is half of its error
         student.encoder.layer[1].output.LayerNorm.bias += 0.1
     assert float(loss(student, 1).detach()) == pytest.approx(0.01 / 2, rel=1e-4)
+    two = objectives.recovery_loss(seed=0, batch_size=2)
+    assert float(two(student, 0).detach()) == pytest.approx(0.01 / 2, rel=1e-4)  # any sentences: the same shift
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        objectives.recovery_loss(seed=0, batch_size=1.5)
     with pytest.raises(ValueError, match="input_sentences must be an integer >= 1"):
         EncoderObjectives(encoder, held_out=8, input_sentences=0)

@@ -77,6 +77,8 @@ def _compress(args) -> int:
     for name in ("fit_steps", "finetune_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.finetune_batch is not None and args.finetune_batch < 1:
+        raise ValueError(f"--finetune-batch must be >= 1, got {args.finetune_batch}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     device = resolve_device(args.device)
@@ -108,12 +110,13 @@ def _compress(args) -> int:
     quality["compressed"] = objectives.quality(model)
     if args.finetune_steps:
         print(f"recovery: {args.finetune_steps} steps ...", flush=True)
-        recovery = recover_(model, objectives.recovery_loss(args.seed), args.finetune_steps, lr=args.lr,
+        recovery = recover_(model, objectives.recovery_loss(args.seed, args.finetune_batch), args.finetune_steps, lr=args.lr,
                             learn_structure=args.learn_structure, precision=args.precision)
         quality["recovered"] = objectives.quality(model)
         quality["recovery_seconds"] = round(recovery.seconds, 1)
     config = {"model": args.model, "family": args.family, "budget": args.budget, "allocation": args.allocation,
               "calibrate": args.calibrate, "fit": fit, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
+              "finetune_batch": args.finetune_batch,
               "learn_structure": args.learn_structure, "lr": args.lr, "seed": args.seed}
     io.save(model, out, config={**config, "compression": result.to_dict(), "quality": quality}, base_model=teacher.identity)
     save_compressed_extras(teacher, out)
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                "a better start without fine-tuning, two calibration runs per group); or its weights")
     compress.add_argument("--fit-steps", type=int, default=0, help="steps of the learned GBLR fit (0: block-low-rank fits only)")
     compress.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (distillation / next-token loss)")
+    compress.add_argument("--finetune-batch", type=int, default=None,
+                          help="sentences (encoders; default 32) or 256-token windows (language models; default 4) per recovery step")
     compress.add_argument("--learn-structure", action="store_true", help="keep learning GBLR structure during recovery")
     compress.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
     compress.add_argument("--seed", type=int, default=0)

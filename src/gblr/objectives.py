@@ -66,11 +66,13 @@ class EncoderObjectives:
             # the model's output is not used (sequential fits stop its runs early)
             model(**{k: v.to(device) for k, v in encode_sentences(self.tokenizer, batch, max_length=MAX_SENTENCE_TOKENS).items()})
 
-    def recovery_loss(self, seed: int = 0):
+    def recovery_loss(self, seed: int = 0, batch_size: int | None = None):
+        """Distillation loss on ``batch_size`` training sentences a step (default: the objectives' batch size)."""
+        batch_size = self.batch_size if batch_size is None else check_features("batch_size", batch_size)
         rng = random.Random(seed)
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
-            batch = encode_sentences(self.tokenizer, rng.sample(self.training, self.batch_size))
+            batch = encode_sentences(self.tokenizer, rng.sample(self.training, batch_size))
             device, teacher_device = model_device(student), model_device(self.teacher)
             with torch.no_grad():
                 targets = self.teacher(**{k: v.to(teacher_device) for k, v in batch.items()},
@@ -116,12 +118,14 @@ class CausalLMObjectives:
         for batch in tqdm(self.input_windows.split(self.batch_size), desc="calibration inputs", disable=None, leave=False):
             model(input_ids=batch.to(model_device(model)))
 
-    def recovery_loss(self, seed: int = 0):
+    def recovery_loss(self, seed: int = 0, batch_size: int | None = None):
+        """Next-token loss on ``batch_size`` training windows a step (default: the objectives' batch size)."""
+        batch_size = self.batch_size if batch_size is None else check_features("batch_size", batch_size)
         generator = torch.Generator().manual_seed(seed)
         windows, first = len(self.training) // self.context, len(self.calibration)
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
-            picks = torch.randint(first, windows, (self.batch_size,), generator=generator).tolist()
+            picks = torch.randint(first, windows, (batch_size,), generator=generator).tolist()
             batch = torch.stack([self.training[i * self.context : (i + 1) * self.context] for i in picks])
             batch = batch.to(model_device(student))
             return student(input_ids=batch, labels=batch).loss
