@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gblr.cli import EXIT_DIVERGED
+
 
 DIVERGED = "diverged.txt"  # in a run's directory: the trainer's message; the run is not retried
 
@@ -39,7 +41,7 @@ def train_run(out: Path, config: str, overrides: list[str], init_from: Path | No
         if result.returncode:
             sys.stderr.write(result.stderr)
             message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-            if "training diverged" in message:
+            if result.returncode == EXIT_DIVERGED:
                 (out / DIVERGED).write_text(message + "\n")
                 raise Diverged(message, shown)
             raise subprocess.CalledProcessError(result.returncode, result.args)

@@ -180,9 +180,17 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(trainer, "_loss", loss_that_diverges)
     config = load_config(None, TINY + ["train.max_steps=20", "train.checkpoint_every=5", "train.log_every=1"])
-    with pytest.raises(FloatingPointError, match="diverged at step 8"):
+    with pytest.raises(trainer.TrainingDiverged, match="diverged at step 8"):
         train(config, tmp_path, progress=False)
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["step"] == 5
     assert all(torch.isfinite(t).all() for t in read_checkpoint(tmp_path)[1].values()
                if t.is_floating_point())
+    # the command line gives a diverged run its own exit status, so that callers need not parse the message
+    from gblr.cli import EXIT_DIVERGED, main
+
+    calls["n"] = 0
+    (tmp_path / "empty.toml").write_text("")
+    status = main(["train", str(tmp_path / "empty.toml"), *TINY, "train.max_steps=20", "train.log_every=1",
+                   "--out", str(tmp_path / "cli"), "--quiet"])
+    assert status == EXIT_DIVERGED and "gblr train: training diverged at step 8" in capsys.readouterr().err

@@ -9,16 +9,22 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["EXIT_DIVERGED", "main"]
+
+EXIT_DIVERGED = 3  # `gblr train` whose training diverged (other errors exit with 2)
 
 
 def _train(args) -> int:
-    from .train import load_config, train
+    from .train import TrainingDiverged, load_config, train
 
     overrides = args.overrides + ([f"train.init_from={json.dumps(args.init_from)}"] if args.init_from else [])
     config = load_config(args.config, overrides)
     out_dir = Path(args.out) if args.out else Path("runs") / config.name
-    report = train(config, out_dir, resume=args.resume, progress=not args.quiet)
+    try:
+        report = train(config, out_dir, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as error:  # its own exit status: a grid of runs tells it from a failure
+        print(f"gblr train: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
     if report is None:  # a non-zero rank under torchrun: rank 0 reports
         return 0
     print((out_dir / "report.md").read_text())

@@ -27,7 +27,11 @@ from .checkpoint import load_checkpoint, load_model_state, read_checkpoint, save
 from .config import RunConfig, _build
 from .pictures import save_structure_pictures
 
-__all__ = ["train", "build_model", "load_data", "load_trained"]
+__all__ = ["TrainingDiverged", "train", "build_model", "load_data", "load_trained"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training stopped on a non-finite loss or parameter; the last good checkpoint is kept."""
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -402,7 +406,7 @@ def _finite_loss(loss: torch.Tensor, parameters, step: int, out_dir: Path) -> fl
         if not bool(torch.stack(torch._foreach_norm([p.detach() for p in parameters])).isfinite().all()):
             problem = "loss finite, but a parameter is not"
     if problem is not None:
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"training diverged at step {step} ({problem}); the last good checkpoint in {out_dir} is kept "
             "(lower train.lr or structure.structure_lr, or raise train.warmup)"
         )
