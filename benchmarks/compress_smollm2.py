@@ -84,9 +84,10 @@ def main() -> None:
     objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT,
                                     calibration_windows=args.calibration_windows, input_windows=args.input_windows)
 
-    def fine_tune(model, budget: float) -> dict | None:
+    def fine_tune(model, budget: float, keep=lambda after: None) -> dict | None:
         """Fine-tune a copy of ``model`` at every learning rate; the chosen one (lowest next-token loss on
-        the calibration windows, which training never sees) is the result, every one is listed under "by_lr"."""
+        the calibration windows, which training never sees) is the result, every one is listed under "by_lr".
+        ``keep(result so far)`` runs after each rate, so that a long run that stops keeps what it measured."""
         if not args.steps or (args.recover_at is not None and budget not in args.recover_at):
             return None
         tries = []
@@ -97,8 +98,8 @@ def main() -> None:
                           "finetune_loss_last": result.losses[-1], "calibration_loss": objectives.calibration_loss(tuned),
                           **evaluate(tuned)})
             print(budget, tries[-1], flush=True)
-        chosen = min(tries, key=lambda t: t["calibration_loss"])
-        return {**chosen, "by_lr": tries}
+            keep({**min(tries, key=lambda t: t["calibration_loss"]), "by_lr": tries})
+        return {**min(tries, key=lambda t: t["calibration_loss"]), "by_lr": tries}
 
     def evaluate(model) -> dict:
         begin = time.perf_counter()
@@ -112,6 +113,10 @@ def main() -> None:
     reference = {"method": "original", "family": "dense", "budget": 1.0, "reached": 1.0, "layers": 0,
                  "compress_seconds": 0.0, "before": evaluate(copy.deepcopy(original.model)), "after": None}
     rows = [reference]
+
+    def write(row: dict, after: dict) -> None:  # a row's fine-tune so far, written at once
+        row["after"] = after
+        write_results(args.name, meta, rows, markdown(meta, rows))
     selected = selected_methods(METHODS, args.methods)
     lowrank_allocations = {}  # budget -> the per-layer budgets of low-rank's calibrated global allocation
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
@@ -136,7 +141,8 @@ def main() -> None:
                   "mean_output_error": _mean([r.output_error for r in result.conversion.replaced])}
         before = evaluate(model)
         print(common, before, flush=True)
-        rows.append({**common, "before": before, "after": fine_tune(model, budget)})
+        rows.append({**common, "before": before, "after": None})
+        rows[-1]["after"] = fine_tune(model, budget, keep=lambda after: write(rows[-1], after))
         print(rows[-1], flush=True)
         write_results(args.name, meta, rows, markdown(meta, rows))
     if args.learned_fit:
@@ -150,7 +156,7 @@ def main() -> None:
                      "mean_relative_error": sum(r.relative_error for r in result.conversion.replaced) / len(result.conversion.replaced),
                      "before": evaluate(model), "after": None})
         print(rows[-1], flush=True)
-    reference["after"] = fine_tune(original.model, 1.0)
+    reference["after"] = fine_tune(original.model, 1.0, keep=lambda after: write(reference, after))
     write_results(args.name, meta, rows, markdown(meta, rows))
 
 
