@@ -90,7 +90,7 @@ def main() -> None:
         ``keep(result so far)`` runs after each rate, so that a long run that stops keeps what it measured."""
         if not args.steps or (args.recover_at is not None and budget not in args.recover_at):
             return None
-        tries = []
+        tries, so_far = [], None
         for lr in args.finetune_lrs:
             tuned = copy.deepcopy(model)
             result = recover_(tuned, objectives.recovery_loss(seed=0), args.steps, lr=lr)
@@ -98,8 +98,9 @@ def main() -> None:
                           "finetune_loss_last": result.losses[-1], "calibration_loss": objectives.calibration_loss(tuned),
                           **evaluate(tuned)})
             print(budget, tries[-1], flush=True)
-            keep({**min(tries, key=lambda t: t["calibration_loss"]), "by_lr": tries})
-        return {**min(tries, key=lambda t: t["calibration_loss"]), "by_lr": tries}
+            so_far = {**min(tries, key=lambda t: t["calibration_loss"]), "by_lr": tries}
+            keep(so_far)
+        return so_far
 
     def evaluate(model) -> dict:
         begin = time.perf_counter()
