@@ -1,7 +1,7 @@
 """Compress SmolLM2-135M to fractions of its q, k, v, o, gate, up, down projections' cost.
 
 GBLR and low-rank with the same options (uniform budgets or a global budget calibrated on the next-token
-loss of 8x256 training tokens; fitting the weights or each layer's outputs on 128x256 training tokens;
+loss of 8x256 training tokens or on the divergence of the next-token distributions from the original's; fitting the weights or each layer's outputs on 128x256 training tokens;
 both counts are options),
 output fits also made sequentially (each layer group fitted on the inputs of the partly compressed model,
 optionally also refitting the layers kept dense),
@@ -19,6 +19,7 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank's allocation, sequential" --name compress_smollm2_sequential
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --eval-windows 32 --calibration-windows 2 --input-windows 16 --methods "low-rank global, calibrated, outputs" --finetune-lrs 1e-4 3e-4 1e-3 --name compress_smollm2_budget_05_lr
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --threads 1 --methods "low-rank global, calibrated, sequential" "low-rank on low-rank's allocation, sequential outputs fit, kept" --name compress_smollm2_refit
+    python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --methods "low-rank global, calibrated on divergence, sequential" --name compress_smollm2_divergence
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from gblr.train.recovery import recover_
 CONTEXT = 256
 
 LOWRANK_ALLOCATION = "low-rank's allocation"  # the budgets of "low-rank global, calibrated, (sequential) outputs fit"
-METHODS = [  # (label, family, allocation, calibrated, fit)
+METHODS = [  # (label, family, allocation, calibrated: False, True (next-token loss) or "divergence", fit)
     *[(f"{name} {allocation}{', calibrated' if calibrated else ''}, {fit} fit", family, allocation, calibrated, fit)
       for allocation, calibrated in (("uniform", False), ("global", True))
       for fit in ("outputs", "weights")
@@ -49,6 +50,9 @@ METHODS = [  # (label, family, allocation, calibrated, fit)
     # the output fit one layer group at a time, on the partly compressed model's inputs
     *[(f"{name} global, calibrated, sequential outputs fit", family, "global", True, "sequential outputs")
       for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
+    # the global allocation calibrated on the divergence from the original's next-token distributions
+    *[(f"{name} global, calibrated on divergence, {fit} fit", family, "global", "divergence", fit)
+      for fit in ("outputs", "sequential outputs") for name, family in (("GBLR", "gblr"), ("low-rank", "lowrank"))],
     # the fit alone: GBLR on the per-layer budgets low-rank's calibrated global allocation chose
     *[(f"GBLR on {LOWRANK_ALLOCATION}, {fit} fit", "gblr", LOWRANK_ALLOCATION, False, fit)
       for fit in ("outputs", "sequential outputs")],
@@ -83,6 +87,12 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     objectives = CausalLMObjectives(original, eval_windows=args.eval_windows, context=CONTEXT,
                                     calibration_windows=args.calibration_windows, input_windows=args.input_windows)
+    selected = selected_methods(METHODS, args.methods)
+    calibrations = {True: objectives}  # the same windows; the divergence's needs the original's predictions
+    if any(method[3] == "divergence" for method in selected):
+        calibrations["divergence"] = CausalLMObjectives(
+            original, eval_windows=args.eval_windows, context=CONTEXT, calibration_windows=args.calibration_windows,
+            input_windows=args.input_windows, calibration="divergence")
 
     def fine_tune(model, budget: float, keep=lambda after: None) -> dict | None:
         """Fine-tune a copy of ``model`` at every learning rate; the chosen one (lowest next-token loss on
@@ -118,7 +128,6 @@ def main() -> None:
     def write(row: dict, after: dict) -> None:  # a row's fine-tune so far, written at once
         row["after"] = after
         write_results(args.name, meta, rows, markdown(meta, rows))
-    selected = selected_methods(METHODS, args.methods)
     lowrank_allocations = {}  # budget -> the per-layer budgets of low-rank's calibrated global allocation
     for budget, (label, family, allocation, calibrated, fit) in [(b, m) for b in args.budgets for m in selected]:
         if allocation == LOWRANK_ALLOCATION:
@@ -128,7 +137,7 @@ def main() -> None:
         model = copy.deepcopy(original.model)
         begin = time.perf_counter()
         result = compress_(model, family, budget, allocation, options={"steps": 0} if family == "gblr" else None,
-                           calibration_loss=objectives.calibration_loss if calibrated else None,
+                           calibration_loss=calibrations[calibrated].calibration_loss if calibrated else None,
                            calibration_inputs=None if fit == "weights" else objectives.calibration_inputs,
                            sequential=fit.startswith("sequential"), refit_kept=fit.endswith("refitted"))
         if (family, allocation, calibrated) == ("lowrank", "global", True) and fit != "weights":
@@ -177,7 +186,8 @@ def markdown(meta, rows) -> list[str]:
              + (f"lr {lrs[0]:g}. " if len(lrs) == 1 else
                 f"learning rates {', '.join(f'{lr:g}' for lr in lrs)} for every model, each model's chosen by its next-token "
                 "loss on the calibration windows (never trained on; all listed below). ") +
-             f"Calibrated allocations use the next-token loss on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
+             f"Calibrated allocations use the next-token loss (\"calibrated on divergence\": the mean KL divergence of the "
+             f"next-token distributions from the original's) on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
              f"tokens; fits of the outputs use each layer's inputs on {meta.get('input_windows', 16)}x{CONTEXT} training tokens; the mean relative error "
              "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from gblr.allocate import layer_sensitivities
 from gblr.calibration import input_grams
 from gblr.objectives import CausalLMObjectives, EncoderObjectives
 from gblr.pretrained import Pretrained, encode_sentences, sentence_embeddings
@@ -68,7 +69,26 @@ def test_window_counts_batched_calibration_loss_and_training_windows(teacher):
         objectives.recovery_loss(seed=0, batch_size=0)
 
 
+def test_divergence_calibration_is_zero_for_the_original_and_the_kl_of_a_changed_model(teacher):
+    objectives = CausalLMObjectives(teacher, eval_windows=2, context=16, batch_size=2, training_characters=160,
+                                    calibration_windows=3, input_windows=5, calibration="divergence")
+    assert objectives.calibration_loss(teacher.model) == pytest.approx(0.0, abs=1e-6)
+    changed = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.add_(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)))
+        reference = teacher.model(input_ids=objectives.calibration).logits.log_softmax(-1)
+        moved = changed(input_ids=objectives.calibration).logits.log_softmax(-1)
+    expected = (reference.exp() * (reference - moved)).sum(-1).mean()  # KL(original || changed) per token
+    assert float(expected) > 1e-4
+    assert objectives.calibration_loss(changed) == pytest.approx(float(expected), rel=1e-4)
+    # as the calibration of a global allocation: every layer's measured increase is above zero
+    layers = {name: module for name, module in teacher.model.named_modules() if name.endswith("_proj")}
+    measured = layer_sensitivities(teacher.model, layers, objectives.calibration_loss, "lowrank", 0.3)
+    assert len(measured) == 7 and all(increase > 0 for increase, _ in measured.values())
+
+
 @pytest.mark.parametrize("options, message", [
+    ({"calibration": "kl"}, "calibration must be one of"),
     ({"calibration_windows": 0}, "calibration_windows must be an integer >= 1"),
     ({"input_windows": 2.5}, "input_windows must be an integer >= 1"),
     ({"input_windows": 1000}, "too few for 8 calibration and 1000 input windows"),
