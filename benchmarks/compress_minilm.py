@@ -17,6 +17,7 @@ the embeddings exactly.
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe      # every method at 0.5, one table
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-batch 128 --distill-lrs 1e-3 2e-3 --name compress_minilm_distill_batch
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ RELOAD = """
 import sys, torch
 from gblr import io
 from gblr.pretrained import load_pretrained, embed_all
-torch.set_num_threads(2)  # as in the benchmark: the thread count changes float summation order
+torch.set_num_threads(int(sys.argv[4]))  # as in the benchmark: the thread count changes float summation order
 p = load_pretrained("minilm")
 io.load(sys.argv[1], p.model)
 sentences = open(sys.argv[2]).read().split("\\n")
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the MR probe (about a minute per row here)")
     parser.add_argument("--methods", nargs="+", default=["all"], help="methods whose label contains one of these, or all")
     parser.add_argument("--name", default="compress_minilm", help="results file name")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--no-structure-learning", action="store_true",
+                        help="distil the calibrated GBLR rows with their structure frozen only (as every other row)")
     # 5e-4: the rate GBLR and low-rank both chose from 2e-4, 5e-4 and 1e-3 (compress_minilm_distill_lr)
     parser.add_argument("--distill-lrs", type=float, nargs="+", default=[5e-4],
                         help="distillation learning rates, the same for every method; with several, each method's is chosen "
@@ -82,7 +86,7 @@ def main() -> None:
     if args.quick:
         args.steps = min(args.steps, 5)
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     original = load_pretrained("minilm")
     tokenizer = original.tokenizer
     objectives = EncoderObjectives(original, held_out=512)
@@ -114,7 +118,7 @@ def main() -> None:
         best[0]["chosen"] = True
         return rows, best[1]
 
-    meta = run_metadata("2 cores, CPU, 2 torch threads", distill_steps=args.steps, distill_batch=args.distill_batch, distill_lrs=args.distill_lrs,
+    meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", distill_steps=args.steps, distill_batch=args.distill_batch, distill_lrs=args.distill_lrs,
                         probe=not args.no_probe, held_out_sentences=len(objectives.held_out), reload_check=None,
                         input_sentences=len(objectives.input_sentences))
     name = args.name + ("_quick" if args.quick else "")
@@ -143,7 +147,8 @@ def main() -> None:
             print(rows[-1], flush=True)
             if calibrated and family == "gblr":
                 allocation_rows += [{"target": budget, "fit": fit, **a} for a in result.to_dict()["allocation"]]
-                rows += distilled_rows(model, common, learn_structure=True)[0]
+                if not args.no_structure_learning:
+                    rows += distilled_rows(model, common, learn_structure=True)[0]
             distilled, model = distilled_rows(model, common, learn_structure=False)
             rows += distilled
             if calibrated and family == "gblr" and saved is None:
@@ -159,7 +164,7 @@ def check_reload(model, tokenizer, sentences, result) -> dict:
         io.save(model, f"{tmp}/saved", config=result.to_dict(), base_model="minilm")
         with open(f"{tmp}/sentences.txt", "w") as f:
             f.write("\n".join(sentences))
-        subprocess.run([sys.executable, "-c", RELOAD, f"{tmp}/saved", f"{tmp}/sentences.txt", f"{tmp}/out.pt"], check=True)
+        subprocess.run([sys.executable, "-c", RELOAD, f"{tmp}/saved", f"{tmp}/sentences.txt", f"{tmp}/out.pt", str(torch.get_num_threads())], check=True)
         reloaded = torch.load(f"{tmp}/out.pt")
     with torch.no_grad():
         here = embed_all(model, tokenizer, sentences)
