@@ -125,9 +125,12 @@ class CausalLMObjectives:
         self._reference = None if calibration == "next-token" else torch.cat(
             [log_probs.cpu() for log_probs in self._log_probs(teacher.model)])
 
+    def _calibration_batches(self, model: nn.Module):
+        return self.calibration.to(model_device(model)).split(self.batch_size)
+
     @torch.no_grad()
     def _log_probs(self, model: nn.Module):
-        for batch in self.calibration.to(model_device(model)).split(self.batch_size):
+        for batch in self._calibration_batches(model):
             yield model(input_ids=batch).logits.float().log_softmax(-1)
 
     def calibration_loss(self, model: nn.Module) -> float:
@@ -136,8 +139,8 @@ class CausalLMObjectives:
                              for log_probs, reference in zip(self._log_probs(model), self._reference.split(self.batch_size)))
             return float(divergence / self.calibration.numel())
         with torch.no_grad():  # in batches; windows of equal length, so weighting by windows is by tokens
-            batches = self.calibration.to(model_device(model)).split(self.batch_size)
-            return float(sum(model(input_ids=b, labels=b).loss * len(b) for b in batches) / len(self.calibration))
+            return float(sum(model(input_ids=b, labels=b).loss * len(b) for b in self._calibration_batches(model))
+                         / len(self.calibration))
 
     @torch.no_grad()
     def calibration_inputs(self, model: nn.Module) -> None:
