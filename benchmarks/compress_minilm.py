@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--distill-lrs", type=float, nargs="+", default=[5e-4],
                         help="distillation learning rates, the same for every method; with several, each method's is chosen "
                              "by the cosine on the 64 calibration sentences (training side), never on the held-out ones")
+    parser.add_argument("--distill-embedding-weight", type=float, default=0.0,
+                        help="weight of 1 - cosine of the pooled sentence embeddings added to the hidden states' MSE")
     args = parser.parse_args()
     if args.quick:
         args.steps = min(args.steps, 5)
@@ -107,7 +109,7 @@ def main() -> None:
         rows, best = [], None  # (row, model) of the best so far: only its copy is kept
         for lr in args.distill_lrs:
             model = copy.deepcopy(compressed)
-            result = recover_(model, objectives.recovery_loss(seed=0, batch_size=args.distill_batch), args.steps, lr=lr, learn_structure=learn_structure)
+            result = recover_(model, objectives.recovery_loss(seed=0, batch_size=args.distill_batch, embedding_weight=args.distill_embedding_weight), args.steps, lr=lr, learn_structure=learn_structure)
             rows.append({**common, "distilled": "structure learned" if learn_structure else True, "distill_lr": lr,
                          "calibration_cosine": 1 - objectives.calibration_loss(model), "distill_seconds": result.seconds,
                          "distill_loss_first": result.losses[0], "distill_loss_last": result.losses[-1],
@@ -119,6 +121,7 @@ def main() -> None:
         return rows, best[1]
 
     meta = run_metadata(f"2 cores, CPU, {args.threads} torch threads", distill_steps=args.steps, distill_batch=args.distill_batch, distill_lrs=args.distill_lrs,
+                        distill_embedding_weight=args.distill_embedding_weight,
                         probe=not args.no_probe, held_out_sentences=len(objectives.held_out), reload_check=None,
                         input_sentences=len(objectives.input_sentences))
     name = args.name + ("_quick" if args.quick else "")
@@ -177,7 +180,9 @@ def markdown(meta, rows, allocation_rows, reload_check) -> list[str]:
     lrs = meta.get("distill_lrs", [2e-4])
     lines = ["# Compressing all-MiniLM-L6-v2", "", provenance(meta), "",
              f"Distillation: {meta['distill_steps']} steps of {meta.get('distill_batch', 32)} Shakespeare training sentences, AdamW, "
-             "MSE to the original's hidden states after every layer, no dropout; "
+             "MSE to the original's hidden states after every layer"
+             + (f" plus {meta['distill_embedding_weight']:g} x (1 - cosine of the pooled sentence embeddings)"
+                if meta.get("distill_embedding_weight") else "") + ", no dropout; "
              + (f"learning rate {lrs[0]:g}. " if len(lrs) == 1 else
                 f"learning rates {', '.join(f'{lr:g}' for lr in lrs)} for every method, each method's chosen (marked) by "
                 "its cosine on the 64 calibration sentences (training side). ")

@@ -2,6 +2,7 @@
 counts, batched calibration loss and training windows."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -137,3 +138,19 @@ def test_encoder_distillation_matches_every_layer_on_real_tokens(encoder):
         objectives.recovery_loss(seed=0, batch_size=1.5)
     with pytest.raises(ValueError, match="input_sentences must be an integer >= 1"):
         EncoderObjectives(encoder, held_out=8, input_sentences=0)
+
+
+def test_encoder_distillation_can_add_the_embedding_cosine(encoder):
+    objectives = EncoderObjectives(encoder, held_out=8, batch_size=4, input_sentences=10)
+    student = copy.deepcopy(encoder.model)
+    with torch.no_grad():
+        student.encoder.layer[1].output.LayerNorm.bias += 0.1 * torch.randn(32)
+    plain = float(objectives.recovery_loss(seed=0)(student, 0).detach())
+    weighted = float(objectives.recovery_loss(seed=0, embedding_weight=2.0)(student, 0).detach())
+    batch = encode_sentences(encoder.tokenizer, random.Random(0).sample(objectives.training, 4))  # the loss's batch
+    with torch.no_grad():
+        cosine = (sentence_embeddings(student, batch) * sentence_embeddings(encoder.model, batch)).sum(-1).mean()
+    assert 1 - float(cosine) > 1e-3
+    assert weighted - plain == pytest.approx(2.0 * (1 - float(cosine)), rel=1e-4)
+    with pytest.raises(ValueError, match="embedding_weight must be a number >= 0"):
+        objectives.recovery_loss(seed=0, embedding_weight=-1.0)

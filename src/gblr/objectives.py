@@ -68,9 +68,13 @@ class EncoderObjectives:
             # the model's output is not used (sequential fits stop its runs early)
             model(**{k: v.to(device) for k, v in encode_sentences(self.tokenizer, batch, max_length=MAX_SENTENCE_TOKENS).items()})
 
-    def recovery_loss(self, seed: int = 0, batch_size: int | None = None):
-        """Distillation loss on ``batch_size`` training sentences a step (default: the objectives' batch size)."""
+    def recovery_loss(self, seed: int = 0, batch_size: int | None = None, embedding_weight: float = 0.0):
+        """Distillation loss on ``batch_size`` training sentences a step (default: the objectives' batch size):
+        the mean over layers of the hidden states' squared error, plus ``embedding_weight`` times
+        ``1 - cosine`` of the pooled sentence embeddings (the quality measured)."""
         batch_size = self.batch_size if batch_size is None else check_features("batch_size", batch_size)
+        if isinstance(embedding_weight, bool) or not isinstance(embedding_weight, (int, float)) or not embedding_weight >= 0:
+            raise ValueError(f"embedding_weight must be a number >= 0, got {embedding_weight!r}")
         rng = random.Random(seed)
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:
@@ -85,7 +89,11 @@ class EncoderObjectives:
             targets = [t.to(device) for t in targets]
             # every layer's states, not only the pooled embedding: far more signal per sentence
             errors = [((h - t) * mask).pow(2).sum() / (mask.sum() * h.shape[-1]) for h, t in zip(hidden, targets)]
-            return torch.stack(errors).mean()
+            loss = torch.stack(errors).mean()
+            if embedding_weight:
+                cosine = F.cosine_similarity((hidden[-1] * mask).sum(1), (targets[-1] * mask).sum(1), dim=-1)
+                loss = loss + embedding_weight * (1 - cosine).mean()
+            return loss
 
         return batch_loss
 
