@@ -186,8 +186,10 @@ def markdown(meta, rows) -> list[str]:
              + (f"lr {lrs[0]:g}. " if len(lrs) == 1 else
                 f"learning rates {', '.join(f'{lr:g}' for lr in lrs)} for every model, each model's chosen by its next-token "
                 "loss on the calibration windows (never trained on; all listed below). ") +
-             f"Calibrated allocations use the next-token loss (\"calibrated on divergence\": the mean KL divergence of the "
-             f"next-token distributions from the original's) on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
+             "Calibrated allocations use the next-token loss "
+             + ("(\"calibrated on divergence\": the mean KL divergence of the next-token distributions from the original's) "
+                if any("divergence" in r["method"] for r in rows) else "")
+             + f"on {meta.get('calibration_windows', 2)}x{CONTEXT} training "
              f"tokens; fits of the outputs use each layer's inputs on {meta.get('input_windows', 16)}x{CONTEXT} training tokens; the mean relative error "
              "column is of the weights, the output error of each layer's outputs on those tokens. Monarch layers run through their effective dense weight (the same function; "
              "their tiny block products are 10-20x slower than dense here).", "",
