@@ -9,7 +9,7 @@ import torch
 
 from gblr.allocate import layer_sensitivities
 from gblr.calibration import input_grams
-from gblr.objectives import CausalLMObjectives, EncoderObjectives
+from gblr.objectives import CausalLMObjectives, EncoderObjectives, objectives_for
 from gblr.pretrained import Pretrained, encode_sentences, sentence_embeddings
 
 transformers = pytest.importorskip("transformers")
@@ -154,3 +154,16 @@ def test_encoder_distillation_can_add_the_embedding_cosine(encoder):
     assert weighted - plain == pytest.approx(2.0 * (1 - float(cosine)), rel=1e-4)
     with pytest.raises(ValueError, match="embedding_weight must be a number >= 0"):
         objectives.recovery_loss(seed=0, embedding_weight=-1.0)
+
+
+def test_objectives_for_a_calibrated_language_model_measure_the_divergence(teacher):
+    options = dict(eval_windows=2, context=16, batch_size=2, training_characters=160, calibration_windows=3, input_windows=5)
+    changed = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    divergence = CausalLMObjectives(teacher, calibration="divergence", **options).calibration_loss(changed)
+    assert objectives_for(teacher, calibrate=True, **options).calibration_loss(changed) == pytest.approx(divergence)
+    next_token = CausalLMObjectives(teacher, **options).calibration_loss(changed)
+    assert abs(divergence - next_token) > 1.0  # a small KL against a loss near log(128)
+    assert objectives_for(teacher, **options).calibration_loss(changed) == pytest.approx(next_token)
+    assert objectives_for(teacher, calibrate=True, calibration="next-token", **options).calibration_loss(changed) == pytest.approx(next_token)

@@ -103,7 +103,7 @@ def _compress(args) -> int:
     teacher = load_pretrained(args.model)
     teacher.model.to(device)
     model = copy.deepcopy(teacher.model)
-    objectives = objectives_for(teacher)
+    objectives = objectives_for(teacher, calibrate=args.calibrate)
     quality = {"original": objectives.quality(teacher.model)}
     options = {"steps": args.fit_steps} if args.family == "gblr" else {}
     print(f"compressing to {args.budget:g} of the replaced layers' cost ({args.family}, {args.allocation}, "
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     compress.add_argument("--budget", type=float, default=0.5, help="cost of the replaced layers, fraction of dense")
     compress.add_argument("--allocation", choices=("uniform", "global"), default="global",
                           help="one budget per layer, or one global budget allocated by error curves")
-    compress.add_argument("--calibrate", action="store_true", help="weight the allocation by the loss on calibration text")
+    compress.add_argument("--calibrate", action="store_true", help="weight the allocation by how far each layer alone moves the model from the original on calibration "
+                               "text (embedding cosine for encoders, divergence of next-token predictions for language models)")
     compress.add_argument("--fit", choices=("outputs", "sequential", "weights"), default=None,
                           help="fit each layer's outputs on calibration text (default for gblr and lowrank); the same "
                                "one layer group at a time on the inputs of the partly compressed model (sequential: "
