@@ -5,8 +5,9 @@
   (batched by token count, so without padding; the count is an option), distillation by MSE to the
   original's hidden states after every layer (all real tokens), quality as the mean cosine similarity on
   held-out sentences;
-- causal language models: calibration by next-token loss on 8x256 training tokens (or, as an option, by
-  the divergence of the next-token distributions from the original's on those tokens), layer inputs from
+- causal language models: calibration by next-token loss on 8x256 training tokens (or by the divergence
+  of the next-token distributions from the original's on those tokens, what ``objectives_for(...,
+  calibrate=True)`` and ``gblr compress --calibrate`` choose), layer inputs from
   128x256 training tokens (both counts are options; SmolLM2-135M at 0.8 of its projections' cost, low-rank
   without training: perplexity 139 with 2 and 16 windows, 109 with 8 and 128), recovery by next-token
   fine-tuning, quality as validation perplexity.
