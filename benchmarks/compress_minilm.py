@@ -18,6 +18,8 @@ the embeddings exactly.
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-batch 128 --distill-lrs 1e-3 2e-3 --name compress_minilm_distill_batch
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lowrank
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 128 --distill-lrs 2e-3 --no-structure-learning --distill-embedding-weight 1.0 --threads 1 --name compress_minilm_distill_embedding
 """
 
 from __future__ import annotations
