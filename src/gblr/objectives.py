@@ -29,6 +29,7 @@ from .pretrained import (
     Pretrained,
     embed_all,
     encode_sentences,
+    mean_pooled,
     model_device,
     perplexity,
     sentence_embeddings,
@@ -92,7 +93,8 @@ class EncoderObjectives:
             errors = [((h - t) * mask).pow(2).sum() / (mask.sum() * h.shape[-1]) for h, t in zip(hidden, targets)]
             loss = torch.stack(errors).mean()
             if embedding_weight:
-                cosine = F.cosine_similarity((hidden[-1] * mask).sum(1), (targets[-1] * mask).sum(1), dim=-1)
+                cosine = F.cosine_similarity(mean_pooled(hidden[-1], batch["attention_mask"]),
+                                             mean_pooled(targets[-1], batch["attention_mask"]), dim=-1)
                 loss = loss + embedding_weight * (1 - cosine).mean()
             return loss
 

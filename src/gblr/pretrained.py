@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Pretrained", "load_pretrained", "save_compressed_extras", "load_compressed", "sentence_embeddings",
+__all__ = ["Pretrained", "load_pretrained", "save_compressed_extras", "load_compressed", "mean_pooled", "sentence_embeddings",
            "encode_sentences", "embed_all", "token_ids", "perplexity", "PRETRAINED"]
 
 PRETRAINED = ("minilm", "smollm2")
@@ -124,14 +124,18 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` (batch x tokens x features) over each sentence's real tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def sentence_embeddings(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean of the last hidden states over real tokens, L2-normalised (how all-MiniLM-L6-v2 embeds);
     computed on the model's device."""
     device = model_device(model)
     batch = {key: value.to(device) for key, value in batch.items()}
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    pooled = mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"])
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
