@@ -152,8 +152,9 @@ def test_encoder_distillation_can_add_the_embedding_cosine(encoder):
         cosine = (sentence_embeddings(student, batch) * sentence_embeddings(encoder.model, batch)).sum(-1).mean()
     assert 1 - float(cosine) > 1e-3
     assert weighted - plain == pytest.approx(2.0 * (1 - float(cosine)), rel=1e-4)
-    with pytest.raises(ValueError, match="embedding_weight must be a number >= 0"):
-        objectives.recovery_loss(seed=0, embedding_weight=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="embedding_weight must be a finite number >= 0"):
+            objectives.recovery_loss(seed=0, embedding_weight=bad)
 
 
 def test_objectives_for_a_calibrated_language_model_measure_the_divergence(teacher):
