@@ -22,7 +22,7 @@ steps) on every layer.
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --threads 2 --methods "low-rank global, calibrated on divergence, sequential" --name compress_smollm2_divergence
     python benchmarks/compress_smollm2.py --budgets 0.8 --steps 0 --eval-windows 32 --input-windows 32 --threads 1 --methods "GBLR global, calibrated on divergence, sequential" --name compress_smollm2_divergence_gblr
     python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --eval-windows 32 --calibration-windows 2 --input-windows 16 --methods "low-rank global, calibrated on divergence, outputs" --finetune-lrs 3e-4 --recover-at 0.5 --name compress_smollm2_divergence_05
-    python benchmarks/compress_smollm2.py --budgets 0.5 --steps 0 --eval-windows 32 --calibration-windows 2 --input-windows 16 --methods "GBLR global, calibrated on divergence, outputs" --threads 1 --name compress_smollm2_divergence_05_gblr
+    python benchmarks/compress_smollm2.py --budgets 0.5 --steps 200 --eval-windows 32 --calibration-windows 2 --input-windows 16 --methods "GBLR global, calibrated on divergence, outputs" --finetune-lrs 3e-4 --recover-at 0.5 --threads 1 --name compress_smollm2_divergence_05_gblr_finetuned
 """
 
 from __future__ import annotations
