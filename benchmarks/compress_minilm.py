@@ -14,11 +14,11 @@ Also writes the per-layer allocation table, and checks that save -> load in a fr
 the embeddings exactly.
 
     python benchmarks/compress_minilm.py [--steps 100] [--quick]
-    # the batch-512 pairs below: each first command was stopped after its GBLR rows (its pattern also selects
-    # low-rank's row, which the second command runs in a process of its own)
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe      # every method at 0.5, one table
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-batch 128 --distill-lrs 1e-3 2e-3 --name compress_minilm_distill_batch
+    # the batch-512 pairs: each first command was stopped after its GBLR rows (its pattern also selects
+    # low-rank's row, which the second command runs in a process of its own)
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lowrank
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 4e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_4e-3
