@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gblr import GBLRLinear
+from gblr.calibration import damped
 from gblr.cli import main
 from gblr.compact import CompactGBLRLinear
 from gblr.compress import compress_
@@ -80,7 +81,10 @@ API_CASES = {
     "param_groups lr negative": (lambda p: param_groups(model(), lr=-1.0), "lr"),
     "param_groups lr nan": (lambda p: param_groups(model(), lr=float("nan")), "lr"),
     "param_groups weight_decay": (lambda p: param_groups(model(), lr=1e-3, weight_decay=-0.1), "weight_decay"),
+    "param_groups lr a bool": (lambda p: param_groups(model(), lr=True), "lr"),
     "learner target 0": (lambda p: _learner(target=0.0), "target"),
+    "learner l1 a string": (lambda p: StructureLearner(nn.Sequential(GBLRLinear(8, 8)), None, 0.5, 100, l1="0.1"), "l1"),
+    "damping 0": (lambda p: damped(torch.eye(4), damping=0.0), "damping"),
     "learner total_steps 0": (lambda p: _learner(total_steps=0), "total_steps"),
     "learner without GBLR layers": (lambda p: StructureLearner(model(), optimizer_for(model()), 0.5, 100), "GBLR"),
     "sigma schedule reversed": (lambda p: SigmaSchedule(1.0, 100.0, 10, 5), "start_step"),

@@ -207,6 +207,17 @@ def test_recovery_distils_with_frozen_or_learned_structure():
         recover_(student, batch_loss, 0)
 
 
+@pytest.mark.parametrize("option, value", [("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1e-3),
+                                           ("structure_lr", float("inf")), ("warmup", 1.5), ("clip", 0.0),
+                                           ("clip", True)])
+def test_recovery_rejects_bad_options_before_touching_the_model(option, value):
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        recover_(model, lambda student, step: student(torch.ones(2, 4)).sum(), 2, **{option: value})
+    assert torch.equal(model.weight, before) and model.training
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 def test_recovery_trains_without_dropout_unless_asked(dropout):
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4))

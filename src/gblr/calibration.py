@@ -15,12 +15,13 @@ the output error ``||X~ W_fit^T - X W^T||`` is minimised by fitting the correcte
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .structured.base import check_positive
 
 __all__ = ["input_grams", "paired_moments", "corrected_weight", "damped", "whitening"]
 
@@ -153,8 +154,7 @@ def damped(gram: torch.Tensor, damping: float = 0.01, features: int | None = Non
     Its Cholesky factor ``L`` turns the output error into a Frobenius norm, ``||E X^T||^2 ~ ||E L||^2``;
     the damping keeps directions the calibration data never visited from being ignored entirely.
     ``features``, when given, is the layer's number of inputs the matrix must match."""
-    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping > 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+    check_positive("damping", damping)
     if features is not None and tuple(gram.shape) != (features, features):
         raise ValueError(f"gram must be {features}x{features} (the inputs' second moment), got {tuple(gram.shape)}")
     gram = gram.detach().double().cpu()

@@ -23,7 +23,6 @@ layers the loss depends on give up less of their cost.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from .mask import inverse_two_sigma_squared
 from .shared_masks import SharedMasks
+from .structured.base import check_nonnegative
 from .structured.gblr import GBLRLinear
 
 __all__ = [
@@ -73,8 +73,7 @@ def param_groups(
     GBLR widths/starts in their own group (no weight decay, no momentum by default, own learning rate).
     """
     for name, value in (("lr", lr), ("structure_lr", structure_lr), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_nonnegative(name, value)
     structural = {id(p) for _, layer in gblr_layers(model) for p in layer.structure_parameters()}
     decay, no_decay, structure = [], [], []
     for p in model.parameters():
@@ -357,8 +356,7 @@ class StructureLearner:
             raise ValueError(f"ramp must be two fractions 0 <= start <= end <= 1, got {ramp!r}")
         if not (0.0 <= tolerance < 1.0):
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-        if not (math.isfinite(l1) and l1 >= 0):
-            raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
+        check_nonnegative("l1", l1)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if controller not in CONTROLLERS:

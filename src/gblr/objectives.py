@@ -16,7 +16,6 @@ Training data is the first 90 % of the works, held-out data the last 10 %.
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -36,7 +35,7 @@ from .pretrained import (
     sentence_embeddings,
     token_ids,
 )
-from .structured.base import check_features
+from .structured.base import check_features, check_nonnegative
 
 __all__ = ["EncoderObjectives", "CausalLMObjectives", "objectives_for"]
 
@@ -76,9 +75,7 @@ class EncoderObjectives:
         the mean over layers of the hidden states' squared error, plus ``embedding_weight`` times
         ``1 - cosine`` of the pooled sentence embeddings (the quality measured)."""
         batch_size = self.batch_size if batch_size is None else check_features("batch_size", batch_size)
-        if isinstance(embedding_weight, bool) or not isinstance(embedding_weight, (int, float)) \
-                or not (math.isfinite(embedding_weight) and embedding_weight >= 0):
-            raise ValueError(f"embedding_weight must be a finite number >= 0, got {embedding_weight!r}")
+        check_nonnegative("embedding_weight", embedding_weight)
         rng = random.Random(seed)
 
         def batch_loss(student: nn.Module, step: int) -> torch.Tensor:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["StructuredLinear", "check_features", "check_budget", "unreachable_budget"]
+__all__ = ["StructuredLinear", "check_features", "check_budget", "check_nonnegative", "check_positive", "unreachable_budget"]
 
 
 def check_features(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _check_number(name: str, value, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value) -> float:
+    """A rate, weight or penalty that may be zero: a finite real number >= 0 (not a bool)."""
+    return _check_number(name, value, positive=False)
+
+
+def check_positive(name: str, value) -> float:
+    """A learning rate, damping or clipping norm: a finite real number > 0 (not a bool)."""
+    return _check_number(name, value, positive=True)
 
 
 def check_weight(weight) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..device import check_precision
 from ..learn import StructureLearner, gblr_layers
 from ..step import make_optimizer, training_step
+from ..structured.base import check_nonnegative, check_positive
 
 __all__ = ["RecoveryResult", "recover_"]
 
@@ -47,17 +48,26 @@ def recover_(
     learn_structure: bool = False,
     structure_lr: float = 1e-3,
     warmup: float = 0.1,
-    clip: float = 1.0,
+    clip: float | None = 1.0,
     progress: Callable[[int, float], None] | None = None,
     precision: str = "fp32",
     dropout: bool = False,
 ) -> RecoveryResult:
     """Train ``model`` in place, on the device it is on, for ``steps`` steps on ``batch_loss`` (``precision``
     ``fp32`` or ``bf16`` autocast); leaves it in eval mode. ``progress(step, loss)`` is called every step
-    when given (reading the loss waits for the device). ``dropout=False`` sets the probability of every
-    dropout module to 0 while training (restored afterwards); ``True`` trains with the model's dropout."""
+    when given (reading the loss waits for the device). ``warmup`` is the fraction of steps the rate ramps
+    up over before its cosine decay; ``clip`` the largest gradient norm (None: no clipping).
+    ``dropout=False`` sets the probability of every dropout module to 0 while training (restored
+    afterwards); ``True`` trains with the model's dropout."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_positive("lr", lr)
+    check_nonnegative("weight_decay", weight_decay)
+    check_nonnegative("structure_lr", structure_lr)
+    if check_nonnegative("warmup", warmup) > 1:
+        raise ValueError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
+    if clip is not None:
+        check_positive("clip", clip)
     structured = [layer for _, layer in gblr_layers(model)]
     learner, to_freeze, packed = None, [], []
     silenced = [] if dropout else [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
