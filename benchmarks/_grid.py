@@ -48,6 +48,11 @@ def train_run(out: Path, config: str, overrides: list[str], init_from: Path | No
     return json.loads((out / "report.json").read_text()), shown
 
 
+def diverged_note(runs: list[str]) -> str:
+    """The sentence under a table naming the runs left out of it because their training diverged."""
+    return f"Diverged (the trainer stopped on a non-finite loss; no metric, left out): {'; '.join(runs)}."
+
+
 def run_row(report: dict, command: str, **labels) -> dict:
     """One run as a row: its labels, test metric, best validation metric, cost and time."""
     metric, value = next(iter(report["test"].items()))

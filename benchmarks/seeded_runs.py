@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _grid import metric_text, run_row, train_run
+from _grid import Diverged, diverged_note, metric_text, run_row, train_run
 from _results import provenance, run_metadata, write_results
 
 # Each experiment: description, shared overrides, and variants (label, config, overrides, dense run to start from).
@@ -69,10 +69,15 @@ def run_directory(runs: Path, label: str, seed: int) -> Path:
 
 
 def run_one(runs: Path, task: str, experiment: dict, variant: tuple, seed: int) -> dict:
+    """The run's row; a run whose training diverged is a row without a metric (the grid goes on)."""
     label, config, overrides, start = variant
-    report, command = train_run(run_directory(runs, label, seed), config,
-                                [*experiment["shared"], *overrides, f"train.seed={seed}"],
-                                run_directory(runs, start, seed) if start is not None else None)
+    try:
+        report, command = train_run(run_directory(runs, label, seed), config,
+                                    [*experiment["shared"], *overrides, f"train.seed={seed}"],
+                                    run_directory(runs, start, seed) if start is not None else None)
+    except Diverged as error:
+        return {"task": task, "variant": label, "seed": seed, "value": None, "diverged": str(error),
+                "command": error.command}
     return run_row(report, command, task=task, variant=label)
 
 
@@ -80,7 +85,7 @@ def summary(rows: list[dict], variants: list[tuple]) -> list[str]:
     lines = ["| variant | family | budget | structured cost | FLOPs / example | test accuracy (mean ± std) | seeds | "
              "train time per run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, *_ in variants:
-        mine = [r for r in rows if r["variant"] == label]
+        mine = [r for r in rows if r["variant"] == label and r["value"] is not None]
         if not mine:
             continue
         lines.append(
@@ -89,6 +94,9 @@ def summary(rows: list[dict], variants: list[tuple]) -> list[str]:
             f"{round(statistics.mean(r['flops_per_example'] for r in mine)):,} | "
             f"{metric_text(mine[0]['metric'], [r['value'] for r in mine])} | {len(mine)} | "
             f"{statistics.mean(r['train_seconds'] for r in mine) / 60:.1f} min |")
+    diverged = [f"{r['variant']} seed {r['seed']}" for r in rows if r["value"] is None]
+    if diverged:  # left out of the means above, named so that a missing seed is not mistaken for a skipped one
+        lines += ["", diverged_note(diverged)]
     return lines
 
 
@@ -106,7 +114,8 @@ def main() -> None:
         for variant in experiment["variants"]:
             start = time.perf_counter()
             rows.append(run_one(runs, args.experiment, experiment, variant, seed))
-            print(f"{variant[0]} seed {seed}: {rows[-1]['value']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            value = "diverged" if rows[-1]["value"] is None else f"{rows[-1]['value']:.4f}"
+            print(f"{variant[0]} seed {seed}: {value} ({time.perf_counter() - start:.0f} s)", flush=True)
             lines = [f"# {experiment['title']}", "", f"{provenance(meta)} {experiment['about']}", "",
                      *summary(rows, experiment["variants"]), "", "Commands (one per run):", "",
                      *[f"    {r['command']}" for r in rows]]

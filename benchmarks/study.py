@@ -34,7 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _grid import Diverged, mean_and_spread, metric_text, run_row, train_run
+from _grid import Diverged, diverged_note, mean_and_spread, metric_text, run_row, train_run
 from _results import RESULTS, provenance, run_metadata, write_results
 
 #: task -> (base config, the task's recipe as overrides, what it is). Sized so that the CPU grid runs
@@ -276,8 +276,7 @@ def _diverged(rows: list[dict], trials: list[dict]) -> dict[str, str]:
     text: dict[str, list[str]] = {}
     for task, family, budget, lr, seed in runs:
         text.setdefault(task, []).append(f"{family} at {budget:g}, lr {lr:g}, seed {seed}")
-    return {task: f"Diverged (the trainer stopped on a non-finite loss; no metric, left out): {'; '.join(names)}."
-            for task, names in text.items()}
+    return {task: diverged_note(names) for task, names in text.items()}
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
