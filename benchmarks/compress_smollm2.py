@@ -93,9 +93,7 @@ def main() -> None:
     selected = selected_methods(METHODS, args.methods)
     calibrations = {True: objectives}  # the same windows; the divergence's needs the original's predictions
     if any(method[3] == "divergence" for method in selected):
-        calibrations["divergence"] = CausalLMObjectives(
-            original, eval_windows=args.eval_windows, context=CONTEXT, calibration_windows=args.calibration_windows,
-            input_windows=args.input_windows, calibration="divergence")
+        calibrations["divergence"] = objectives.with_calibration("divergence", original)
 
     def fine_tune(model, budget: float, keep=lambda after: None) -> dict | None:
         """Fine-tune a copy of ``model`` at every learning rate; the chosen one (lowest next-token loss on

@@ -168,3 +168,10 @@ def test_objectives_for_a_calibrated_language_model_measure_the_divergence(teach
     assert abs(divergence - next_token) > 1.0  # a small KL against a loss near log(128)
     assert objectives_for(teacher, **options).calibration_loss(changed) == pytest.approx(next_token)
     assert objectives_for(teacher, calibrate=True, calibration="next-token", **options).calibration_loss(changed) == pytest.approx(next_token)
+    # switching an existing object's calibration loss measures the same, leaving the original object as it was
+    plain = CausalLMObjectives(teacher, **options)
+    switched = plain.with_calibration("divergence", teacher)
+    assert switched.calibration_loss(changed) == pytest.approx(divergence)
+    assert switched.validation is plain.validation and plain.calibration_loss(changed) == pytest.approx(next_token)
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        plain.with_calibration("kl", teacher)

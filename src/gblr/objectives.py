@@ -16,6 +16,7 @@ Training data is the first 90 % of the works, held-out data the last 10 %.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -107,6 +108,11 @@ class EncoderObjectives:
 CALIBRATIONS = ("next-token", "divergence")
 
 
+def _check_calibration(calibration: str) -> None:
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+
+
 class CausalLMObjectives:
     """``calibration="next-token"``: the calibration loss is the next-token loss on the calibration windows;
     ``"divergence"``: the mean KL divergence of the model's next-token distributions from the original's
@@ -120,8 +126,7 @@ class CausalLMObjectives:
                  calibration: str = "next-token") -> None:
         check_features("calibration_windows", calibration_windows)
         check_features("input_windows", input_windows)
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+        _check_calibration(calibration)
         self.context, self.batch_size = context, batch_size
         self.validation = token_ids(teacher.tokenizer, load_shakespeare("val"))[: eval_windows * context]
         self.training = token_ids(teacher.tokenizer, load_shakespeare("train")[:training_characters])
@@ -131,9 +136,22 @@ class CausalLMObjectives:
         # the first windows are the calibration loss's, never trained on
         self.calibration = self.training[: calibration_windows * context].view(calibration_windows, context)
         self.input_windows = self.training[: input_windows * context].view(input_windows, context)
-        # the original's next-token log-probabilities, kept on the CPU (8x256 tokens of a 49k vocabulary: 0.4 GB)
-        self._reference = None if calibration == "next-token" else torch.cat(
-            [log_probs.cpu() for log_probs in self._log_probs(teacher.model)])
+        self._reference = self._reference_for(calibration, teacher)
+
+    def with_calibration(self, calibration: str, teacher: Pretrained) -> CausalLMObjectives:
+        """These objectives with another calibration loss (the same tokens and windows; nothing is
+        tokenised again); the divergence is measured from ``teacher``'s predictions."""
+        _check_calibration(calibration)
+        other = copy.copy(self)
+        other._reference = self._reference_for(calibration, teacher)
+        return other
+
+    def _reference_for(self, calibration: str, teacher: Pretrained) -> torch.Tensor | None:
+        """For the divergence, the original's next-token log-probabilities, kept on the CPU (8x256 tokens
+        of a 49k vocabulary: 0.4 GB)."""
+        if calibration == "next-token":
+            return None
+        return torch.cat([log_probs.cpu() for log_probs in self._log_probs(teacher.model)])
 
     def _calibration_batches(self, model: nn.Module):
         return self.calibration.to(model_device(model)).split(self.batch_size)
