@@ -1,4 +1,5 @@
-"""The interface every structured linear layer answers, so that comparisons are fair by construction."""
+"""The interface every structured linear layer answers, so that comparisons are fair by construction, and
+the argument checks the package shares (sizes, budgets, weights, finite rates and weights)."""
 
 from __future__ import annotations
 
