@@ -31,7 +31,7 @@ from torch import nn
 
 from .mask import inverse_two_sigma_squared
 from .shared_masks import SharedMasks
-from .structured.base import check_nonnegative
+from .structured.base import check_features, check_nonnegative
 from .structured.gblr import GBLRLinear
 
 __all__ = [
@@ -350,8 +350,7 @@ class StructureLearner:
     ) -> None:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0.0 < target <= 1.0):
             raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got {target!r}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        check_features("total_steps", total_steps)
         if len(ramp) != 2 or not (0.0 <= ramp[0] <= ramp[1] <= 1.0):
             raise ValueError(f"ramp must be two fractions 0 <= start <= end <= 1, got {ramp!r}")
         if not (0.0 <= tolerance < 1.0):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..device import check_precision
 from ..learn import StructureLearner, gblr_layers
 from ..step import make_optimizer, training_step
-from ..structured.base import check_nonnegative, check_positive
+from ..structured.base import check_features, check_nonnegative, check_positive
 
 __all__ = ["RecoveryResult", "recover_"]
 
@@ -59,8 +59,7 @@ def recover_(
     up over before its cosine decay; ``clip`` the largest gradient norm (None: no clipping).
     ``dropout=False`` sets the probability of every dropout module to 0 while training (restored
     afterwards); ``True`` trains with the model's dropout."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_features("steps", steps)
     check_positive("lr", lr)
     check_nonnegative("weight_decay", weight_decay)
     check_nonnegative("structure_lr", structure_lr)
