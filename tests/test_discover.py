@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import _best_window, _cyclic_union, block_pursuit
+from gblr.discover import _best_window, _cyclic_union, _edge_seeds, _edge_windows, block_pursuit
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -46,7 +46,7 @@ def test_pursuit_below_one_piece_is_a_clear_error():
 
 def test_consolidated_blocks_reach_the_noise_level_the_pieces_alone_miss():
     weight, _ = overlapping_blocks(0, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
-    pieces_only = relative_error(block_pursuit(weight, 0.25, overlaps=()).to_dense(), weight)
+    pieces_only = relative_error(block_pursuit(weight, 0.25, overlaps=(), edges=False).to_dense(), weight)
     layer = block_pursuit(weight, 0.25)
     found = relative_error(layer.to_dense(), weight)
     assert layer.relative_cost() <= 0.25
@@ -58,3 +58,30 @@ def test_cyclic_union_is_the_shortest_window_holding_both():
     assert _cyclic_union((25, 10), (10, 20), 100) == (10, 25)
     assert _cyclic_union((90, 20), (5, 10), 100) == (90, 25)  # across the end
     assert _cyclic_union((0, 60), (50, 60), 100) == (0, 100)  # the whole circle at most
+
+
+def test_edges_are_read_where_blocks_begin_and_end():
+    generator = torch.Generator().manual_seed(0)
+    weight = 1e-4 * torch.randn(100, 120, dtype=torch.float64, generator=generator)
+    for (r0, h, c0, w) in [(10, 30, 0, 60), (50, 40, 70, 50)]:
+        weight[r0:r0 + h, c0:c0 + w] += torch.randn(h, 3, generator=generator, dtype=torch.float64) @ torch.randn(
+            3, w, generator=generator, dtype=torch.float64)
+    rows = _edge_windows(weight, factor=20.0, lookback=80, shortest=10, most=12)
+    cols = _edge_windows(weight.mT, factor=20.0, lookback=80, shortest=10, most=12)
+    assert {(10, 30), (50, 40)} <= set(rows) and {(0, 60), (70, 50)} <= set(cols)
+    assert len(rows) < 10 and len(cols) < 10  # starts 0, 10, 50 and ends 40, 90, 100: nothing else stands out
+
+
+def test_no_edges_in_a_matrix_without_blocks():
+    weight = torch.randn(60, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert _edge_seeds(weight, 0.3) == []
+
+
+def test_edge_seeds_lower_the_error_at_exactly_the_blocks_cost():
+    weight, _ = overlapping_blocks(3, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    seeds = _edge_seeds(weight, 0.175)
+    assert sum(rank * (h + w) for _, h, _, w, rank in seeds) <= 0.175 * weight.numel()
+    without = relative_error(block_pursuit(weight, 0.175, edges=False).to_dense(), weight)
+    layer = block_pursuit(weight, 0.175)
+    assert layer.relative_cost() <= 0.175
+    assert relative_error(layer.to_dense(), weight) < 0.75 * without
