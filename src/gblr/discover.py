@@ -319,8 +319,9 @@ def _onsets(score: torch.Tensor, factor: float, most: int) -> list[int]:
     """First rows of the runs where ``score`` exceeds ``factor`` times its median (row 0 always), the
     ``most`` highest-scoring of them if there are more."""
     finite = score[score.isfinite()]
-    floor = float(finite.median()) if finite.numel() else 0.0
-    high = score > factor * max(floor, 1e-12 * float(finite.abs().max()) if finite.numel() else 0.0)
+    if not finite.numel():
+        return [0]
+    high = score > factor * max(float(finite.median()), 1e-12 * float(finite.max()))  # not 0 on exact ranks
     found = [r for r in range(len(score)) if high[r] and (r == 0 or not high[r - 1])]
     return sorted(sorted(found, key=lambda r: -float(score[r]))[:most])
 
@@ -429,7 +430,7 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
         starts += [placed, [[*window[:4], 1] for window in placed for _ in range(window[4])]]
     found, error, tried = greedy, _error(residual), []
     for merged in starts:
-        if not merged or merged in tried:  # another threshold merged the same pieces
+        if not merged or merged in tried:  # nothing to start from, or another threshold merged the same pieces
             continue
         tried.append(merged)
         blocks = _consolidated(target, merged, budget, sweeps=8)
