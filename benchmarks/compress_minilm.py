@@ -18,14 +18,16 @@ the embeddings exactly.
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-lrs 2e-4 5e-4 1e-3 --name compress_minilm_distill_lr
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "calibrated, outputs" --distill-batch 128 --distill-lrs 1e-3 2e-3 --name compress_minilm_distill_batch
     # the batch-512 pairs at 2e-3 and 4e-3: each first command was stopped after its GBLR rows (its pattern
-    # also selects low-rank's row, which the second command runs in a process of its own); the 3e-3 pair
-    # names each family in its pattern
+    # also selects low-rank's row, which the second command runs in a process of its own); the 3e-3 and 1.5e-3
+    # pairs name each family in their patterns
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 2e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lowrank
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 512 --distill-lrs 4e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_4e-3
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 4e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_4e-3_lowrank
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "GBLR global, calibrated, outputs" --distill-batch 512 --distill-lrs 3e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_3e-3
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 3e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_3e-3_lowrank
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "GBLR global, calibrated, outputs" --distill-batch 512 --distill-lrs 1.5e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_1.5e-3
+    python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "low-rank global, calibrated, outputs" --distill-batch 512 --distill-lrs 1.5e-3 --no-structure-learning --threads 1 --name compress_minilm_distill_batch_512_lr_1.5e-3_lowrank
     python benchmarks/compress_minilm.py --budgets 0.5 --no-probe --methods "global, calibrated, outputs" --distill-batch 128 --distill-lrs 2e-3 --no-structure-learning --distill-embedding-weight 1.0 --threads 1 --name compress_minilm_distill_embedding
 """
 
