@@ -297,17 +297,20 @@ def _stays_inside(moved, window, shape: tuple[int, int]) -> bool:
             and (moved[0] + moved[1] > m) == (r0 + h > m) and (moved[2] + moved[3] > n) == (c0 + w > n))
 
 
-def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, sweeps: int) -> BlockFit:
+def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, rounds: int = 30) -> BlockFit:
     """Block pursuit's pieces turned into blocks: pieces of one hidden block found it on slightly
     different, trimmed windows; merged (:func:`_clusters`), given one window and a rank, their edges moved
-    and their ranks rebalanced under the budget, they can fit the block exactly."""
+    and their ranks rebalanced under the budget, they can fit the block exactly. Rounds of edge moves and
+    rank trades run until neither changes anything, at most ``rounds`` (on the hidden-block matrices of
+    ``benchmarks/structure_discovery.py`` they settle within 30; stopping at 8 left 0.052 mean error at
+    exactly the blocks' cost where 30 reaches 0.041)."""
     m, n = target.shape
     allowed = budget * m * n
     blocks = BlockFit(target, [list(window) for window in merged])
     size = [w[1] + w[3] for w in blocks.windows]
     while blocks.cost() > allowed:  # the unions are larger than the pieces: drop ranks of the largest first
         blocks.windows[max((i for i, w in enumerate(blocks.windows) if w[4]), key=size.__getitem__)][4] -= 1
-    for _ in range(sweeps):
+    for _ in range(rounds):
         before = [list(w) for w in blocks.windows]
         spectra = blocks.sweep()
         kept = [float(s[w[4] - 1].square()) / (w[1] + w[3]) for s, w in zip(spectra, blocks.windows) if w[4]]
@@ -453,7 +456,7 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
         if not merged or merged in tried:  # nothing to start from, or another threshold merged the same pieces
             continue
         tried.append(merged)
-        blocks = _consolidated(target, merged, budget, sweeps=8)
+        blocks = _consolidated(target, merged, budget)
         if _error(blocks.residual) < error:
             found, error = blocks.pieces(), _error(blocks.residual)
     out_factors = torch.zeros(len(found), 1, m, dtype=torch.float64)
