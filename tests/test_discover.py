@@ -99,3 +99,11 @@ def test_refine_converges_to_the_same_fit_as_full_refits():
     refined.windows[0][4] = 3
     refined.refine(0)
     assert torch.linalg.matrix_rank(refined.fits[0]) == 3
+
+
+def test_edge_seeds_use_given_windows_in_place_of_read_ones():
+    weight, windows = overlapping_blocks(0, rows=100, cols=160, blocks=3, rank=4, cost=0.1)
+    rows, cols = [(r, h) for r, h, _, _ in windows], [(c, w) for _, _, c, w in windows]
+    seeds = _edge_seeds(weight, 0.1, given=(rows, cols))
+    assert seeds and all((r, h) in rows and (c, w) in cols for r, h, c, w, _ in seeds)
+    assert sum(rank * (h + w) for _, h, _, w, rank in seeds) <= 0.1 * 100 * 160

@@ -367,17 +367,18 @@ def _window_energies(residual: torch.Tensor, windows: torch.Tensor) -> torch.Ten
     return prefix[r0 + h, c0 + w] - prefix[r0, c0 + w] - prefix[r0 + h, c0] + prefix[r0, c0]
 
 
-def _edge_seeds(target: torch.Tensor, budget: float, factor: float = 20.0, lookback: int = 80,
-                shortest: int = 10, most: int = 12) -> list[list[int]]:
+def _edge_seeds(target: torch.Tensor, budget: float, given: tuple[list, list] | None = None, factor: float = 20.0,
+                lookback: int = 80, shortest: int = 10, most: int = 12) -> list[list[int]]:
     """Blocks to start consolidation from, on windows whose edges are read from the data
     (:func:`_edge_windows` on the rows and on the columns): greedily, by squared error removed per MAC,
     a rank-1 block on one of those windows or one more rank on a block already placed, then a refit of
     that block, until the budget is spent; none where no edges stand out. Pursuit's pieces trim a large
-    block's edges and split overlapping blocks between them; these windows start at the blocks' edges."""
+    block's edges and split overlapping blocks between them; these windows start at the blocks' edges.
+    ``given`` (row windows, column windows) replaces the windows read from the data."""
     m, n = target.shape
     allowed = budget * m * n
-    rows = _edge_windows(target, factor, lookback, shortest, most)
-    cols = _edge_windows(target.mT, factor, lookback, shortest, most)
+    rows, cols = given or (_edge_windows(target, factor, lookback, shortest, most),
+                           _edge_windows(target.mT, factor, lookback, shortest, most))
     if len(rows) * len(cols) <= 1:  # no edges found: blocks on the whole matrix are a low-rank fit
         return []
     windows = torch.tensor([[r0, h, c0, w] for r0, h in rows for c0, w in cols], dtype=torch.long)
@@ -413,7 +414,7 @@ def _error(residual: torch.Tensor) -> float:
 @torch.no_grad()
 def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None, grid: int = 3,
                   sweeps: int = 10, overlaps: tuple[float, ...] = (0.5, 0.7, 0.85),
-                  edges: bool = True) -> GBLRLinear:
+                  edges: bool | tuple[list, list] = True) -> GBLRLinear:
     """A GBLR layer of pieces on discovered windows, costing at most ``budget`` of ``weight``'s dense
     MACs.
 
@@ -423,7 +424,9 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     ``overlaps``, the pieces are consolidated into rank-k blocks (:func:`_consolidated`). With ``edges``,
     consolidation also starts from blocks on windows whose edges are read from the data
     (:func:`_edge_seeds`), once as they were placed and once split into rank-1 blocks that move their
-    edges one by one. The candidate with the smallest error wins, so ``edges`` can only lower it."""
+    edges one by one. The candidate with the smallest error wins, so ``edges`` can only lower it. A pair
+    ``(row windows, column windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those
+    windows instead of the ones read from the data (to measure what reading them loses)."""
     target = weight.detach().double().cpu()
     m, n = target.shape
     allowed = budget * m * n
@@ -449,7 +452,7 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     greedy = [(int(rows[0]), len(rows), int(cols[0]), len(cols), left, right) for rows, cols, left, right in pieces]
     starts = [_clusters(greedy, overlap, (m, n)) for overlap in overlaps]
     if edges:
-        placed = _edge_seeds(target, budget)
+        placed = _edge_seeds(target, budget, None if edges is True else edges)
         starts += [placed, [[*window[:4], 1] for window in placed for _ in range(window[4])]]
     found, error, tried = greedy, _error(residual), []
     for merged in starts:
