@@ -23,8 +23,8 @@ edges are also read from the data: a row whose part outside the span of the rows
 larger than usual is where a block begins (and the same from below for where one ends, and on the
 columns). Blocks placed greedily on windows between those edges are a second start for consolidation.
 
-This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs one to a few minutes on a
-200 x 320 matrix, far more than the tilings, so it is not tried by default.
+This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs about one to three minutes
+on a 200 x 320 matrix, far more than the tilings, so it is not tried by default.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ class BlockFit:
     def refine(self, i: int) -> None:
         """Refit block ``i`` by one step of subspace iteration from its last fit's right singular vectors
         instead of a full SVD (a full refit where there is none of the block's shape). A sweep of these
-        lowers the error a little less than a sweep of full refits but costs about a tenth as much, and
-        both reach the same fits (four overlapping blocks: within 0.5 % after 300 sweeps, equal after 1000)."""
+        lowers the error a little less than a sweep of full refits but costs about a fifteenth as much,
+        and both reach the same fits (``benchmarks/structure_discovery.py --sweeps``)."""
         window, basis = self.windows[i], self._bases.get(i)
         if basis is None or basis.shape != (window[3], window[4]):
             self.refit(i)
@@ -175,8 +175,8 @@ class BlockFit:
     def converge(self, most: int = 1000, tolerance: float = 1e-4) -> None:
         """Refit every block in turn until a sweep lowers the squared error by less than ``tolerance`` of
         it: overlapping blocks pass error back and forth between them, so this takes hundreds of sweeps
-        (five overlapping rank-10 blocks on their true windows: 0.046 relative error after 30 sweeps, the
-        noise, 0.003, after 300; ``benchmarks/structure_discovery.py --sweeps``)."""
+        (five overlapping rank-10 blocks on their true windows: 0.060 relative error after 30 sweeps of
+        :meth:`refine`, near the noise, 0.0035, after 300; ``benchmarks/structure_discovery.py --sweeps``)."""
         error = _error(self.residual)
         for _ in range(most):
             for i in range(len(self.windows)):
