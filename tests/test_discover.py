@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import BlockFit, _best_window, _cyclic_union, _edge_seeds, _edge_windows, block_pursuit
+from gblr.discover import BlockFit, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _read_edges, block_pursuit
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -74,12 +74,12 @@ def test_edges_are_read_where_blocks_begin_and_end():
 
 def test_no_edges_in_a_matrix_without_blocks():
     weight = torch.randn(60, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert _edge_seeds(weight, 0.3) == []
+    assert _edge_seeds(weight, 0.3, _read_edges(weight)) == []
 
 
 def test_edge_seeds_lower_the_error_at_exactly_the_blocks_cost():
     weight, _ = overlapping_blocks(3, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
-    seeds = _edge_seeds(weight, 0.175)
+    seeds = _edge_seeds(weight, 0.175, _read_edges(weight))
     assert sum(rank * (h + w) for _, h, _, w, rank in seeds) <= 0.175 * weight.numel()
     without = relative_error(block_pursuit(weight, 0.175, edges=False).to_dense(), weight)
     layer = block_pursuit(weight, 0.175)
@@ -101,9 +101,9 @@ def test_refine_converges_to_the_same_fit_as_full_refits():
     assert torch.linalg.matrix_rank(refined.fits[0]) == 3
 
 
-def test_edge_seeds_use_given_windows_in_place_of_read_ones():
+def test_edge_seeds_use_the_windows_they_are_given():
     weight, windows = overlapping_blocks(0, rows=100, cols=160, blocks=3, rank=4, cost=0.1)
     rows, cols = [(r, h) for r, h, _, _ in windows], [(c, w) for _, _, c, w in windows]
-    seeds = _edge_seeds(weight, 0.1, given=(rows, cols))
+    seeds = _edge_seeds(weight, 0.1, (rows, cols))
     assert seeds and all((r, h) in rows and (c, w) in cols for r, h, c, w, _ in seeds)
     assert sum(rank * (h + w) for _, h, _, w, rank in seeds) <= 0.1 * 100 * 160

@@ -367,18 +367,25 @@ def _window_energies(residual: torch.Tensor, windows: torch.Tensor) -> torch.Ten
     return prefix[r0 + h, c0 + w] - prefix[r0, c0 + w] - prefix[r0 + h, c0] + prefix[r0, c0]
 
 
-def _edge_seeds(target: torch.Tensor, budget: float, given: tuple[list, list] | None = None, factor: float = 20.0,
-                lookback: int = 80, shortest: int = 10, most: int = 12) -> list[list[int]]:
-    """Blocks to start consolidation from, on windows whose edges are read from the data
-    (:func:`_edge_windows` on the rows and on the columns): greedily, by squared error removed per MAC,
+def _read_edges(target: torch.Tensor, factor: float = 20.0, lookback: int = 80, shortest: int = 10,
+                most: int = 12) -> tuple[list, list]:
+    """Row windows and column windows between edges read from the data (:func:`_edge_windows`)."""
+    return (_edge_windows(target, factor, lookback, shortest, most),
+            _edge_windows(target.mT, factor, lookback, shortest, most))
+
+
+def _edge_seeds(target: torch.Tensor, budget: float, edges: tuple[list, list], settle: int = 0) -> list[list[int]]:
+    """Blocks to start consolidation from, on windows between edges (``edges``: row windows and column
+    windows, :func:`_read_edges`): greedily, by squared error removed per MAC,
     a rank-1 block on one of those windows or one more rank on a block already placed, then a refit of
     that block, until the budget is spent; none where no edges stand out. Pursuit's pieces trim a large
     block's edges and split overlapping blocks between them; these windows start at the blocks' edges.
-    ``given`` (row windows, column windows) replaces the windows read from the data."""
+    ``settle`` sweeps of
+    :meth:`BlockFit.refine` after each placement let the blocks already placed give up what the new one
+    fits better, so later choices see a residual closer to what the blocks will leave."""
     m, n = target.shape
     allowed = budget * m * n
-    rows, cols = given or (_edge_windows(target, factor, lookback, shortest, most),
-                           _edge_windows(target.mT, factor, lookback, shortest, most))
+    rows, cols = edges
     if len(rows) * len(cols) <= 1:  # no edges found: blocks on the whole matrix are a low-rank fit
         return []
     windows = torch.tensor([[r0, h, c0, w] for r0, h in rows for c0, w in cols], dtype=torch.long)
@@ -405,6 +412,9 @@ def _edge_seeds(target: torch.Tensor, budget: float, given: tuple[list, list] | 
             blocks.windows.append([*windows[best].tolist(), 1])
             blocks.fits.append(None)
         blocks.refit(placed[best])
+        for _ in range(settle):
+            for i in range(len(blocks.windows)):
+                blocks.refine(i)
 
 
 def _error(residual: torch.Tensor) -> float:
@@ -423,8 +433,9 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     what the others leave on its windows (each round lowers the error). Then, for each threshold in
     ``overlaps``, the pieces are consolidated into rank-k blocks (:func:`_consolidated`). With ``edges``,
     consolidation also starts from blocks on windows whose edges are read from the data
-    (:func:`_edge_seeds`), once as they were placed and once split into rank-1 blocks that move their
-    edges one by one. The candidate with the smallest error wins, so ``edges`` can only lower it. A pair
+    (:func:`_edge_seeds`, placed three times, the blocks settled by 0, 5 and 30 refit sweeps after each
+    placement), once as they were placed and once split into rank-1 blocks that move their edges one by
+    one. The candidate with the smallest error wins, so ``edges`` can only lower it. A pair
     ``(row windows, column windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those
     windows instead of the ones read from the data (to measure what reading them loses)."""
     target = weight.detach().double().cpu()
@@ -451,8 +462,9 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
             residual[where] -= torch.outer(piece[2], piece[3])
     greedy = [(int(rows[0]), len(rows), int(cols[0]), len(cols), left, right) for rows, cols, left, right in pieces]
     starts = [_clusters(greedy, overlap, (m, n)) for overlap in overlaps]
-    if edges:
-        placed = _edge_seeds(target, budget, None if edges is True else edges)
+    windows = (_read_edges(target) if edges is True else edges) if edges else None
+    for settle in (0, 5, 30) if windows else ():  # the greedy placement is fragile: three differently settled runs
+        placed = _edge_seeds(target, budget, windows, settle)
         starts += [placed, [[*window[:4], 1] for window in placed for _ in range(window[4])]]
     found, error, tried = greedy, _error(residual), []
     for merged in starts:
