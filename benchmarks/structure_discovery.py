@@ -27,12 +27,13 @@ Writes benchmarks/results/structure_discovery_true_edges.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 
 import torch
-from _results import provenance, run_metadata, write_results
+from _results import RESULTS, provenance, run_metadata, write_results
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.discover import BlockFit, block_pursuit
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--minilm-budgets", type=float, nargs="*", default=[0.25])
     parser.add_argument("--sweeps", type=int, nargs="+", help="diagnose refit sweeps on the true windows instead")
     parser.add_argument("--true-edges", action="store_true", help="diagnose the edge reading instead")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of results/structure_discovery.json this run does not measure again")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sweeps:
@@ -94,7 +97,10 @@ def main() -> None:
                              "relative_error": error, "seconds": time.perf_counter() - start})
                 print(rows[-1], flush=True)
     meta = run_metadata("1 torch thread", noise=NOISE)
+    if args.merge:
+        rows, meta["merged"] = merged_with_earlier(rows)
     lines = ["# Structure discovery: errors of fits to matrices with hidden blocks", "", provenance(meta), "",
+             *[f"Rows kept from {earlier}" for earlier in meta.get("merged", [])], "",
              "200 x 320 matrices of five irregular, partly overlapping rank-10 blocks (cost 0.175 of dense) plus "
              f"{100 * NOISE:g} % noise; one matrix per seed. Mean relative Frobenius error over seeds (min-max); "
              "a fit that found the blocks exactly would reach the noise level once the budget covers 0.175.", ""]
@@ -122,6 +128,24 @@ REFITS = {  # one sweep: every block refitted once, by a full SVD or by one subs
     "full SVD": lambda blocks: blocks.sweep(),
     "subspace step": lambda blocks: [blocks.refine(i) for i in range(len(blocks.windows))],
 }
+
+
+def merged_with_earlier(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The rows of the last results file this run did not measure again, then this run's rows; and the
+    provenance of the runs the kept rows came from (to run the seeds of one table as parallel jobs)."""
+    path = RESULTS / "structure_discovery.json"
+    if not path.exists():
+        return rows, []
+    earlier = json.loads(path.read_text())
+
+    def key(row):
+        return row["set"], row["matrix"], row["budget"], row["method"]
+
+    measured = {key(row) for row in rows}
+    kept = [row for row in earlier["rows"] if key(row) not in measured]
+    for row in kept:  # rows of that file's own run get its provenance; rows it kept already have theirs
+        row.setdefault("run", provenance(earlier["meta"]))
+    return kept + rows, list(dict.fromkeys(row["run"] for row in kept))
 
 
 def diagnose_sweeps(seeds: list[int], checkpoints: list[int]) -> None:
