@@ -23,8 +23,8 @@ edges are also read from the data: a row whose part outside the span of the rows
 larger than usual is where a block begins (and the same from below for where one ends, and on the
 columns). Blocks placed greedily on windows between those edges are a second start for consolidation.
 
-This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs about one to three minutes
-on a 200 x 320 matrix, far more than the tilings, so it is not tried by default.
+This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs a few minutes (up to
+ten) on a 200 x 320 matrix, far more than the tilings, so it is not tried by default.
 """
 
 from __future__ import annotations
