@@ -126,7 +126,7 @@ def main() -> None:
 
 REFITS = {  # one sweep: every block refitted once, by a full SVD or by one subspace-iteration step
     "full SVD": lambda blocks: blocks.sweep(),
-    "subspace step": lambda blocks: [blocks.refine(i) for i in range(len(blocks.windows))],
+    "subspace step": lambda blocks: blocks.refine_all(),
 }
 
 
