@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import BlockFit, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _read_edges, block_pursuit
+from gblr.discover import (BlockFit, _agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
+                           _read_edges, _trimmed, block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -107,3 +108,43 @@ def test_edge_seeds_use_the_windows_they_are_given():
     seeds = _edge_seeds(weight, 0.1, (rows, cols))
     assert seeds and all((r, h) in rows and (c, w) in cols for r, h, c, w, _ in seeds)
     assert sum(rank * (h + w) for _, h, _, w, rank in seeds) <= 0.1 * 100 * 160
+
+
+def test_agreed_blocks_sit_on_the_median_edges_of_three_or_more_pieces():
+    block = [(10, 40, 20, 60), (12, 38, 20, 60), (10, 40, 22, 55), (10, 39, 20, 60)]  # trimmed pieces of one block
+    strays = [(100, 20, 100, 30), (101, 19, 100, 30)]  # two pieces agree on a window elsewhere: not enough
+    pieces = [(*window, None, None) for window in block + strays]
+    assert _agreed_blocks(pieces, 0.85, (200, 320)) == [[10, 40, 20, 60, 4]]
+    assert _agreed_blocks(pieces, 0.85, (200, 320), least=2) == [[10, 40, 20, 60, 4], [101, 19, 100, 30, 2]]  # upper medians
+
+
+def test_trimming_meets_the_budget_and_keeps_the_blocks():
+    weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    grown = [[*w, 4] for w in windows]
+    grown[1][4] += 1  # a rank too many
+    grown[2][2:4] = [grown[2][2] - 2, grown[2][3] + 2]  # two columns too many
+    blocks = BlockFit(weight, grown)
+    blocks.converge()
+    trimmed = _trimmed(blocks, allowed)
+    assert trimmed.cost() <= allowed < blocks.cost()
+    assert float(trimmed.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
+    assert sorted(w[:4] for w in trimmed.windows) == sorted(list(w) for w in windows)
+
+
+def test_a_little_room_then_trimming_finds_an_edge_that_improving_at_the_budget_misses():
+    weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    shifted = [[*w, 4] for w in windows]
+    shifted[0][1] -= 4  # block 0 misses its last 4 rows
+    blocks = BlockFit(weight, shifted)
+    blocks.converge()
+    start = float(blocks.residual.norm() / weight.norm())
+    at_budget = _improved(blocks.copy(), allowed)
+    assert 0.1 < float(at_budget.residual.norm() / weight.norm()) <= start  # never worse, but stuck
+    assert at_budget.cost() <= allowed
+    roomier = _improved(blocks.copy(), 1.06 * allowed)
+    found = _trimmed(roomier, allowed)
+    assert found.cost() <= allowed
+    assert float(found.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
+    assert sorted(w[:4] for w in found.windows) == sorted(list(w) for w in windows)
