@@ -29,8 +29,9 @@ of the best fit agree on are consolidated once more with a little budget to spar
 by moves each judged by the error after refitting every block, and trimmed back to the budget one
 verified step at a time, the step that costs the least error per MAC first.
 
-This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs a few minutes (up to
-ten) on a 200 x 320 matrix, far more than the tilings, so it is not tried by default.
+This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
+matrix (5 to 17 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
+more than the tilings, so it is not tried by default.
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ def fit_gblr(
     ``sweeps`` rounds (:meth:`_TilePieces._refit`).
 
     ``pursuit=True`` adds the pieces that :func:`gblr.discover.block_pursuit` finds on the weight (windows
-    searched freely, not on a grid: seconds per matrix) as one more candidate, judged by the same error."""
+    searched freely, not on a grid: a minute or more per matrix) as one more candidate, judged by the same error."""
     check_weight(weight)
     steps = learned_options.get("steps", 200)
     for name, value in (("steps", steps), ("sweeps", sweeps)):
