@@ -326,14 +326,12 @@ def _move_edges(blocks: BlockFit, i: int, price: float) -> None:
 
     best = net(window)
     for edge in range(4):
-        for step in _EDGE_STEPS:
-            r0, h, c0, w = window[:4]
-            moved = [(r0 + step, h - step, c0, w), (r0, h + step, c0, w),
-                     (r0, h, c0 + step, w - step), (r0, h, c0, w + step)][edge]
-            if _stays_inside(moved, window, (m, n)) and min(moved[1], moved[3]) >= rank:
-                value = net([*moved, rank])
+        for step in _EDGE_STEPS:  # shifts down or right; :func:`_moved_edge` counts outwards
+            moved = _moved_edge(window, edge, -step if edge in (0, 2) else step, (m, n))
+            if moved is not None:
+                value = net(moved)
                 if value > best:
-                    best, window[:4] = value, list(moved)
+                    best, window[:4] = value, moved[:4]
     blocks.refit(i)
 
 
@@ -429,7 +427,7 @@ def _trimmed(blocks: BlockFit, allowed: float) -> BlockFit:
     saves once all blocks are refitted (300 sweeps at most, to compare)."""
     shape = blocks.target.shape
     while blocks.cost() > allowed:
-        best, cheapest = None, math.inf
+        best, cheapest, error, cost = None, math.inf, _error(blocks.residual), blocks.cost()
         for i, window in enumerate(blocks.windows):
             if not window[4]:
                 continue
@@ -438,7 +436,7 @@ def _trimmed(blocks: BlockFit, allowed: float) -> BlockFit:
                 trial = blocks.copy()
                 trial.reshape(i, smaller)
                 trial.converge(most=300)
-                price = (_error(trial.residual) - _error(blocks.residual)) / (blocks.cost() - trial.cost())
+                price = (_error(trial.residual) - error) / (cost - trial.cost())
                 if price < cheapest:
                     best, cheapest = trial, price
         blocks = best
