@@ -65,7 +65,7 @@ def attention_matrices() -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="none: only the MiniLM matrices")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.175, 0.25, 0.35])
     parser.add_argument("--minilm-budgets", type=float, nargs="*", default=[0.25])
     parser.add_argument("--sweeps", type=int, nargs="+", help="diagnose refit sweeps on the true windows instead")
@@ -107,7 +107,7 @@ def main() -> None:
     for data_set in dict.fromkeys(r["set"] for r in rows):
         mine = [r for r in rows if r["set"] == data_set]
         methods = list(dict.fromkeys(r["method"] for r in mine))
-        budgets = list(dict.fromkeys(r["budget"] for r in mine))
+        budgets = sorted(set(r["budget"] for r in mine))
         lines += [f"## {data_set} ({len(set(r['matrix'] for r in mine))} matrices)", "",
                   "| budget | " + " | ".join(methods) + " | block pursuit / low-rank | seconds (pursuit) |",
                   "|---:|" + "---:|" * (len(methods) + 2)]

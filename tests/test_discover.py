@@ -5,7 +5,7 @@ import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.discover import (BlockFit, _agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
-                           _read_edges, _trimmed, block_pursuit)
+                           _ranked, _read_edges, _swapped, _trimmed, block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -148,3 +148,39 @@ def test_a_little_room_then_trimming_finds_an_edge_that_improving_at_the_budget_
     assert found.cost() <= allowed
     assert float(found.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
     assert sorted(w[:4] for w in found.windows) == sorted(list(w) for w in windows)
+
+
+def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one():
+    weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    off = [[*w, 4] for w in windows]
+    off[0][1] -= 1  # block 0 misses its last row ...
+    off[1][1] += 1 if off[1][0] + off[1][1] < 100 else 0
+    off[1][0] -= 0 if off[1][0] + off[1][1] < 100 else 1  # ... which block 1 spends on a row too many
+    blocks = BlockFit(weight, off)
+    blocks.converge()
+    assert blocks.cost() == allowed and float(blocks.residual.norm() / weight.norm()) > 0.01
+    swapped = _swapped(blocks, allowed)
+    assert swapped.cost() <= allowed
+    assert float(swapped.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
+    assert sorted(w[:4] for w in swapped.windows) == sorted(list(w) for w in windows)
+
+
+def test_ranked_blocks_keep_their_windows_within_the_budget():
+    weight, windows = overlapping_blocks(2, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    for ranks in ([1, 1, 1], [3, 4, 4], [2, 2, 2]):
+        blocks = _ranked(weight, [[*w, rank] for w, rank in zip(windows, ranks)], allowed)
+        assert [w[:4] for w in blocks.windows] == [list(w) for w in windows]
+        assert blocks.cost() <= allowed
+        if ranks == [2, 2, 2]:  # balanced on two blocks that overlap on most rows: one rank lands on the wrong one ...
+            blocks = _improved(blocks, allowed)  # ... which the verified rank trades that follow put right
+        assert float(blocks.residual.norm() / weight.norm()) < 0.006  # every block's rank found again
+
+
+def test_the_last_stage_is_skipped_where_the_pieces_agree_on_no_windows(monkeypatch):
+    import gblr.discover as discover
+    improved = []
+    monkeypatch.setattr(discover, "_improved", lambda blocks, allowed: improved.append(blocks) or blocks)
+    block_pursuit(torch.randn(60, 90, generator=torch.Generator().manual_seed(0)), 0.25)  # no blocks to agree on
+    assert not improved

@@ -25,9 +25,11 @@ columns). Blocks placed greedily on windows between those edges are a second sta
 
 Even then, overlapping blocks end on windows a few rows or columns off, and with no MAC to spare no
 single move fixes that: growing one window needs the MACs another holds. So the windows most pieces
-of the best fit agree on are consolidated once more with a little budget to spare (``slack``), improved
-by moves each judged by the error after refitting every block, and trimmed back to the budget one
-verified step at a time, the step that costs the least error per MAC first.
+of the best fit agree on are consolidated once more with a little budget to spare (``slack``), and
+also kept as they are with only their ranks balanced (consolidation can carry a window out over a
+neighbour it overlaps). Both are improved by moves each judged by the error after refitting every
+block, trimmed back to the budget one verified step at a time, the step that costs the least error
+per MAC first, and polished by passing a row or column from one block to another.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
 matrix (5 to 17 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
@@ -217,7 +219,7 @@ class BlockFit:
         return float(torch.linalg.eigvalsh(gram)[-rank:].sum()) if rank else 0.0
 
     def cost(self) -> int:
-        return sum(w[4] * (w[1] + w[3]) for w in self.windows)
+        return sum(_macs(window) for window in self.windows)
 
     def pieces(self) -> list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
         """Every block as rank-1 pieces ``(row, height, col, width, left, right)``."""
@@ -227,6 +229,11 @@ class BlockFit:
                 u, s, vh = torch.linalg.svd(fit, full_matrices=False)
                 found += [(*window[:4], u[:, k] * s[k], vh[k]) for k in range(min(window[4], len(s)))]
         return found
+
+
+def _macs(window) -> int:
+    """MACs per token of a block on ``window`` (``[row start, height, col start, width, rank]``)."""
+    return window[4] * (window[1] + window[3])
 
 
 def _groups(pieces: list, overlap: float, shape: tuple[int, int]) -> list[list]:
@@ -371,6 +378,19 @@ def _consolidated(target: torch.Tensor, merged: list[list[int]], budget: float, 
     return blocks
 
 
+def _ranked(target: torch.Tensor, windows: list[list[int]], allowed: float) -> BlockFit:
+    """Blocks on ``windows`` as they are, refitted to convergence, their ranks balanced within ``allowed``
+    MACs and refitted again. Consolidation moves edges to capture more energy, which can carry a block's
+    window out over a neighbour it overlaps; these start the verified moves from the windows as read.
+    (Balancing on the spectra of a single sweep, before the overlapping blocks have passed error to
+    each other, moved ranks from where they belong.)"""
+    blocks = BlockFit(target, [list(window) for window in windows])
+    blocks.converge()
+    _balance_ranks(blocks, blocks.sweep(), allowed)
+    blocks.converge()
+    return blocks
+
+
 def _moved_edge(window, edge: int, step: int, shape: tuple[int, int]) -> list[int] | None:
     """``window`` with its top, bottom, left or right edge (``edge`` 0-3) moved out by ``step`` (in when
     negative); None where that crosses the border or leaves less room than the rank."""
@@ -421,13 +441,25 @@ def _better(trial: BlockFit, blocks: BlockFit, allowed: float) -> BlockFit:
     return trial if _error(trial.residual) < (1 - 1e-6) * _error(blocks.residual) else blocks
 
 
-def _trimmed(blocks: BlockFit, allowed: float) -> BlockFit:
+def _screened(trials: list[BlockFit], key, screen: int, finalists: int) -> BlockFit | None:
+    """The trial ``key`` ranks first: all refitted by ``screen`` sweeps, the ``finalists`` ranked first
+    then by up to 300 and ranked again (refitting every trial in full cost most of the time)."""
+    for trial in trials:
+        trial.converge(most=screen)
+    kept = sorted(trials, key=key)[:finalists]
+    for trial in kept:
+        trial.converge(most=300 - screen)
+    return min(kept, key=key, default=None)
+
+
+def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int = 4) -> BlockFit:
     """``blocks`` brought down to ``allowed`` MACs one verified step at a time: of dropping one rank of a
     block or moving one of its edges in by 1, 2, 4 or 8, the step that adds the least error per MAC it
-    saves once all blocks are refitted (300 sweeps at most, to compare)."""
+    saves once all blocks are refitted (:func:`_screened`: ``screen`` sweeps, up to 300 for the
+    ``finalists``)."""
     shape = blocks.target.shape
     while blocks.cost() > allowed:
-        best, cheapest, error, cost = None, math.inf, _error(blocks.residual), blocks.cost()
+        error, cost, trials = _error(blocks.residual), blocks.cost(), []
         for i, window in enumerate(blocks.windows):
             if not window[4]:
                 continue
@@ -435,12 +467,43 @@ def _trimmed(blocks: BlockFit, allowed: float) -> BlockFit:
             for smaller in [[*window[:4], window[4] - 1]] + [moved for moved in shrunk if moved is not None]:
                 trial = blocks.copy()
                 trial.reshape(i, smaller)
-                trial.converge(most=300)
-                price = (_error(trial.residual) - error) / (cost - trial.cost())
-                if price < cheapest:
-                    best, cheapest = trial, price
-        blocks = best
+                trials.append(trial)
+
+        def price(trial: BlockFit) -> float:
+            return (_error(trial.residual) - error) / (cost - trial.cost())
+
+        blocks = _screened(trials, price, screen, finalists)
         blocks.converge()
+    return blocks
+
+
+def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int = 4, rounds: int = 5) -> BlockFit:
+    """Edges passed between blocks within ``allowed`` MACs: one edge of a block moved in by one row or
+    column and one edge of another block moved out by one, the pair that lowers the error most once all
+    blocks are refitted, until none does (at most ``rounds`` times). Trimming one step at a time can end
+    a row off on two blocks at once, where neither move alone lowers the error (pairs judged as in
+    :func:`_trimmed`)."""
+    shape = blocks.target.shape
+    for _ in range(rounds):
+        trials, cost = [], blocks.cost()
+        for i, giver in enumerate(blocks.windows):
+            for j, taker in enumerate(blocks.windows):
+                if i == j or not giver[4] or not taker[4]:
+                    continue
+                for inner in range(4):
+                    smaller = _moved_edge(giver, inner, -1, shape)
+                    for outer in range(4) if smaller is not None else ():
+                        larger = _moved_edge(taker, outer, 1, shape)
+                        if larger is None or cost + _macs(smaller) - _macs(giver) + _macs(larger) - _macs(taker) > allowed:
+                            continue
+                        trial = blocks.copy()
+                        trial.reshape(i, smaller)
+                        trial.reshape(j, larger)
+                        trials.append(trial)
+        best = _screened(trials, lambda trial: _error(trial.residual), screen, finalists)
+        if best is None or _error(best.residual) >= (1 - 1e-6) * _error(blocks.residual):
+            break
+        blocks = best
     return blocks
 
 
@@ -554,9 +617,11 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     (:func:`_edge_seeds`, placed three times, the blocks settled by 0, 5 and 30 refit sweeps after each
     placement), once as they were placed and once split into rank-1 blocks that move their edges one by
     one. Last, for each threshold in ``agreement``, blocks on the windows at least three of the best
-    candidate's pieces agree on (:func:`_agreed_blocks`), where they hold at least half of its pieces,
-    are consolidated with ``slack`` more of the budget, improved by verified moves (:func:`_improved`)
-    and trimmed back to the budget (:func:`_trimmed`); ``slack=None`` skips this. A looser threshold
+    candidate's pieces agree on (:func:`_agreed_blocks`), where they hold at least three quarters of its pieces,
+    are consolidated with ``slack`` more of the budget, and separately only given ranks on those windows
+    (:func:`_ranked`); each is improved by verified moves (:func:`_improved`), trimmed back to the budget
+    (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`); ``slack=None``
+    skips this. A looser threshold
     chains the pieces of two overlapping blocks into one group, a stricter one splits a block's pieces,
     so two are tried. The candidate with the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair
     ``(row windows, column windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those
@@ -600,13 +665,13 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     best, agreements = found, []
     for overlap in agreement if slack is not None else ():
         agreed = _agreed_blocks(best, overlap, (m, n))
-        if sum(block[4] for block in agreed) < len(best) / 2 or agreed in agreements:
-            continue  # most pieces agree on no window (no block structure to polish: 39 % on a MiniLM matrix), or tried
+        if sum(block[4] for block in agreed) < 0.75 * len(best) or agreed in agreements:
+            continue  # pieces agree too little for block structure (81-96 % on hidden blocks, 39-64 % on MiniLM), or tried
         agreements.append(agreed)
-        roomier = _improved(_consolidated(target, agreed, budget * (1 + slack)), allowed * (1 + slack))
-        blocks = _trimmed(roomier, allowed)
-        if _error(blocks.residual) < error:
-            found, error = blocks.pieces(), _error(blocks.residual)
+        for roomy in _consolidated(target, agreed, budget * (1 + slack)), _ranked(target, agreed, allowed * (1 + slack)):
+            blocks = _swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed)
+            if _error(blocks.residual) < error:
+                found, error = blocks.pieces(), _error(blocks.residual)
     out_factors = torch.zeros(len(found), 1, m, dtype=torch.float64)
     in_factors = torch.zeros(len(found), 1, n, dtype=torch.float64)
     for k, (r0, h, c0, w, left, right) in enumerate(found):
