@@ -666,7 +666,7 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     for overlap in agreement if slack is not None else ():
         agreed = _agreed_blocks(best, overlap, (m, n))
         if sum(block[4] for block in agreed) < 0.75 * len(best) or agreed in agreements:
-            continue  # pieces agree too little for block structure (81-96 % on hidden blocks, 39-64 % on MiniLM), or tried
+            continue  # pieces agree too little for block structure (81-96 % on hidden blocks, 39-74 % on MiniLM), or tried
         agreements.append(agreed)
         for roomy in _consolidated(target, agreed, budget * (1 + slack)), _ranked(target, agreed, allowed * (1 + slack)):
             blocks = _swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed)
