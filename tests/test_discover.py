@@ -154,9 +154,8 @@ def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one(
     weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
     allowed = sum(4 * (h + w) for _, h, _, w in windows)
     off = [[*w, 4] for w in windows]
-    off[0][1] -= 1  # block 0 misses its last row ...
-    off[1][1] += 1 if off[1][0] + off[1][1] < 100 else 0
-    off[1][0] -= 0 if off[1][0] + off[1][1] < 100 else 1  # ... which block 1 spends on a row too many
+    off[0][1] -= 1  # block 0 misses its last row, which block 1 spends on a row too many
+    off[1][1] += 1
     blocks = BlockFit(weight, off)
     blocks.converge()
     assert blocks.cost() == allowed and float(blocks.residual.norm() / weight.norm()) > 0.01

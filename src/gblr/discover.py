@@ -32,7 +32,7 @@ block, trimmed back to the budget one verified step at a time, the step that cos
 per MAC first, and polished by passing a row or column from one block to another.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
-matrix (5 to 17 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
+matrix (7 to 18 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
 more than the tilings, so it is not tried by default.
 """
 
@@ -617,11 +617,11 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     (:func:`_edge_seeds`, placed three times, the blocks settled by 0, 5 and 30 refit sweeps after each
     placement), once as they were placed and once split into rank-1 blocks that move their edges one by
     one. Last, for each threshold in ``agreement``, blocks on the windows at least three of the best
-    candidate's pieces agree on (:func:`_agreed_blocks`), where they hold at least three quarters of its pieces,
-    are consolidated with ``slack`` more of the budget, and separately only given ranks on those windows
-    (:func:`_ranked`); each is improved by verified moves (:func:`_improved`), trimmed back to the budget
-    (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`); ``slack=None``
-    skips this. A looser threshold
+    candidate's pieces agree on (:func:`_agreed_blocks`), where they hold at least three quarters of its
+    pieces, are consolidated with ``slack`` more of the budget, and separately only given ranks on those
+    windows (:func:`_ranked`); each is improved by verified moves (:func:`_improved`), trimmed back to the
+    budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`);
+    ``slack=None`` skips this. A looser threshold
     chains the pieces of two overlapping blocks into one group, a stricter one splits a block's pieces,
     so two are tried. The candidate with the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair
     ``(row windows, column windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those
