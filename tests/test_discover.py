@@ -118,6 +118,12 @@ def test_agreed_blocks_sit_on_the_median_edges_of_three_or_more_pieces():
     assert _agreed_blocks(pieces, 0.85, (200, 320), least=2) == [[10, 40, 20, 60, 4], [101, 19, 100, 30, 2]]  # upper medians
 
 
+def assert_found_the_blocks(fit: BlockFit, weight: torch.Tensor, windows: list, allowed: float) -> None:
+    assert fit.cost() <= allowed
+    assert float(fit.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
+    assert sorted(w[:4] for w in fit.windows) == sorted(list(w) for w in windows)
+
+
 def test_trimming_meets_the_budget_and_keeps_the_blocks():
     weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
     allowed = sum(4 * (h + w) for _, h, _, w in windows)
@@ -127,9 +133,8 @@ def test_trimming_meets_the_budget_and_keeps_the_blocks():
     blocks = BlockFit(weight, grown)
     blocks.converge()
     trimmed = _trimmed(blocks, allowed)
-    assert trimmed.cost() <= allowed < blocks.cost()
-    assert float(trimmed.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
-    assert sorted(w[:4] for w in trimmed.windows) == sorted(list(w) for w in windows)
+    assert allowed < blocks.cost()
+    assert_found_the_blocks(trimmed, weight, windows, allowed)
 
 
 def test_a_little_room_then_trimming_finds_an_edge_that_improving_at_the_budget_misses():
@@ -145,9 +150,7 @@ def test_a_little_room_then_trimming_finds_an_edge_that_improving_at_the_budget_
     assert at_budget.cost() <= allowed
     roomier = _improved(blocks.copy(), 1.06 * allowed)
     found = _trimmed(roomier, allowed)
-    assert found.cost() <= allowed
-    assert float(found.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
-    assert sorted(w[:4] for w in found.windows) == sorted(list(w) for w in windows)
+    assert_found_the_blocks(found, weight, windows, allowed)
 
 
 def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one():
@@ -160,9 +163,7 @@ def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one(
     blocks.converge()
     assert blocks.cost() == allowed and float(blocks.residual.norm() / weight.norm()) > 0.01
     swapped = _swapped(blocks, allowed)
-    assert swapped.cost() <= allowed
-    assert float(swapped.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003
-    assert sorted(w[:4] for w in swapped.windows) == sorted(list(w) for w in windows)
+    assert_found_the_blocks(swapped, weight, windows, allowed)
 
 
 def test_ranked_blocks_keep_their_windows_within_the_budget():
