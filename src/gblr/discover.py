@@ -623,8 +623,9 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`);
     ``slack=None`` skips this. A looser threshold chains the pieces of two overlapping blocks into one
     group, a stricter one splits a block's pieces, so two are tried. The candidate with the smallest
-    error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those
-    windows instead of the ones read from the data (to measure what reading them loses)."""
+    error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column windows)``
+    of ``(start, size)`` tuples in place of ``True`` starts from those windows instead of the ones read
+    from the data (to measure what reading them loses)."""
     target = weight.detach().double().cpu()
     m, n = target.shape
     allowed = budget * m * n
