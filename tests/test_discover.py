@@ -166,6 +166,23 @@ def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one(
     assert_found_the_blocks(swapped, weight, windows, allowed)
 
 
+def test_splitting_brings_two_nearly_coincident_blocks_merged_into_one_down_to_their_cost():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.zeros(60, 80, dtype=torch.float64)
+    windows = [(2, 30, 4, 40), (4, 34, 2, 34)]  # the same rows and columns but for a few
+    for r0, h, c0, w in windows:
+        left, right = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((h, 4), (4, w)))
+        weight[r0:r0 + h, c0:c0 + w] += left @ right / 2
+    noise = torch.randn(60, 80, generator=generator, dtype=torch.float64)
+    weight += 0.003 * weight.norm() / noise.norm() * noise
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    union = BlockFit(weight, [[2, 36, 2, 42, 8]])  # both blocks on one window: the noise, at more than their cost
+    union.converge()
+    assert union.cost() > allowed and float(union.residual.norm() / weight.norm()) < 0.006
+    assert float(_trimmed(union.copy(), allowed, split=()).residual.norm() / weight.norm()) > 0.1  # ranks dropped
+    assert_found_the_blocks(_trimmed(union, allowed, split=(4,)), weight, windows, allowed)
+
+
 def test_ranked_blocks_keep_their_windows_within_the_budget():
     weight, windows = overlapping_blocks(2, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
     allowed = sum(4 * (h + w) for _, h, _, w in windows)

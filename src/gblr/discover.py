@@ -151,6 +151,15 @@ class BlockFit:
             self._add(self.windows[i], self.fits[i])
             self.fits[i] = None
 
+    def split_off(self, i: int, window: list[int]) -> None:
+        """Move ``window[4]`` of block ``i``'s ranks to a new block on ``window`` and refit both."""
+        self.lift(i)
+        self.windows[i][4] -= window[4]
+        self.refit(i)
+        self.windows.append(list(window))
+        self.fits.append(None)
+        self.refit(len(self.windows) - 1)
+
     def copy(self) -> BlockFit:
         """An independent copy (its own residual, windows and fits), to try a change on."""
         twin = BlockFit(self.target, [list(window) for window in self.windows])
@@ -452,11 +461,17 @@ def _screened(trials: list[BlockFit], key, screen: int, finalists: int) -> Block
     return min(kept, key=key, default=None)
 
 
-def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int = 4) -> BlockFit:
+def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int = 4,
+             split: tuple[int, ...] = (8, 16)) -> BlockFit:
     """``blocks`` brought down to ``allowed`` MACs one verified step at a time: of dropping one rank of a
-    block or moving one of its edges in by 1, 2, 4 or 8, the step that adds the least error per MAC it
-    saves once all blocks are refitted (:func:`_screened`: ``screen`` sweeps, up to 300 for the
-    ``finalists``)."""
+    block, moving one of its edges in by 1, 2, 4 or 8, or splitting it (half its ranks moved to a block
+    on its window with one edge moved in by a step in ``split``), the step that adds the least error per
+    MAC it saves once all blocks are refitted (:func:`_screened`: ``screen`` sweeps, up to 300 for the
+    ``finalists``). Two nearly coincident blocks end as one block of twice the rank on their union,
+    which only a split brings down to their cost. A split is tried only where the half keeps at least
+    as many ranks as the rows or columns it loses: there any block can split at no error (a rank-k block
+    is a sum of k pieces on nested windows, each a row and a column smaller than the last) and the
+    trim would break every block into slivers."""
     shape = blocks.target.shape
     while blocks.cost() > allowed:
         error, cost, trials = _error(blocks.residual), blocks.cost(), []
@@ -468,6 +483,13 @@ def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
                 trial = blocks.copy()
                 trial.reshape(i, smaller)
                 trials.append(trial)
+            half = window[4] // 2
+            for step in (step for step in split if step <= half):
+                for part in [_moved_edge([*window[:4], half], edge, -step, shape) for edge in range(4)]:
+                    if part is not None:
+                        trial = blocks.copy()
+                        trial.split_off(i, part)
+                        trials.append(trial)
 
         def price(trial: BlockFit) -> float:
             return (_error(trial.residual) - error) / (cost - trial.cost())
@@ -597,6 +619,29 @@ def _edge_seeds(target: torch.Tensor, budget: float, edges: tuple[list, list], s
             blocks.refine_all()
 
 
+def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, budget: float, slack: float,
+                             agreement: tuple[float, ...]) -> list:
+    """Block pursuit's last stage: for each threshold in ``agreement``, blocks on the windows at least three
+    of ``best``'s pieces agree on (:func:`_agreed_blocks`), where they hold at least three quarters of its
+    pieces, consolidated with ``slack`` more of the budget and separately only given ranks on those
+    windows (:func:`_ranked`); each improved by verified moves (:func:`_improved`), trimmed back to the
+    budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`). Returns the
+    pieces of whichever fit leaves the least squared error, ``best`` (leaving ``error``) included."""
+    m, n = target.shape
+    allowed = budget * m * n
+    found, agreements = best, []
+    for overlap in agreement:
+        agreed = _agreed_blocks(best, overlap, (m, n))
+        if sum(block[4] for block in agreed) < 0.75 * len(best) or agreed in agreements:
+            continue  # pieces agree too little for block structure (81-96 % on hidden blocks, 39-74 % on MiniLM), or tried
+        agreements.append(agreed)
+        for roomy in _consolidated(target, agreed, budget * (1 + slack)), _ranked(target, agreed, allowed * (1 + slack)):
+            blocks = _swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed)
+            if _error(blocks.residual) < error:
+                found, error = blocks.pieces(), _error(blocks.residual)
+    return found
+
+
 def _error(residual: torch.Tensor) -> float:
     return float(residual.square().sum())
 
@@ -662,16 +707,8 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
         blocks = _consolidated(target, merged, budget)
         if _error(blocks.residual) < error:
             found, error = blocks.pieces(), _error(blocks.residual)
-    best, agreements = found, []
-    for overlap in agreement if slack is not None else ():
-        agreed = _agreed_blocks(best, overlap, (m, n))
-        if sum(block[4] for block in agreed) < 0.75 * len(best) or agreed in agreements:
-            continue  # pieces agree too little for block structure (81-96 % on hidden blocks, 39-74 % on MiniLM), or tried
-        agreements.append(agreed)
-        for roomy in _consolidated(target, agreed, budget * (1 + slack)), _ranked(target, agreed, allowed * (1 + slack)):
-            blocks = _swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed)
-            if _error(blocks.residual) < error:
-                found, error = blocks.pieces(), _error(blocks.residual)
+    if slack is not None:
+        found = _agreed_windows_refitted(target, found, error, budget, slack, agreement)
     out_factors = torch.zeros(len(found), 1, m, dtype=torch.float64)
     in_factors = torch.zeros(len(found), 1, n, dtype=torch.float64)
     for k, (r0, h, c0, w, left, right) in enumerate(found):
