@@ -29,7 +29,9 @@ of the best fit agree on are consolidated once more with a little budget to spar
 also kept as they are with only their ranks balanced (consolidation can carry a window out over a
 neighbour it overlaps). Both are improved by moves each judged by the error after refitting every
 block, trimmed back to the budget one verified step at a time, the step that costs the least error
-per MAC first, and polished by passing a row or column from one block to another.
+per MAC first, and polished by passing a row or column from one block to another. Two nearly
+coincident blocks leave pieces that agree on one window, their union; a trim step that splits a block
+in two brings such a union down to the blocks' cost.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
 matrix (7 to 18 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
@@ -447,7 +449,12 @@ def _better(trial: BlockFit, blocks: BlockFit, allowed: float) -> BlockFit:
     if trial.cost() > allowed:
         return blocks
     trial.converge()
-    return trial if _error(trial.residual) < (1 - 1e-6) * _error(blocks.residual) else blocks
+    return trial if _lower(trial, blocks) else blocks
+
+
+def _lower(trial: BlockFit, blocks: BlockFit) -> bool:
+    """Whether ``trial`` leaves less error than ``blocks`` by more than rounding (a millionth of it)."""
+    return _error(trial.residual) < (1 - 1e-6) * _error(blocks.residual)
 
 
 def _screened(trials: list[BlockFit], key, screen: int, finalists: int) -> BlockFit | None:
@@ -523,7 +530,7 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
                         trial.reshape(j, larger)
                         trials.append(trial)
         best = _screened(trials, lambda trial: _error(trial.residual), screen, finalists)
-        if best is None or _error(best.residual) >= (1 - 1e-6) * _error(blocks.residual):
+        if best is None or not _lower(best, blocks):
             break
         blocks = best
     return blocks
@@ -661,14 +668,11 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     consolidation also starts from blocks on windows whose edges are read from the data
     (:func:`_edge_seeds`, placed three times, the blocks settled by 0, 5 and 30 refit sweeps after each
     placement), once as they were placed and once split into rank-1 blocks that move their edges one by
-    one. Last, for each threshold in ``agreement``, blocks on the windows at least three of the best
-    candidate's pieces agree on (:func:`_agreed_blocks`), where they hold at least three quarters of its
-    pieces, are consolidated with ``slack`` more of the budget, and separately only given ranks on those
-    windows (:func:`_ranked`); each is improved by verified moves (:func:`_improved`), trimmed back to the
-    budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`);
-    ``slack=None`` skips this. A looser threshold chains the pieces of two overlapping blocks into one
-    group, a stricter one splits a block's pieces, so two are tried. The candidate with the smallest
-    error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column windows)``
+    one. Last, the windows the best candidate's pieces agree on are refitted with ``slack`` more of the
+    budget and trimmed back to it (:func:`_agreed_windows_refitted`, once for each threshold in
+    ``agreement``); ``slack=None`` skips this. A looser threshold chains the pieces of two overlapping
+    blocks into one group, a stricter one splits a block's pieces, so two are tried. The candidate with
+    the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column windows)``
     of ``(start, size)`` tuples in place of ``True`` starts from those windows instead of the ones read
     from the data (to measure what reading them loses)."""
     target = weight.detach().double().cpu()
