@@ -34,7 +34,7 @@ coincident blocks leave pieces that agree on one window, their union; a trim ste
 in two brings such a union down to the blocks' cost.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
-matrix (7 to 18 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
+matrix (9 to 22 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
 more than the tilings, so it is not tried by default.
 """
 
