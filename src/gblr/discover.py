@@ -155,9 +155,7 @@ class BlockFit:
 
     def split_off(self, i: int, window: list[int]) -> None:
         """Move ``window[4]`` of block ``i``'s ranks to a new block on ``window`` and refit both."""
-        self.lift(i)
-        self.windows[i][4] -= window[4]
-        self.refit(i)
+        self.reshape(i, [*self.windows[i][:4], self.windows[i][4] - window[4]])
         self.windows.append(list(window))
         self.fits.append(None)
         self.refit(len(self.windows) - 1)
