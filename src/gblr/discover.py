@@ -671,9 +671,9 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     budget and trimmed back to it (:func:`_agreed_windows_refitted`, once for each threshold in
     ``agreement``); ``slack=None`` skips this. A looser threshold chains the pieces of two overlapping
     blocks into one group, a stricter one splits a block's pieces, so two are tried. The candidate with
-    the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column windows)``
-    of ``(start, size)`` tuples in place of ``True`` starts from those windows instead of the ones read
-    from the data (to measure what reading them loses)."""
+    the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column
+    windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those windows instead of the
+    ones read from the data (to measure what reading them loses)."""
     target = weight.detach().double().cpu()
     m, n = target.shape
     allowed = budget * m * n
