@@ -5,7 +5,7 @@ import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.discover import (BlockFit, _agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
-                           _ranked, _read_edges, _swapped, _trimmed, block_pursuit)
+                           _polished, _ranked, _read_edges, _swapped, _trimmed, block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -164,6 +164,55 @@ def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one(
     assert blocks.cost() == allowed and float(blocks.residual.norm() / weight.norm()) > 0.01
     swapped = _swapped(blocks, allowed)
     assert_found_the_blocks(swapped, weight, windows, allowed)
+
+
+def test_swapping_spends_spare_macs_on_a_row_a_block_lacks():
+    weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    short = [[*w, 4] for w in windows]
+    short[0][1] -= 1  # block 0 misses its last row, and the 4 MACs it would cost are unspent
+    blocks = BlockFit(weight, short)
+    blocks.converge()
+    assert blocks.cost() == allowed - 4 and float(blocks.residual.norm() / weight.norm()) > 0.01
+    assert_found_the_blocks(_swapped(blocks, allowed), weight, windows, allowed)
+    assert _swapped(blocks, allowed - 4).cost() <= allowed - 4  # without them no move spends more
+
+
+def test_polishing_refits_an_unconverged_fit_and_never_raises_its_error():
+    weight, windows = overlapping_blocks(3, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    blocks = BlockFit(weight, [[*w, 4] for w in windows])
+    blocks.sweep()  # one sweep: overlapping blocks are far from converged
+    before = float(blocks.residual.norm() / weight.norm())
+    polished = _polished(blocks.copy(), allowed)
+    assert float(polished.residual.norm() / weight.norm()) < min(0.006, before)
+    converged = _polished(polished, allowed)
+    assert float(converged.residual.norm()) <= float(polished.residual.norm())
+
+
+def test_polishing_passes_a_rank_to_the_block_that_lacks_it():
+    weight, windows = overlapping_blocks(3, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    by_size = sorted(range(4), key=lambda i: windows[i][1] + windows[i][3])
+    wrong = [[*w, 4] for w in windows]
+    wrong[by_size[0]][4], wrong[by_size[-1]][4] = 5, 3  # the smaller block holds a rank of the larger
+    blocks = BlockFit(weight, wrong)
+    blocks.converge()
+    assert blocks.cost() <= allowed and float(blocks.residual.norm() / weight.norm()) > 0.01
+    assert_found_the_blocks(_polished(blocks, allowed), weight, windows, allowed)
+    assert [w[4] for w in _polished(blocks, allowed).windows] == [4] * 4
+
+
+def test_trimming_drops_a_spare_block_whose_ranks_the_others_lack():
+    weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    (r0, h0, c0, w0), (r1, h1, c1, w1) = windows[:2]
+    spare = [min(r0, r1), max(r0 + h0, r1 + h1) - min(r0, r1), min(c0, c1), max(c0 + w0, c1 + w1) - min(c0, c1), 2]
+    short = [[*windows[0], 3], [*windows[1], 3], [*windows[2], 4], spare]  # the spare holds a rank of each
+    blocks = BlockFit(weight, short)
+    blocks.converge()
+    assert blocks.cost() > allowed
+    assert_found_the_blocks(_trimmed(blocks, allowed), weight, windows, allowed)
 
 
 def test_splitting_brings_two_nearly_coincident_blocks_merged_into_one_down_to_their_cost():
