@@ -31,10 +31,12 @@ neighbour it overlaps). Both are improved by moves each judged by the error afte
 block, trimmed back to the budget one verified step at a time, the step that costs the least error
 per MAC first, and polished by passing a row or column from one block to another. Two nearly
 coincident blocks leave pieces that agree on one window, their union; a trim step that splits a block
-in two brings such a union down to the blocks' cost.
+in two brings such a union down to the blocks' cost, and one that drops a block removes a spare block
+holding ranks the others lack. Each step judges fits after a few hundred refit sweeps, which can stop
+far from their error, so the best result is refitted much longer and its ranks passed between blocks.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
-matrix (9 to 22 at the blocks' cost in ``benchmarks/structure_discovery.py``, beside other jobs), far
+matrix (11 to 13 at the blocks' cost in ``benchmarks/structure_discovery.py``, two jobs on two cores), far
 more than the tilings, so it is not tried by default.
 """
 
