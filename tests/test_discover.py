@@ -199,8 +199,9 @@ def test_polishing_passes_a_rank_to_the_block_that_lacks_it():
     blocks = BlockFit(weight, wrong)
     blocks.converge()
     assert blocks.cost() <= allowed and float(blocks.residual.norm() / weight.norm()) > 0.01
-    assert_found_the_blocks(_polished(blocks, allowed), weight, windows, allowed)
-    assert [w[4] for w in _polished(blocks, allowed).windows] == [4] * 4
+    polished = _polished(blocks, allowed)
+    assert_found_the_blocks(polished, weight, windows, allowed)
+    assert [w[4] for w in polished.windows] == [4] * 4
 
 
 def test_trimming_drops_a_spare_block_whose_ranks_the_others_lack():

@@ -487,7 +487,10 @@ def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
     columns as they number at no error, and the edge moves that follow take each half to one block. A
     split is tried only where the half keeps at least as many ranks as the rows or columns it loses
     (with steps of 8 and 16, blocks of rank 16 or more): letting smaller blocks split broke them into
-    slivers of one or two ranks at about the same error, trimming about five times slower."""
+    slivers of one or two ranks at about the same error, trimming about five times slower. The step may
+    also drop a whole block, its MACs given to the others' ranks (:func:`_balance_ranks`) up to
+    ``allowed``: a spare block holding ranks two others lack survives every one-rank or one-edge step
+    (balanced only to the MACs the step must save, such a drop was never chosen)."""
     shape = blocks.target.shape
     while blocks.cost() > allowed:
         error, cost, trials = _error(blocks.residual), blocks.cost(), []
@@ -685,8 +688,8 @@ def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, bud
     windows (:func:`_ranked`); each improved by verified moves (:func:`_improved`), trimmed back to the
     budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`). The one
     of these that leaves the least error is refitted further and its ranks passed between blocks
-    (:func:`_polished`, too slow to run on every one); returns its pieces if they leave less squared
-    error than ``best`` (which leaves ``error``), else ``best``."""
+    (:func:`_polished`; 33-61 s for that one fit on the hidden-block matrices at their cost); returns its
+    pieces if they leave less squared error than ``best`` (which leaves ``error``), else ``best``."""
     m, n = target.shape
     allowed = budget * m * n
     fits, agreements = [], []
