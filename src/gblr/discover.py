@@ -572,8 +572,10 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
         return fit
 
     blocks.converge(most=most, tolerance=tolerance)
+    refitted = fresh(blocks.windows)
+    blocks = refitted if _lower(refitted, blocks) else blocks
     while True:
-        trials, cost = [blocks.windows], blocks.cost()
+        trials, cost = [], blocks.cost()
         for j, taker in enumerate(blocks.windows):
             if not 0 < taker[4] < min(taker[1], taker[3]):
                 continue
@@ -584,8 +586,8 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
                     if i is not None:
                         windows[i][4] -= 1
                     trials.append(windows)
-        best = min(map(fresh, trials), key=lambda trial: _error(trial.residual))
-        if not _lower(best, blocks):
+        best = min(map(fresh, trials), key=lambda trial: _error(trial.residual), default=None)
+        if best is None or not _lower(best, blocks):
             return blocks
         blocks = best
 
