@@ -690,7 +690,7 @@ def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, bud
     windows (:func:`_ranked`); each improved by verified moves (:func:`_improved`), trimmed back to the
     budget (:func:`_trimmed`) and polished by passing edges between blocks (:func:`_swapped`). The one
     of these that leaves the least error is refitted further and its ranks passed between blocks
-    (:func:`_polished`; 33-61 s for that one fit on the hidden-block matrices at their cost); returns its
+    (:func:`_polished`; 18-61 s for that one fit on the hidden-block matrices at their cost); returns its
     pieces if they leave less squared error than ``best`` (which leaves ``error``), else ``best``."""
     m, n = target.shape
     allowed = budget * m * n
