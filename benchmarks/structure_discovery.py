@@ -36,7 +36,8 @@ import torch
 from _results import RESULTS, provenance, run_metadata, write_results
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.discover import BlockFit, block_pursuit
+from gblr.block_fit import BlockFit
+from gblr.discover import block_pursuit
 from gblr.fit import block_low_rank_error_curve, learned_fit, relative_error, structured_from_dense
 
 NOISE = 0.003

@@ -47,9 +47,10 @@ import statistics
 
 import torch
 
+from .block_fit import BlockFit, block_macs, cyclic_window, squared_norm
 from .structured.gblr import GBLRLinear
 
-__all__ = ["BlockFit", "block_pursuit"]
+__all__ = ["block_pursuit"]
 
 
 def _best_window(energy: torch.Tensor, other_side: int) -> tuple[int, int, float]:
@@ -62,10 +63,6 @@ def _best_window(energy: torch.Tensor, other_side: int) -> tuple[int, int, float
     ratio = (prefix[starts + sizes] - prefix[starts]) / (sizes + other_side)
     best = int(ratio.argmax())
     return best // length, best % length + 1, float(ratio.flatten()[best])
-
-
-def _window(start: int, size: int, length: int) -> torch.Tensor:
-    return (start + torch.arange(size)) % length
 
 
 def _top_pair(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +80,11 @@ def _climb(residual: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, round
     for _ in range(rounds):
         left = residual[:, cols] @ right
         row_start, height, _ = _best_window(left.square(), len(cols))
-        rows = _window(row_start, height, m)
+        rows = cyclic_window(row_start, height, m)
         left = left[rows] / left[rows].norm().clamp_min(1e-300)
         right_full = residual[rows].T @ left
         col_start, width, ratio = _best_window(right_full.square(), height)
-        cols = _window(col_start, width, n)
+        cols = cyclic_window(col_start, width, n)
         right = right_full[cols] / right_full[cols].norm().clamp_min(1e-300)
         if found == (row_start, height, col_start, width):
             break
@@ -118,141 +115,8 @@ def _cyclic_union(a: tuple[int, int], b: tuple[int, int], length: int) -> tuple[
 def _overlap(a: tuple[int, int], b: tuple[int, int], length: int) -> float:
     """Intersection over union of two cyclic windows."""
     inside = torch.zeros(2, length, dtype=torch.bool)
-    inside[0, _window(*a, length)] = inside[1, _window(*b, length)] = True
+    inside[0, cyclic_window(*a, length)] = inside[1, cyclic_window(*b, length)] = True
     return float(inside.all(0).sum()) / float(inside.any(0).sum())
-
-
-class BlockFit:
-    """Rank-k blocks on cyclic windows, fitted by block coordinate descent on one shared residual: each
-    block is the truncated SVD of what the others leave on its windows. ``windows`` are
-    ``[row start, height, col start, width, rank]`` lists; ``sweep()`` refits all once, ``residual`` is
-    what the blocks leave of ``target``."""
-
-    def __init__(self, target: torch.Tensor, windows: list[list[int]]) -> None:
-        self.target, self.residual = target, target.clone()
-        self.windows = windows  # [row start, height, col start, width, rank] each
-        self.fits: list[torch.Tensor | None] = [None] * len(windows)
-        self._bases: dict[int, torch.Tensor] = {}  # each refitted block's right singular vectors, for refine()
-
-    def _where(self, window) -> tuple:
-        """Index of ``window`` in the matrix: slices (a view) unless it wraps around an edge."""
-        m, n = self.target.shape
-        r0, h, c0, w = window[:4]
-        if r0 + h <= m and c0 + w <= n:
-            return slice(r0, r0 + h), slice(c0, c0 + w)
-        return _window(r0, h, m).unsqueeze(1), _window(c0, w, n)
-
-    def _add(self, window, values: torch.Tensor) -> None:
-        where = self._where(window)
-        if isinstance(where[0], slice):
-            self.residual[where] += values
-        else:
-            self.residual.index_put_(where, values, accumulate=True)
-
-    def lift(self, i: int) -> None:
-        """Give block ``i``'s fit back to the residual."""
-        if self.fits[i] is not None:
-            self._add(self.windows[i], self.fits[i])
-            self.fits[i] = None
-
-    def split_off(self, i: int, window: list[int]) -> None:
-        """Move ``window[4]`` of block ``i``'s ranks to a new block on ``window`` and refit both."""
-        self.reshape(i, [*self.windows[i][:4], self.windows[i][4] - window[4]])
-        self.windows.append(list(window))
-        self.fits.append(None)
-        self.refit(len(self.windows) - 1)
-
-    def without(self, i: int) -> BlockFit:
-        """A copy with block ``i`` removed (its fit given back to the residual)."""
-        twin = self.copy()
-        twin.lift(i)
-        del twin.windows[i], twin.fits[i]
-        twin._bases = {j - (j > i): basis for j, basis in twin._bases.items() if j != i}
-        return twin
-
-    def copy(self) -> BlockFit:
-        """An independent copy (its own residual, windows and fits), to try a change on."""
-        twin = BlockFit(self.target, [list(window) for window in self.windows])
-        twin.residual, twin.fits, twin._bases = self.residual.clone(), list(self.fits), dict(self._bases)
-        return twin
-
-    def reshape(self, i: int, window: list[int]) -> None:
-        """Put block ``i`` on ``window`` (``[row start, height, col start, width, rank]``) and refit it."""
-        self.lift(i)
-        self.windows[i] = list(window)
-        self.refit(i)
-
-    def refit(self, i: int) -> torch.Tensor:
-        """Refit block ``i`` (its rank, its windows) to the residual; returns the windows' singular values."""
-        self.lift(i)
-        rank = self.windows[i][4]
-        u, s, vh = torch.linalg.svd(self.residual[self._where(self.windows[i])], full_matrices=False)
-        self.fits[i] = (u[:, :rank] * s[:rank]) @ vh[:rank]
-        self._bases[i] = vh[:rank].mT
-        self._add(self.windows[i], -self.fits[i])
-        return s
-
-    def refine(self, i: int) -> None:
-        """Refit block ``i`` by one step of subspace iteration from its last fit's right singular vectors
-        instead of a full SVD (a full refit where there is none of the block's shape). A sweep of these
-        lowers the error a little less than a sweep of full refits but costs about a fifteenth as much,
-        and both reach the same fits (``benchmarks/structure_discovery.py --sweeps``)."""
-        window, basis = self.windows[i], self._bases.get(i)
-        if basis is None or basis.shape != (window[3], window[4]):
-            self.refit(i)
-            return
-        self.lift(i)
-        region = self.residual[self._where(window)]
-        left = torch.linalg.qr(region @ basis).Q
-        right = left.mT @ region  # the best fit whose columns lie in left's span
-        self.fits[i] = left @ right
-        self._bases[i] = torch.linalg.qr(right.mT).Q
-        self._add(window, -self.fits[i])
-
-    def sweep(self) -> list[torch.Tensor]:
-        """Refit every block once, in order; returns each block's window singular values."""
-        return [self.refit(i) for i in range(len(self.windows))]
-
-    def refine_all(self) -> None:
-        """Refine every block once, in order (:meth:`refine`: a sweep at a fifteenth of :meth:`sweep`'s cost)."""
-        for i in range(len(self.windows)):
-            self.refine(i)
-
-    def converge(self, most: int = 1000, tolerance: float = 1e-4) -> None:
-        """Refit every block in turn until a sweep lowers the squared error by less than ``tolerance`` of
-        it: overlapping blocks pass error back and forth between them, so this takes hundreds of sweeps
-        (five overlapping rank-10 blocks on their true windows: 0.060 relative error after 30 sweeps of
-        :meth:`refine`, near the noise, 0.0035, after 300; ``benchmarks/structure_discovery.py --sweeps``)."""
-        error = _error(self.residual)
-        for _ in range(most):
-            self.refine_all()
-            previous, error = error, _error(self.residual)
-            if previous - error <= tolerance * previous:
-                break
-
-    def captured(self, window, rank: int) -> float:
-        """Squared error a rank-``rank`` block on ``window`` would remove from the residual: its leading
-        eigenvalues of the smaller Gram matrix (faster than singular values, the same sum)."""
-        region = self.residual[self._where(window)]
-        gram = region.mT @ region if region.shape[1] <= region.shape[0] else region @ region.mT
-        return float(torch.linalg.eigvalsh(gram)[-rank:].sum()) if rank else 0.0
-
-    def cost(self) -> int:
-        return sum(_macs(window) for window in self.windows)
-
-    def pieces(self) -> list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
-        """Every block as rank-1 pieces ``(row, height, col, width, left, right)``."""
-        found = []
-        for window, fit in zip(self.windows, self.fits):
-            if window[4] and fit is not None:
-                u, s, vh = torch.linalg.svd(fit, full_matrices=False)
-                found += [(*window[:4], u[:, k] * s[k], vh[k]) for k in range(min(window[4], len(s)))]
-        return found
-
-
-def _macs(window) -> int:
-    """MACs per token of a block on ``window`` (``[row start, height, col start, width, rank]``)."""
-    return window[4] * (window[1] + window[3])
 
 
 def _groups(pieces: list, overlap: float, shape: tuple[int, int]) -> list[list]:
@@ -427,7 +291,7 @@ def _improved(blocks: BlockFit, allowed: float, rounds: int = 5) -> BlockFit:
     kept when it lowers the error within ``allowed`` MACs; up to ``rounds`` passes."""
     shape = blocks.target.shape
     for _ in range(rounds):
-        start = _error(blocks.residual)
+        start = squared_norm(blocks.residual)
         for i in range(len(blocks.windows)):
             for edge in range(4) if blocks.windows[i][4] else ():
                 for step in (1, -1, 2, -2, 4, -4, 8, -8):
@@ -446,7 +310,7 @@ def _improved(blocks: BlockFit, allowed: float, rounds: int = 5) -> BlockFit:
                 trial.reshape(i, [*giver[:4], giver[4] - 1])
                 trial.reshape(j, [*taker[:4], taker[4] + 1])
                 blocks = _better(trial, blocks, allowed)
-        if _error(blocks.residual) == start:
+        if squared_norm(blocks.residual) == start:
             break
     return blocks
 
@@ -462,7 +326,7 @@ def _better(trial: BlockFit, blocks: BlockFit, allowed: float) -> BlockFit:
 
 def _lower(trial: BlockFit, blocks: BlockFit) -> bool:
     """Whether ``trial`` leaves less error than ``blocks`` by more than rounding (a millionth of it)."""
-    return _error(trial.residual) < (1 - 1e-6) * _error(blocks.residual)
+    return squared_norm(trial.residual) < (1 - 1e-6) * squared_norm(blocks.residual)
 
 
 def _screened(trials: list[BlockFit], key, screen: int, finalists: int) -> BlockFit | None:
@@ -493,7 +357,7 @@ def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
     (balanced only to the MACs the step must save, such a drop was never chosen)."""
     shape = blocks.target.shape
     while blocks.cost() > allowed:
-        error, cost, trials = _error(blocks.residual), blocks.cost(), []
+        error, cost, trials = squared_norm(blocks.residual), blocks.cost(), []
         for i, window in enumerate(blocks.windows):
             if not window[4]:
                 continue
@@ -516,7 +380,7 @@ def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
                         trials.append(trial)
 
         def price(trial: BlockFit) -> float:
-            return (_error(trial.residual) - error) / (cost - trial.cost())
+            return (squared_norm(trial.residual) - error) / (cost - trial.cost())
 
         blocks = _screened(trials, price, screen, finalists)
         blocks.converge()
@@ -540,15 +404,15 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
                 if larger is None:
                     continue
                 for i, smaller in [(None, None)] + [(i, smaller) for i, smaller in shrunk if i != j]:
-                    saved = 0 if i is None else _macs(blocks.windows[i]) - _macs(smaller)
-                    if cost + _macs(larger) - _macs(taker) - saved > allowed:
+                    saved = 0 if i is None else block_macs(blocks.windows[i]) - block_macs(smaller)
+                    if cost + block_macs(larger) - block_macs(taker) - saved > allowed:
                         continue
                     trial = blocks.copy()
                     if i is not None:
                         trial.reshape(i, smaller)
                     trial.reshape(j, larger)
                     trials.append(trial)
-        best = _screened(trials, lambda trial: _error(trial.residual), screen, finalists)
+        best = _screened(trials, lambda trial: squared_norm(trial.residual), screen, finalists)
         if best is None or not _lower(best, blocks):
             break
         blocks = best
@@ -586,7 +450,7 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
                     if i is not None:
                         windows[i][4] -= 1
                     trials.append(windows)
-        best = min(map(fresh, trials), key=lambda trial: _error(trial.residual), default=None)
+        best = min(map(fresh, trials), key=lambda trial: squared_norm(trial.residual), default=None)
         if best is None or not _lower(best, blocks):
             return blocks
         blocks = best
@@ -704,12 +568,8 @@ def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, bud
             fits.append(_swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed))
     if not fits:
         return best
-    found = _polished(min(fits, key=lambda fit: _error(fit.residual)), allowed)
-    return found.pieces() if _error(found.residual) < error else best
-
-
-def _error(residual: torch.Tensor) -> float:
-    return float(residual.square().sum())
+    found = _polished(min(fits, key=lambda fit: squared_norm(fit.residual)), allowed)
+    return found.pieces() if squared_norm(found.residual) < error else best
 
 
 @torch.no_grad()
@@ -762,20 +622,20 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     for settle in (0, 5, 30) if edge_windows else ():  # the greedy placement is fragile: three differently settled runs
         placed = _edge_seeds(target, budget, edge_windows, settle)
         starts += [placed, [[*window[:4], 1] for window in placed for _ in range(window[4])]]
-    found, error, tried = greedy, _error(residual), []
+    found, error, tried = greedy, squared_norm(residual), []
     for merged in starts:
         if not merged or merged in tried:  # nothing to start from, or another threshold merged the same pieces
             continue
         tried.append(merged)
         blocks = _consolidated(target, merged, budget)
-        if _error(blocks.residual) < error:
-            found, error = blocks.pieces(), _error(blocks.residual)
+        if squared_norm(blocks.residual) < error:
+            found, error = blocks.pieces(), squared_norm(blocks.residual)
     if slack is not None:
         found = _agreed_windows_refitted(target, found, error, budget, slack, agreement)
     out_factors = torch.zeros(len(found), 1, m, dtype=torch.float64)
     in_factors = torch.zeros(len(found), 1, n, dtype=torch.float64)
     for k, (r0, h, c0, w, left, right) in enumerate(found):
-        out_factors[k, 0, _window(r0, h, m)], in_factors[k, 0, _window(c0, w, n)] = left, right
+        out_factors[k, 0, cyclic_window(r0, h, m)], in_factors[k, 0, cyclic_window(c0, w, n)] = left, right
     layer = GBLRLinear.from_intervals([(p[0], p[1]) for p in found], [(p[2], p[3]) for p in found],
                                       out_factors.to(weight.dtype), in_factors.to(weight.dtype),
                                       None if bias is None else bias.detach().cpu())

@@ -1,0 +1,57 @@
+"""Blocks on windows fitted together to a matrix (gblr.block_fit)."""
+
+import pytest
+import torch
+
+from gblr.block_fit import BlockFit, thin_svd
+from gblr.demos.overlapping_blocks import overlapping_blocks
+
+
+def small_blocks(noise: float = 0.003):
+    return overlapping_blocks(1, rows=100, cols=160, blocks=4, rank=4, noise=noise)
+
+
+def test_refine_converges_to_the_same_fit_as_full_refits():
+    weight, windows = small_blocks()
+    exact, refined = BlockFit(weight, [[*w, 4] for w in windows]), BlockFit(weight, [[*w, 4] for w in windows])
+    for _ in range(1000):
+        exact.sweep()
+    refined.converge(most=1000, tolerance=0.0)
+    assert float(refined.residual.norm()) == pytest.approx(float(exact.residual.norm()), rel=1e-4)
+    assert float(refined.residual.norm() / weight.norm()) < 0.006  # the noise, 0.003, not a poorer fixed point
+    # a block whose shape changed since its last fit is refitted in full, not iterated from a stale basis
+    refined.windows[0][4] = 3
+    refined.refine(0)
+    assert torch.linalg.matrix_rank(refined.fits[0]) == 3
+
+
+def test_converge_uses_a_rank_given_since_the_last_fit_and_windows_that_wrap():
+    torch.manual_seed(0)
+    weight = torch.zeros(40, 50, dtype=torch.float64)
+    rows, cols = (torch.arange(30, 50) % 40).unsqueeze(1), torch.arange(45, 65) % 50  # wraps around both edges
+    weight[rows, cols] = torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 20, dtype=torch.float64)
+    weight[5:25, 10:40] += torch.randn(20, 2, dtype=torch.float64) @ torch.randn(2, 30, dtype=torch.float64)
+    blocks = BlockFit(weight, [[30, 20, 45, 20, 2], [5, 20, 10, 30, 2]])
+    blocks.converge()
+    short = float(blocks.residual.norm())
+    blocks.windows[0][4] = 3  # as a rank trade leaves it: the window's fit is still of rank 2
+    blocks.converge()
+    assert short > 0.1 * float(weight.norm())
+    assert float(blocks.residual.norm()) < 1e-6 * float(weight.norm())
+
+
+def test_thin_svd_retries_on_the_transpose_where_lapack_fails(monkeypatch):
+    matrix = torch.randn(30, 20, dtype=torch.float64)
+    real, calls = torch.linalg.svd, []
+
+    def failing_once(a, full_matrices=True):
+        calls.append(a.shape)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_once)
+    u, s, vh = thin_svd(matrix)
+    assert calls == [(30, 20), (20, 30)]
+    assert u.shape == (30, 20) and vh.shape == (20, 20)
+    assert torch.allclose((u * s) @ vh, matrix, atol=1e-12)
