@@ -47,7 +47,7 @@ import statistics
 
 import torch
 
-from .block_fit import BlockFit, block_macs, cyclic_window, squared_norm
+from .block_fit import BlockFit, block_macs, cyclic_window, squared_norm, thin_svd
 from .structured.gblr import GBLRLinear
 
 __all__ = ["block_pursuit"]
@@ -67,7 +67,7 @@ def _best_window(energy: torch.Tensor, other_side: int) -> tuple[int, int, float
 
 def _top_pair(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-1 approximation of ``block`` as ``(left * singular value, right)``."""
-    u, s, vh = torch.linalg.svd(block, full_matrices=False)
+    u, s, vh = thin_svd(block)
     return u[:, 0] * s[0], vh[0]
 
 
@@ -463,7 +463,7 @@ def _novelty(target: torch.Tensor, lookback: int) -> torch.Tensor:
     m = target.shape[0]
     score = torch.full((m,), math.inf, dtype=target.dtype)  # row 0 begins whatever is there
     for r in range(1, m):
-        _, s, vh = torch.linalg.svd(target[max(0, r - lookback):r], full_matrices=False)
+        _, s, vh = thin_svd(target[max(0, r - lookback):r])
         basis = vh[s > 0.01 * s[0]]
         score[r] = (target[r] - (target[r] @ basis.mT) @ basis).norm()
     return score
