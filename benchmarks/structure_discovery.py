@@ -14,7 +14,8 @@ Writes benchmarks/results/structure_discovery.{json,md}.
 
 ``--sweeps`` diagnoses block pursuit's last step instead: the blocks' true windows and ranks are given,
 and the relative error is recorded after each listed number of refit sweeps (every block refitted once
-per sweep): how many sweeps overlapping blocks need to reach the noise once their windows are right.
+per sweep) or joint refit steps: how many overlapping blocks need to reach the noise once their windows
+are right.
 Writes benchmarks/results/structure_discovery_sweeps.{json,md}.
 
 ``--true-edges`` diagnoses the edge reading instead: block pursuit with its windows read from the data
@@ -42,7 +43,7 @@ import torch
 from _results import RESULTS, provenance, run_metadata, write_results
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.block_fit import BlockFit
+from gblr.block_fit import BlockFit, JointSolve
 from gblr.discover import block_pursuit
 from gblr.fit import block_low_rank_error_curve, learned_fit, relative_error, structured_from_dense
 
@@ -135,9 +136,25 @@ def main() -> None:
     write_results("structure_discovery", meta, rows, lines)
 
 
-REFITS = {  # one sweep: every block refitted once, by a full SVD or by one subspace-iteration step
-    "full SVD": lambda blocks: blocks.sweep(),
-    "subspace step": lambda blocks: blocks.refine_all(),
+class JointSteps:
+    """Steps of the joint refit (:class:`gblr.block_fit.JointSolve`) on ``blocks``, the first of them a
+    sweep of full SVDs (the joint solve starts from a fit of every block)."""
+
+    def __init__(self, blocks: BlockFit) -> None:
+        self.blocks, self.solve = blocks, None
+
+    def __call__(self) -> None:
+        if self.solve is None:
+            self.blocks.sweep()
+            self.solve = JointSolve(self.blocks)
+        else:
+            self.solve.step()
+
+
+REFITS = {  # a factory of one sweep's step: every block refitted once by a full SVD or one subspace-iteration step, or one joint step
+    "full SVD": lambda blocks: blocks.sweep,
+    "subspace step": lambda blocks: blocks.refine_all,
+    "joint": JointSteps,
 }
 
 
@@ -163,12 +180,15 @@ def diagnose_sweeps(seeds: list[int], checkpoints: list[int]) -> None:
     rows = []
     for seed in seeds:
         weight, windows = overlapping_blocks(seed, noise=NOISE)
-        for refit, sweep in REFITS.items():
+        for refit, stepper in REFITS.items():
             blocks = BlockFit(weight, [[*window, 10] for window in windows])  # the demo's blocks are rank 10
+            sweep = stepper(blocks)
             start, done = time.perf_counter(), 0
             for checkpoint in checkpoints:
                 for _ in range(checkpoint - done):
-                    sweep(blocks)
+                    sweep()
+                if isinstance(sweep, JointSteps):
+                    sweep.solve.write_back()  # the residual read below
                 done = checkpoint
                 rows.append({"matrix": f"seed {seed}", "refit": refit, "sweeps": checkpoint,
                              "relative_error": float(blocks.residual.norm() / weight.norm()),
@@ -180,9 +200,11 @@ def diagnose_sweeps(seeds: list[int], checkpoints: list[int]) -> None:
              f"{100 * NOISE:g} % noise); block pursuit's blocks placed on the true windows with the true ranks, "
              "then refitted one after the other (block coordinate descent on the shared residual), each by a "
              "full SVD of what the others leave on its windows (`BlockFit.sweep`) or by one step of subspace "
-             "iteration from its last fit (`BlockFit.refine`, what `BlockFit.converge` uses). Relative error "
-             "after each number of sweeps, mean over seeds (min-max), and the mean seconds taken so far.", "",
-             "| sweeps | " + " | ".join(f"{refit}: error | seconds" for refit in REFITS) + " |",
+             "iteration from its last fit (`BlockFit.refine`, what `BlockFit.converge` uses); or all together "
+             "by steps of alternating least squares with extrapolation (`BlockFit.converge_jointly`; its first "
+             "step is a sweep of full SVDs). Relative error after each number of sweeps or steps, mean over "
+             "seeds (min-max), and the mean seconds taken so far.", "",
+             "| sweeps or steps | " + " | ".join(f"{refit}: error | seconds" for refit in REFITS) + " |",
              "|---:|" + "---:|---:|" * len(REFITS)]
     for checkpoint in checkpoints:
         cells = []

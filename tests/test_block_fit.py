@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gblr.block_fit import BlockFit, thin_svd
+from gblr.block_fit import BlockFit, JointSolve, thin_svd
 from gblr.demos.overlapping_blocks import overlapping_blocks
 
 
@@ -25,17 +25,49 @@ def test_refine_converges_to_the_same_fit_as_full_refits():
     assert torch.linalg.matrix_rank(refined.fits[0]) == 3
 
 
-def test_converge_uses_a_rank_given_since_the_last_fit_and_windows_that_wrap():
+def test_joint_refit_reaches_the_sweeps_fit_in_far_fewer_steps():
+    weight, windows = small_blocks()
+    swept, joint = BlockFit(weight, [[*w, 4] for w in windows]), BlockFit(weight, [[*w, 4] for w in windows])
+    for _ in range(1000):
+        swept.sweep()
+    joint.converge_jointly(most=100, tolerance=0.0)
+    assert float(joint.residual.norm()) == pytest.approx(float(swept.residual.norm()), rel=1e-4)
+    # what it leaves is what its blocks leave: the residual, fits and bases agree
+    rebuilt = weight.clone()
+    for i, (window, fit) in enumerate(zip(joint.windows, joint.fits)):
+        rebuilt[joint._where(window)] -= fit
+        assert torch.linalg.matrix_rank(fit) == window[4]
+        assert torch.allclose(fit @ joint._bases[i] @ joint._bases[i].mT, fit, atol=1e-10)  # the basis spans its rows
+    assert torch.allclose(rebuilt, joint.residual, atol=1e-10)
+
+
+def test_joint_steps_never_raise_the_error_and_fit_exact_blocks_exactly():
+    weight, windows = small_blocks(noise=0.0)
+    blocks = BlockFit(weight, [[*w, 4] for w in windows])
+    blocks.sweep()
+    solve, errors, scale = JointSolve(blocks), [], float(weight.square().sum())
+    for _ in range(200):
+        solve.step()
+        errors.append(solve.error)
+        # the error is read off products with the target: it agrees with the residual's to rounding
+        assert solve.error == pytest.approx(float((weight - solve.left @ solve.right.mT).square().sum()), abs=1e-12 * scale)
+    assert all(later <= earlier + 1e-13 * scale for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-12 * scale
+
+
+@pytest.mark.parametrize("jointly", [False, True])
+def test_converging_uses_a_rank_given_since_the_last_fit_and_windows_that_wrap(jointly):
     torch.manual_seed(0)
     weight = torch.zeros(40, 50, dtype=torch.float64)
     rows, cols = (torch.arange(30, 50) % 40).unsqueeze(1), torch.arange(45, 65) % 50  # wraps around both edges
     weight[rows, cols] = torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 20, dtype=torch.float64)
     weight[5:25, 10:40] += torch.randn(20, 2, dtype=torch.float64) @ torch.randn(2, 30, dtype=torch.float64)
     blocks = BlockFit(weight, [[30, 20, 45, 20, 2], [5, 20, 10, 30, 2]])
-    blocks.converge()
+    converge = blocks.converge_jointly if jointly else blocks.converge
+    converge()
     short = float(blocks.residual.norm())
     blocks.windows[0][4] = 3  # as a rank trade leaves it: the window's fit is still of rank 2
-    blocks.converge()
+    converge()
     assert short > 0.1 * float(weight.norm())
     assert float(blocks.residual.norm()) < 1e-6 * float(weight.norm())
 

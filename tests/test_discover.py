@@ -153,6 +153,19 @@ def test_swapping_an_edge_between_two_blocks_fixes_a_row_given_to_the_wrong_one(
     assert_found_the_blocks(swapped, weight, windows, allowed)
 
 
+def test_swapping_moves_several_rows_at_once_where_moving_one_at_a_time_raises_the_error():
+    weight, windows = overlapping_blocks(2, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    off = [[*w, 4] for w in windows]
+    off[0][1] -= 4  # block 0 misses its last four rows, which block 1 spends on four rows too many
+    off[1][1] += 4
+    blocks = BlockFit(weight, off)
+    blocks.converge()
+    assert blocks.cost() == allowed and float(blocks.residual.norm() / weight.norm()) > 0.1
+    assert float(_swapped(blocks.copy(), allowed, steps=(1,)).residual.norm() / weight.norm()) > 0.1
+    assert_found_the_blocks(_swapped(blocks, allowed), weight, windows, allowed)
+
+
 def test_swapping_spends_spare_macs_on_a_row_a_block_lacks():
     weight, windows = overlapping_blocks(1, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
     allowed = sum(4 * (h + w) for _, h, _, w in windows)

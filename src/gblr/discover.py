@@ -329,14 +329,17 @@ def _lower(trial: BlockFit, blocks: BlockFit) -> bool:
     return squared_norm(trial.residual) < (1 - 1e-6) * squared_norm(blocks.residual)
 
 
-def _screened(trials: list[BlockFit], key, screen: int, finalists: int) -> BlockFit | None:
-    """The trial ``key`` ranks first: all refitted by ``screen`` sweeps, the ``finalists`` ranked first
-    then by up to 300 and ranked again (refitting every trial in full cost most of the time)."""
+def _screened(trials: list[BlockFit], key, screen: int, finalists: int, most: int = 300,
+              refit=BlockFit.converge) -> BlockFit | None:
+    """The trial ``key`` ranks first: all refitted by ``screen`` steps of ``refit`` (sweeps of
+    :meth:`BlockFit.converge` or steps of :meth:`BlockFit.converge_jointly`), the ``finalists`` ranked
+    first then by up to ``most`` in all and ranked again (refitting every trial in full cost most of the
+    time)."""
     for trial in trials:
-        trial.converge(most=screen)
+        refit(trial, most=screen)
     kept = sorted(trials, key=key)[:finalists]
     for trial in kept:
-        trial.converge(most=300 - screen)
+        refit(trial, most=most - screen)
     return min(kept, key=key, default=None)
 
 
@@ -387,23 +390,28 @@ def _trimmed(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
     return blocks
 
 
-def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int = 4, rounds: int = 20) -> BlockFit:
-    """Edges passed between blocks within ``allowed`` MACs: one edge of a block moved out by one row or
-    column, alone where the MACs trimming left spare allow it, or with one edge of another block moved in
-    by one; the move that lowers the error most once all blocks are refitted, until none does (at most
-    ``rounds`` times). Trimming one step at a time can end a row off on two blocks at once, where neither
-    move alone lowers the error, or rows short of a block's window with the MACs for them unspent (moves
-    judged as in :func:`_trimmed`)."""
+def _swapped(blocks: BlockFit, allowed: float, screen: int = 10, finalists: int = 4, rounds: int = 20,
+             steps: tuple[int, ...] = (1, 2, 4), most: int = 200) -> BlockFit:
+    """Edges passed between blocks within ``allowed`` MACs: one edge of a block moved out by a step in
+    ``steps`` rows or columns, alone where the MACs trimming left spare allow it, or with one edge of
+    another block moved in by as many; the move that lowers the error most once all blocks are refitted
+    together (:meth:`BlockFit.converge_jointly`, ``screen`` steps for every move, up to ``most`` for the
+    ``finalists``), until none does (at most ``rounds`` times). Trimming one step at a time can end a row
+    off on two blocks at once, where neither move alone lowers the error, or rows short of a block's
+    window with the MACs for them unspent. Where one block took four columns that another block's four
+    missing rows needed, moving one, two or three of them raised the error and moving all four brought
+    it to the noise, but only the joint refit ranked that move above the others: after 30 sweeps of
+    one-block-at-a-time refits it ranked below the moves by one."""
     shape = blocks.target.shape
     for _ in range(rounds):
         trials, cost = [], blocks.cost()
-        shrunk = [(i, smaller) for i, giver in enumerate(blocks.windows) if giver[4]
-                  for smaller in (_moved_edge(giver, inner, -1, shape) for inner in range(4)) if smaller is not None]
+        shrunk = [(i, step, smaller) for i, giver in enumerate(blocks.windows) if giver[4] for step in steps
+                  for smaller in (_moved_edge(giver, inner, -step, shape) for inner in range(4)) if smaller is not None]
         for j, taker in enumerate(blocks.windows):
-            for larger in (_moved_edge(taker, outer, 1, shape) for outer in range(4)) if taker[4] else ():
+            for step, larger in ((step, _moved_edge(taker, outer, step, shape)) for outer in range(4) for step in steps) if taker[4] else ():
                 if larger is None:
                     continue
-                for i, smaller in [(None, None)] + [(i, smaller) for i, smaller in shrunk if i != j]:
+                for i, smaller in [(None, None)] + [(i, smaller) for i, by, smaller in shrunk if i != j and by == step]:
                     saved = 0 if i is None else block_macs(blocks.windows[i]) - block_macs(smaller)
                     if cost + block_macs(larger) - block_macs(taker) - saved > allowed:
                         continue
@@ -412,7 +420,8 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
                         trial.reshape(i, smaller)
                     trial.reshape(j, larger)
                     trials.append(trial)
-        best = _screened(trials, lambda trial: squared_norm(trial.residual), screen, finalists)
+        best = _screened(trials, lambda trial: squared_norm(trial.residual), screen, finalists, most,
+                         BlockFit.converge_jointly)
         if best is None or not _lower(best, blocks):
             break
         blocks = best
@@ -420,22 +429,24 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 30, finalists: int 
 
 
 def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: float = 1e-6) -> BlockFit:
-    """``blocks`` refitted until a sweep lowers the error by less than ``tolerance`` of it, or a fresh fit on
-    its windows refitted so if that leaves less error; then, while that lowers the error, one more rank for
-    a block, taken from another block or from MACs left spare within ``allowed``, each judged by a fresh
-    fit refitted as long. The stage's steps judge fits after at most 300 sweeps at a tolerance of 1e-4,
-    which can stop far from the fit's error: on a hidden-block matrix, blocks on the exact windows stood
-    at 0.011 relative error so, 0.0027 refitted further; a rank passed to the block that lacked it raised
-    the error after 30 sweeps (0.040 to 0.055) and brought it to the noise (0.0027) after 1000. Fits
-    continued from another can stall where a fresh one does not (0.044 against 0.0027 on the same windows)."""
+    """``blocks`` refitted together (:meth:`BlockFit.converge_jointly`) until a step lowers the error by
+    less than ``tolerance`` of it, or a fresh fit on its windows refitted so if that leaves less error;
+    then, while that lowers the error, one more rank for a block, taken from another block or from MACs
+    left spare within ``allowed``, each judged by a fresh fit refitted as long. The stage's other steps
+    judge fits after a few hundred steps, which can stop far from the fit's error: on a hidden-block
+    matrix, blocks on the exact windows stood at 0.0094 relative error after 2000 sweeps of
+    one-block-at-a-time refits and reached the noise (0.0027) after 1000 joint steps; a rank passed to the
+    block that lacked it raised the error after 30 sweeps (0.040 to 0.055) and brought it to the noise
+    after 1000. Fits continued from another can stall where a fresh one does not (0.044 against 0.0027 on
+    the same windows)."""
     target = blocks.target
 
     def fresh(windows: list[list[int]]) -> BlockFit:
         fit = BlockFit(target, [list(window) for window in windows])
-        fit.converge(most=most, tolerance=tolerance)
+        fit.converge_jointly(most=most, tolerance=tolerance)
         return fit
 
-    blocks.converge(most=most, tolerance=tolerance)
+    blocks.converge_jointly(most=most, tolerance=tolerance)
     refitted = fresh(blocks.windows)
     blocks = refitted if _lower(refitted, blocks) else blocks
     while True:
