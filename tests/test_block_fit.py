@@ -55,6 +55,27 @@ def test_joint_steps_never_raise_the_error_and_fit_exact_blocks_exactly():
     assert errors[-1] < 1e-12 * scale
 
 
+def test_joint_refit_leaves_uncovered_rows_and_rankless_blocks_alone_and_solves_without_cholesky(monkeypatch):
+    weight, windows = small_blocks()
+    windows = [[*w, 4] for w in windows] + [[0, 3, 0, 5, 0]]  # a block without ranks
+    reference = BlockFit(weight, [list(w) for w in windows])
+    for _ in range(1000):
+        reference.sweep()
+    joint = BlockFit(weight, [list(w) for w in windows])
+    joint.converge_jointly(most=100, tolerance=0.0)
+    assert float(joint.residual.norm()) == pytest.approx(float(reference.residual.norm()), rel=1e-4)
+    covered = torch.zeros_like(weight, dtype=torch.bool)
+    for window in windows[:-1]:
+        covered[joint._where(window)] = True
+    assert not covered.all() and torch.equal(joint.residual[~covered], weight[~covered])
+    # where a Cholesky factorisation fails, the normal equations are solved by LU to the same fit
+    failed = lambda normal: (normal, torch.ones(normal.shape[:-2], dtype=torch.int32))
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failed)
+    lu = BlockFit(weight, [list(w) for w in windows])
+    lu.converge_jointly(most=100, tolerance=0.0)
+    assert torch.allclose(lu.residual, joint.residual, atol=1e-9)
+
+
 @pytest.mark.parametrize("jointly", [False, True])
 def test_converging_uses_a_rank_given_since_the_last_fit_and_windows_that_wrap(jointly):
     torch.manual_seed(0)

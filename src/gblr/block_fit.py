@@ -190,32 +190,29 @@ class JointSolve:
     """All blocks of a :class:`BlockFit` as one pair of factors, ``left`` (rows x total rank) and
     ``right`` (columns x total rank), zero outside each block's windows, so that ``left @ right.mT`` is
     the fit; refined by alternating least squares. Rows covered by the same blocks share one small
-    least-squares problem (at most twice the number of blocks plus one such groups per side), whose
-    normal equations are slices of ``target @ right`` and ``right.mT @ right``. Each step is followed by
-    an extrapolation along the direction it moved, ``beta`` times as far, kept when it lowers the error
-    further; ``beta`` grows by half after a kept one and halves after one that is not (overlapping
-    blocks converge along a narrow valley, where plain alternating steps shrink as they go). Errors come
-    from the factors' products with the target and their Gram matrices, so a step costs two products
-    with the target and never forms the residual."""
+    least-squares problem (at most twice the number of blocks plus one such groups per side, solved as
+    one batch: :class:`_CoverGroups`), whose normal equations are slices of ``target @ right`` and
+    ``right.mT @ right``. Each step is followed by an extrapolation along the direction it moved,
+    ``beta`` times as far, kept when it lowers the error further; ``beta`` grows by half after a kept one
+    and halves after one that is not (overlapping blocks converge along a narrow valley, where plain
+    alternating steps shrink as they go). Errors come from the factors' products with the target and
+    their Gram matrices, so a step costs two products with the target and never forms the residual."""
 
     def __init__(self, blocks: BlockFit) -> None:
         self.blocks, target = blocks, blocks.target
         (m, n), total = target.shape, sum(window[4] for window in blocks.windows)
         self.left, self.right = target.new_zeros(m, total), target.new_zeros(n, total)
-        row_cover = torch.zeros(m, total, dtype=torch.bool)
-        col_cover = torch.zeros(n, total, dtype=torch.bool)
         self.spans, k = [], 0
         for i, window in enumerate(blocks.windows):
             rows, cols, rank = cyclic_window(window[0], window[1], m), cyclic_window(window[2], window[3], n), window[4]
-            span = slice(k, k + rank)
             basis = blocks._bases.get(i)
             if rank and basis is not None:  # the fit is (fit @ basis) @ basis.mT: basis spans its rows
                 used = slice(k, k + basis.shape[1])
                 self.left[rows, used], self.right[cols, used] = blocks.fits[i] @ basis, basis
-            row_cover[rows, span] = col_cover[cols, span] = True
-            self.spans.append((rows, cols, span))
+            self.spans.append((rows, cols, slice(k, k + rank)))
             k += rank
-        self.row_groups, self.col_groups = _groups(row_cover), _groups(col_cover)
+        self.row_groups = _CoverGroups([rows for rows, _, _ in self.spans], self.spans, m)
+        self.col_groups = _CoverGroups([cols for _, cols, _ in self.spans], self.spans, n)
         self.target_norm = squared_norm(target)
         self.target_right = target @ self.right
         self.beta, self.error = 0.5, self._error(self.left, self.right, self.target_right)
@@ -227,8 +224,8 @@ class JointSolve:
     def step(self) -> None:
         """One alternating step (left given right, then right given left), then the extrapolation."""
         target = self.blocks.target
-        left = _solved(self.row_groups, self.target_right, self.right, self.left)
-        right = _solved(self.col_groups, target.mT @ left, left, self.right)
+        left = self.row_groups.solved(self.target_right, self.right)
+        right = self.col_groups.solved(target.mT @ left, left)
         target_right, beta = target @ right, self.beta
         error = self._error(left, right, target_right)
         far_left, far_right = left + beta * (left - self.left), right + beta * (right - self.right)
@@ -252,30 +249,55 @@ class JointSolve:
         blocks.residual = blocks.target - self.left @ self.right.mT
 
 
-def _groups(cover: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rows covered by the same set of factor columns (``cover``: rows x factor columns), as ``(rows,
-    factor columns)`` per set; rows no block covers are left out."""
-    sets, which = torch.unique(cover, dim=0, return_inverse=True)
-    found = []
-    for g in range(sets.shape[0]):
-        columns = sets[g].nonzero().squeeze(1)
-        if columns.numel():
-            found.append(((which == g).nonzero().squeeze(1), columns))
-    return found
+class _CoverGroups:
+    """The rows (or columns) of one side of a :class:`JointSolve` grouped by the blocks that cover them,
+    padded into one batch: ``rows`` (groups x most rows) and ``columns`` (groups x most factor columns)
+    index a copy of the factor grown by one zero row and one zero column, where the padding points. One
+    batched solve of all groups costs a handful of operations where a loop over groups cost a few per
+    group (the steps are small enough for that to dominate them)."""
 
+    def __init__(self, windows: list[torch.Tensor], spans: list[tuple], length: int) -> None:
+        self.length, self.total = length, spans[-1][2].stop if spans else 0
+        membership = torch.zeros(length, dtype=torch.long)
+        for b, (window, (_, _, span)) in enumerate(zip(windows, spans)):
+            if span.stop > span.start:  # a block without ranks adds no unknowns to the rows it covers
+                membership[window] |= 1 << b
+        keys, which, sizes = torch.unique(membership, return_inverse=True, return_counts=True)
+        order = torch.argsort(which, stable=True)
+        firsts = torch.cumsum(sizes, 0) - sizes
+        rows = torch.full((len(keys), int(sizes.max())), length)
+        rows[which[order], torch.arange(length) - firsts[which[order]]] = order
+        columns = [[c for b, (_, _, span) in enumerate(spans) if int(key) >> b & 1 for c in range(span.start, span.stop)]
+                   for key in keys.tolist()]
+        used = [g for g, key in enumerate(keys.tolist()) if key]  # rows no block covers stay zero
+        most = max((len(columns[g]) for g in used), default=0)
+        columns = torch.tensor([columns[g] + [self.total] * (most - len(columns[g])) for g in used],
+                               dtype=torch.long).reshape(len(used), most, 1)
+        # flat indices into the grown factor (groups x columns x rows) and its Gram matrix (groups x columns x columns)
+        self.cells = rows[used].unsqueeze(1) * (self.total + 1) + columns
+        self.pairs = columns * (self.total + 1) + columns.mT
+        self.padding = torch.diag_embed((columns.squeeze(2) == self.total).double())
 
-def _solved(groups: list, products: torch.Tensor, other: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The factor (shaped like ``like``) that best fits the target given the ``other`` factor:
-    ``products`` is the target (or its transpose) times ``other``. Each group of rows is a least-squares
-    problem over the columns of ``other`` that cover it; as ``other`` is zero outside its windows, its
-    normal equations are slices of ``products`` and of ``other``'s Gram matrix (a tiny ridge keeps
-    unused ranks solvable)."""
-    gram, found = other.mT @ other, torch.zeros_like(like)
-    for rows, columns in groups:
-        normal = gram[columns.unsqueeze(1), columns]
-        normal.diagonal().add_(1e-12 * float(normal.diagonal().sum()) + torch.finfo(gram.dtype).tiny)
-        found[rows.unsqueeze(1), columns] = torch.linalg.solve(normal, products[rows.unsqueeze(1), columns].mT).mT
-    return found
+    def solved(self, products: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """The factor that best fits the target given the ``other`` factor: ``products`` is the target (or
+        its transpose) times ``other``. Each group of rows is a least-squares problem over the columns of
+        ``other`` that cover it; as ``other`` is zero outside its windows, its normal equations are slices
+        of ``products`` and of ``other``'s Gram matrix (a tiny ridge keeps unused ranks solvable; padded
+        columns get an identity and a zero right-hand side, so they solve to zero)."""
+        found = products.new_zeros(self.length + 1, self.total + 1)
+        if not self.cells.numel():
+            return found[:-1, :-1]
+        gram = torch.nn.functional.pad(other.mT @ other, (0, 1, 0, 1))
+        normal = gram.take(self.pairs)
+        ridge = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(1) + torch.finfo(gram.dtype).tiny
+        normal += self.padding.to(gram.dtype) + torch.diag_embed(ridge.unsqueeze(1).expand(-1, normal.shape[1]))
+        wanted = torch.nn.functional.pad(products, (0, 1, 0, 1)).take(self.cells)
+        # the normal matrices' inverses times the right-hand sides: one batched product, where batched
+        # triangular solves of these sizes ran several times slower
+        factor, failed = torch.linalg.cholesky_ex(normal)
+        solution = torch.cholesky_inverse(factor) @ wanted if not failed.any() else torch.linalg.solve(normal, wanted)
+        found.view(-1).put_(self.cells, solution)
+        return found[:-1, :-1]
 
 
 def block_macs(window) -> int:
