@@ -106,15 +106,20 @@ class BlockFit:
         self._add(self.windows[i], -self.fits[i])
         return s
 
+    def _stale(self, i: int) -> bool:
+        """Whether block ``i`` has no fit, or its rank or window changed since its last fit."""
+        window, basis = self.windows[i], self._bases.get(i)
+        return self.fits[i] is None or basis is None or basis.shape != (window[3], window[4])
+
     def refine(self, i: int) -> None:
         """Refit block ``i`` by one step of subspace iteration from its last fit's right singular vectors
         instead of a full SVD (a full refit where there is none of the block's shape). A sweep of these
         lowers the error a little less than a sweep of full refits but costs about a fifteenth as much,
         and both reach the same fits (``benchmarks/structure_discovery.py --sweeps``)."""
-        window, basis = self.windows[i], self._bases.get(i)
-        if basis is None or basis.shape != (window[3], window[4]):
+        if self._stale(i):
             self.refit(i)
             return
+        window, basis = self.windows[i], self._bases[i]
         self.lift(i)
         region = self.residual[self._where(window)]
         left = torch.linalg.qr(region @ basis).Q
@@ -152,9 +157,8 @@ class BlockFit:
         """Refit all blocks together (:class:`JointSolve`) until a step lowers the squared error by less
         than ``tolerance`` of it, at most ``most`` steps. A block never fitted, or whose rank or window
         changed since its last fit, is first refitted alone."""
-        for i, window in enumerate(self.windows):
-            basis = self._bases.get(i)
-            if self.fits[i] is None or basis is None or basis.shape != (window[3], window[4]):
+        for i in range(len(self.windows)):
+            if self._stale(i):
                 self.refit(i)
         if not any(window[4] for window in self.windows):
             return
