@@ -190,6 +190,21 @@ def test_polishing_refits_an_unconverged_fit_and_never_raises_its_error():
     assert float(converged.residual.norm()) <= float(polished.residual.norm())
 
 
+def test_polishing_refits_from_two_starts_where_one_stalls():
+    weight, _ = overlapping_blocks(18, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    windows = [[0, 100, 28, 75, 4], [3, 87, 38, 88, 4], [14, 77, 12, 98, 4], [15, 74, 6, 101, 4]]  # the true ones
+    stalled = BlockFit(weight, windows)
+    stalled.converge(most=10, tolerance=0.0)
+    stalled.converge_jointly(most=2000)
+    assert float(stalled.residual.norm() / weight.norm()) > 0.01  # far from the noise, 0.003, on exact windows
+    polished = _polished(stalled.copy(), stalled.cost())
+    assert float(polished.residual.norm() / weight.norm()) < 0.004
+    assert [w[4] for w in polished.windows] == [4] * 4
+    # from the start that stalled alone, trading ranks gets only part of the way
+    one_start = _polished(stalled.copy(), stalled.cost(), starts=(10,))
+    assert float(one_start.residual.norm()) > 1.5 * float(polished.residual.norm())
+
+
 def test_polishing_passes_a_rank_to_the_block_that_lacks_it():
     weight, windows = overlapping_blocks(3, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
     allowed = sum(4 * (h + w) for _, h, _, w in windows)
