@@ -443,7 +443,8 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
     sweeps of one-block-at-a-time refits and keeps the lower. Started from one sweep, it stalled on the
     exact windows of 2 of 19 hidden-block matrices in one of 3 block orders (0.011 and 0.039 against the
     noise, 0.0027) and of a third in the order block pursuit left them (0.0097), all at the noise from 10
-    sweeps; on 40 smaller ones in 4 orders, 10 sweeps stalled once (0.047) where one sweep did not."""
+    sweeps; on 40 smaller ones in 4 orders, 10 sweeps stalled once (0.047) where one sweep did not.
+    Further sweeps or steps from a stalled fit did not leave it."""
     target = blocks.target
 
     def fresh(windows: list[list[int]]) -> BlockFit:
