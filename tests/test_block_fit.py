@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gblr.block_fit import BlockFit, JointSolve, thin_svd
+from gblr.block_fit import BlockFit, JointSolve, _CoverGroups, thin_svd
 from gblr.demos.overlapping_blocks import overlapping_blocks
 
 
@@ -74,6 +74,21 @@ def test_joint_refit_leaves_uncovered_rows_and_rankless_blocks_alone_and_solves_
     lu = BlockFit(weight, [list(w) for w in windows])
     lu.converge_jointly(most=100, tolerance=0.0)
     assert torch.allclose(lu.residual, joint.residual, atol=1e-9)
+
+
+def test_rows_are_grouped_alike_with_flags_packed_into_integers_or_not(monkeypatch):
+    weight, windows = small_blocks()
+    blocks = BlockFit(weight, [[*w, 4] for w in windows] + [[0, 3, 0, 5, 0], [90, 20, 150, 20, 2]])  # rankless, wrapping
+    blocks.sweep()
+    packed = JointSolve(blocks)
+    monkeypatch.setattr(_CoverGroups, "packed", 0)
+    unpacked = JointSolve(blocks)
+    def groups(side):  # each group's cells of the factor and of the Gram matrix, in any order
+        return sorted((sorted(set(cells.flatten().tolist())), sorted(set(pairs.flatten().tolist())))
+                      for cells, pairs in zip(side.cells, side.pairs))
+
+    for a, b in ((packed.row_groups, unpacked.row_groups), (packed.col_groups, unpacked.col_groups)):
+        assert len(groups(a)) >= 4 and groups(a) == groups(b)
 
 
 @pytest.mark.parametrize("jointly", [False, True])

@@ -255,29 +255,34 @@ class JointSolve:
 
 class _CoverGroups:
     """The rows (or columns) of one side of a :class:`JointSolve` grouped by the blocks that cover them,
-    padded into one batch: ``rows`` (groups x most rows) and ``columns`` (groups x most factor columns)
-    index a copy of the factor grown by one zero row and one zero column, where the padding points. One
-    batched solve of all groups costs a handful of operations where a loop over groups cost a few per
-    group (the steps are small enough for that to dominate them)."""
+    padded into one batch: ``cells`` (groups x most factor columns x most rows) and ``pairs`` (groups x
+    most factor columns x same) are flat indices into the factor and its Gram matrix, each grown by one
+    zero row and column where the padding points. One batched solve of all groups costs a handful of
+    operations where a loop over groups cost a few per group."""
+
+    packed = 62  # the most blocks whose flags fit one int64 per row
 
     def __init__(self, windows: list[torch.Tensor], spans: list[tuple], length: int) -> None:
         self.length, self.total = length, spans[-1][2].stop if spans else 0
-        membership = torch.zeros(length, dtype=torch.long)
+        membership = torch.zeros(length, len(spans), dtype=torch.bool)
         for b, (window, (_, _, span)) in enumerate(zip(windows, spans)):
-            if span.stop > span.start:  # a block without ranks adds no unknowns to the rows it covers
-                membership[window] |= 1 << b
-        keys, which, sizes = torch.unique(membership, return_inverse=True, return_counts=True)
+            membership[window, b] = span.stop > span.start  # a block without ranks adds no unknowns
+        if len(spans) <= self.packed:  # each row's flags as one integer: unique over those is far faster
+            codes, which, sizes = torch.unique((membership.long() << torch.arange(len(spans))).sum(1),
+                                               return_inverse=True, return_counts=True)
+            keys = codes.unsqueeze(1) >> torch.arange(len(spans)) & 1
+        else:
+            keys, which, sizes = torch.unique(membership, dim=0, return_inverse=True, return_counts=True)
         order = torch.argsort(which, stable=True)
         firsts = torch.cumsum(sizes, 0) - sizes
-        rows = torch.full((len(keys), int(sizes.max())), length)
+        rows = torch.full((len(keys), int(sizes.max()) if length else 0), length)
         rows[which[order], torch.arange(length) - firsts[which[order]]] = order
-        columns = [[c for b, (_, _, span) in enumerate(spans) if int(key) >> b & 1 for c in range(span.start, span.stop)]
+        columns = [[c for b, (_, _, span) in enumerate(spans) if key[b] for c in range(span.start, span.stop)]
                    for key in keys.tolist()]
-        used = [g for g, key in enumerate(keys.tolist()) if key]  # rows no block covers stay zero
+        used = [g for g, key in enumerate(columns) if key]  # rows no block covers stay zero
         most = max((len(columns[g]) for g in used), default=0)
         columns = torch.tensor([columns[g] + [self.total] * (most - len(columns[g])) for g in used],
                                dtype=torch.long).reshape(len(used), most, 1)
-        # flat indices into the grown factor (groups x columns x rows) and its Gram matrix (groups x columns x columns)
         self.cells = rows[used].unsqueeze(1) * (self.total + 1) + columns
         self.pairs = columns * (self.total + 1) + columns.mT
         self.padding = torch.diag_embed((columns.squeeze(2) == self.total).double())
