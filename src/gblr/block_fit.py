@@ -215,8 +215,8 @@ class JointSolve:
                 self.left[rows, used], self.right[cols, used] = blocks.fits[i] @ basis, basis
             self.spans.append((rows, cols, slice(k, k + rank)))
             k += rank
-        self.row_groups = _CoverGroups([rows for rows, _, _ in self.spans], self.spans, m)
-        self.col_groups = _CoverGroups([cols for _, cols, _ in self.spans], self.spans, n)
+        self.row_groups = _CoverGroups([(rows, span) for rows, _, span in self.spans], m)
+        self.col_groups = _CoverGroups([(cols, span) for _, cols, span in self.spans], n)
         self.target_norm = squared_norm(target)
         self.target_right = target @ self.right
         self.beta, self.error = 0.5, self._error(self.left, self.right, self.target_right)
@@ -262,10 +262,12 @@ class _CoverGroups:
 
     packed = 62  # the most blocks whose flags fit one int64 per row
 
-    def __init__(self, windows: list[torch.Tensor], spans: list[tuple], length: int) -> None:
-        self.length, self.total = length, spans[-1][2].stop if spans else 0
+    def __init__(self, covers: list[tuple[torch.Tensor, slice]], length: int) -> None:
+        """``covers``: each block's window on this side and its factor columns."""
+        spans = [span for _, span in covers]
+        self.length, self.total = length, spans[-1].stop if spans else 0
         membership = torch.zeros(length, len(spans), dtype=torch.bool)
-        for b, (window, (_, _, span)) in enumerate(zip(windows, spans)):
+        for b, (window, span) in enumerate(covers):
             membership[window, b] = span.stop > span.start  # a block without ranks adds no unknowns
         if len(spans) <= self.packed:  # each row's flags as one integer: unique over those is far faster
             codes, which, sizes = torch.unique((membership.long() << torch.arange(len(spans))).sum(1),
@@ -277,7 +279,7 @@ class _CoverGroups:
         firsts = torch.cumsum(sizes, 0) - sizes
         rows = torch.full((len(keys), int(sizes.max()) if length else 0), length)
         rows[which[order], torch.arange(length) - firsts[which[order]]] = order
-        columns = [[c for b, (_, _, span) in enumerate(spans) if key[b] for c in range(span.start, span.stop)]
+        columns = [[c for b, span in enumerate(spans) if key[b] for c in range(span.start, span.stop)]
                    for key in keys.tolist()]
         used = [g for g, key in enumerate(columns) if key]  # rows no block covers stay zero
         most = max((len(columns[g]) for g in used), default=0)
