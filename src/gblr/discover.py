@@ -431,29 +431,20 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 10, finalists: int 
 def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: float = 1e-6,
               starts: tuple[int, ...] = (1, 10)) -> BlockFit:
     """``blocks`` refitted together (:meth:`BlockFit.converge_jointly`) until a step lowers the error by
-    less than ``tolerance`` of it, or a fresh fit on its windows refitted so if that leaves less error;
-    then, while that lowers the error, one more rank for a block, taken from another block or from MACs
-    left spare within ``allowed``, each judged by a fresh fit refitted as long. The stage's other steps
-    judge fits after a few hundred steps, which can stop far from the fit's error: on a hidden-block
-    matrix, blocks on the exact windows stood at 0.0094 relative error after 2000 sweeps of
-    one-block-at-a-time refits and reached the noise (0.0027) after 1000 joint steps; a rank passed to the
-    block that lacked it raised the error after 30 sweeps (0.040 to 0.055) and brought it to the noise
-    after 1000. Fits continued from another can stall where a fresh one does not (0.044 against 0.0027 on
-    the same windows). The joint refit is local too: a fresh fit starts from each number in ``starts`` of
-    sweeps of one-block-at-a-time refits and keeps the lower. Started from one sweep, it stalled on the
-    exact windows of 2 of 19 hidden-block matrices in one of 3 block orders (0.011 and 0.039 against the
-    noise, 0.0027) and of a third in the order block pursuit left them (0.0097), all at the noise from 10
-    sweeps; on 40 smaller ones in 4 orders, 10 sweeps stalled once (0.047) where one sweep did not.
-    Further sweeps or steps from a stalled fit did not leave it."""
+    less than ``tolerance`` of it, or a fresh fit on its windows refitted so (:meth:`BlockFit.fitted` from
+    ``starts``: the joint refit is local) if that leaves less error; then, while that lowers the error, one
+    more rank for a block, taken from another block or from MACs left spare within ``allowed``, each
+    judged by a fresh fit refitted as long. The stage's other steps judge fits after a few hundred steps,
+    which can stop far from the fit's error: on a hidden-block matrix, blocks on the exact windows stood at
+    0.0094 relative error after 2000 sweeps of one-block-at-a-time refits and reached the noise (0.0027)
+    after 1000 joint steps; a rank passed to the block that lacked it raised the error after 30 sweeps
+    (0.040 to 0.055) and brought it to the noise after 1000. Fits continued from another can stall where a
+    fresh one does not (0.044 against 0.0027 on the same windows; 0.0097 on a third matrix's exact windows
+    in the order block pursuit left them)."""
     target = blocks.target
 
     def fresh(windows: list[list[int]]) -> BlockFit:
-        fits = []
-        for sweeps in starts:
-            fits.append(BlockFit(target, [list(window) for window in windows]))
-            fits[-1].converge(most=sweeps, tolerance=0.0)
-            fits[-1].converge_jointly(most=most, tolerance=tolerance)
-        return min(fits, key=lambda fit: squared_norm(fit.residual))
+        return BlockFit.fitted(target, windows, starts, most, tolerance)
 
     blocks.converge_jointly(most=most, tolerance=tolerance)
     refitted = fresh(blocks.windows)
