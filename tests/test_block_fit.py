@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gblr.block_fit import BlockFit, JointSolve, _CoverGroups, thin_svd
+from gblr.block_fit import BlockFit, JointSolve, _CoverGroups
 from gblr.demos.overlapping_blocks import overlapping_blocks
 
 
@@ -118,20 +118,3 @@ def test_converging_uses_a_rank_given_since_the_last_fit_and_windows_that_wrap(j
     converge()
     assert short > 0.1 * float(weight.norm())
     assert float(blocks.residual.norm()) < 1e-6 * float(weight.norm())
-
-
-def test_thin_svd_retries_on_the_transpose_where_lapack_fails(monkeypatch):
-    matrix = torch.randn(30, 20, dtype=torch.float64)
-    real, calls = torch.linalg.svd, []
-
-    def failing_once(a, full_matrices=True):
-        calls.append(a.shape)
-        if len(calls) == 1:
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(a, full_matrices=full_matrices)
-
-    monkeypatch.setattr(torch.linalg, "svd", failing_once)
-    u, s, vh = thin_svd(matrix)
-    assert calls == [(30, 20), (20, 30)]
-    assert u.shape == (30, 20) and vh.shape == (20, 20)
-    assert torch.allclose((u * s) @ vh, matrix, atol=1e-12)

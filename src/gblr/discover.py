@@ -47,7 +47,8 @@ import statistics
 
 import torch
 
-from .block_fit import BlockFit, block_macs, cyclic_window, squared_norm, thin_svd
+from .block_fit import BlockFit, block_macs, cyclic_window, squared_norm
+from .linalg import thin_svd
 from .structured.gblr import GBLRLinear
 
 __all__ = ["block_pursuit"]

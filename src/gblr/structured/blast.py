@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import thin_svd
 from .base import StructuredLinear, check_features, unreachable_budget
 
 __all__ = ["BlastLinear"]
@@ -27,7 +28,7 @@ def _cost(m: int, n: int, b: int, rank: int) -> int:
 def _leading_vectors(matrices: torch.Tensor, count: int) -> torch.Tensor:
     """Leading left singular vectors; beyond the matrices' rank, small random directions (a zero
     start would be a saddle point of the projection)."""
-    vectors = torch.linalg.svd(matrices, full_matrices=False)[0][..., :count]
+    vectors = thin_svd(matrices)[0][..., :count]
     missing = count - vectors.shape[-1]
     if missing > 0:
         extra = 1e-2 * torch.randn(*vectors.shape[:-1], missing, dtype=vectors.dtype, device=vectors.device)

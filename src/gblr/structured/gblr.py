@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import thin_svd
 from ..mask import (
     gaudi_mask_with_decay,
     hard_mask,
@@ -78,7 +79,7 @@ def _svd_factors(weight: torch.Tensor, total_rank: int) -> tuple[torch.Tensor, t
 
     When ``total_rank`` exceeds the matrix rank, the remaining terms are zero.
     """
-    p, s, qh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    p, s, qh = thin_svd(weight.to(torch.float64))
     root = s.sqrt()
     u = (p * root).T  # (rank, m)
     v = qh * root[:, None]  # (rank, n)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import thin_svd
 from .gblr import GBLRLinear
 
 __all__ = ["gblr_lowrank", "gblr_block_sparse", "gblr_block_diagonal", "gblr_block_low_rank", "block_mask"]
@@ -65,7 +66,7 @@ def _blocks_to_gblr(weight, block_shape, pattern, block_rank: int, bias) -> GBLR
     out_intervals, in_intervals, us, vs = [], [], [], []
     for i, j in pattern.nonzero().tolist():
         block = weight[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw].to(torch.float64)
-        p, s, qh = torch.linalg.svd(block, full_matrices=False)
+        p, s, qh = thin_svd(block)
         u = torch.zeros(block_rank, m, dtype=torch.float64, device=weight.device)
         v = torch.zeros(block_rank, n, dtype=torch.float64, device=weight.device)
         u[:, i * bh : (i + 1) * bh] = (p[:, :block_rank] * s[:block_rank]).T

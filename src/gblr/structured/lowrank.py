@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import thin_svd
 from .base import StructuredLinear, check_features, unreachable_budget
 
 __all__ = ["LowRankLinear"]
@@ -42,7 +43,7 @@ class LowRankLinear(StructuredLinear):
         return {"rank": rank}
 
     def project_(self, weight: torch.Tensor) -> None:
-        p, s, qh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+        p, s, qh = thin_svd(weight.to(torch.float64))
         root = s[: self.rank].sqrt()
         self.out_proj.copy_(p[:, : self.rank] * root)
         self.in_proj.copy_(root[:, None] * qh[: self.rank])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import thin_svd
 from .base import StructuredLinear, check_features, unreachable_budget
 
 __all__ = ["MonarchLinear"]
@@ -92,7 +93,7 @@ class MonarchLinear(StructuredLinear):
         padded = weight.new_zeros(s * p, b * q, dtype=torch.float64)
         padded[:m, :n] = weight
         blocks = padded.reshape(s, p, b, q).permute(0, 2, 1, 3)  # (s, b, p, q)
-        u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)
+        u, sv, vh = thin_svd(blocks)
         k = self.rank
         root = sv[..., :k].sqrt()  # (s, b, k)
         right = u[..., :, :k] * root[..., None, :]  # (s, b, p, k)

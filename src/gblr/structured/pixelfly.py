@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import thin_svd
 from .base import StructuredLinear, check_features, unreachable_budget
 
 __all__ = ["PixelflyLinear", "flat_butterfly_pattern"]
@@ -97,7 +98,7 @@ class PixelflyLinear(StructuredLinear):
             padded[:m, :n] = target - low
             grid = padded.reshape(g, bh, g, bw).permute(0, 2, 1, 3)  # (g, g, bh, bw)
             self.blocks.copy_(grid[self.block_row_index, self.block_col_index].transpose(1, 2))
-            p, s, qh = torch.linalg.svd(target - self._sparse_dense().to(torch.float64), full_matrices=False)
+            p, s, qh = thin_svd(target - self._sparse_dense().to(torch.float64))
             low = (p[:, : self.rank] * s[: self.rank]) @ qh[: self.rank]
         root = s[: self.rank].sqrt()
         self.out_proj.copy_(p[:, : self.rank] * root)
