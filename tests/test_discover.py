@@ -6,7 +6,7 @@ import torch
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.block_fit import BlockFit
 from gblr.discover import (_agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
-                           _polished, _ranked, _read_edges, _swapped, _trimmed, block_pursuit)
+                           _polished, _ranked, _read_edges, _regrown, _swapped, _trimmed, block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -217,6 +217,20 @@ def test_polishing_passes_a_rank_to_the_block_that_lacks_it():
     polished = _polished(blocks, allowed)
     assert_found_the_blocks(polished, weight, windows, allowed)
     assert [w[4] for w in polished.windows] == [4] * 4
+
+
+def test_regrowing_returns_a_rank_whose_macs_another_block_spent_on_rows():
+    weight, windows = overlapping_blocks(3, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    (_, h0, _, w0), (r1, _, _, _) = windows[:2]
+    short = [[*w, 4] for w in windows]
+    short[0][4] = 3  # block 0 lacks a rank; block 1 spends its MACs on rows above its window
+    short[1][0], short[1][1] = r1 - (h0 + w0) // 4, short[1][1] + (h0 + w0) // 4
+    blocks = BlockFit.fitted(weight, short)
+    assert blocks.cost() <= allowed
+    polished = _polished(_swapped(blocks, allowed), allowed)  # no edge or rank move finds it
+    assert float(polished.residual.norm() / weight.norm()) > 0.1
+    assert_found_the_blocks(_regrown(polished, allowed), weight, windows, allowed)
 
 
 def test_trimming_drops_a_spare_block_whose_ranks_the_others_lack():
