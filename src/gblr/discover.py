@@ -327,6 +327,11 @@ def _better(trial: BlockFit, blocks: BlockFit, allowed: float) -> BlockFit:
     return trial if _lower(trial, blocks) else blocks
 
 
+def _error(blocks: BlockFit) -> float:
+    """The squared error ``blocks`` leave."""
+    return squared_norm(blocks.residual)
+
+
 def _lower(trial: BlockFit, blocks: BlockFit) -> bool:
     """Whether ``trial`` leaves less error than ``blocks`` by more than rounding (a millionth of it)."""
     return squared_norm(trial.residual) < (1 - 1e-6) * squared_norm(blocks.residual)
@@ -427,9 +432,8 @@ def _swapped(blocks: BlockFit, allowed: float, screen: int = 10, finalists: int 
                         trial.reshape(i, smaller)
                     trial.reshape(j, larger)
                     trials[step].append(trial)
-        error = lambda trial: squared_norm(trial.residual)  # noqa: E731
-        bests = [_screened(group, error, screen, finalists, most, BlockFit.converge_jointly) for group in trials.values()]
-        best = min((best for best in bests if best is not None), key=error, default=None)
+        bests = [_screened(group, _error, screen, finalists, most, BlockFit.converge_jointly) for group in trials.values()]
+        best = min((best for best in bests if best is not None), key=_error, default=None)
         if best is None or not _lower(best, blocks):
             break
         blocks = best
@@ -469,7 +473,7 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
                     if i is not None:
                         windows[i][4] -= 1
                     trials.append(windows)
-        best = min(map(fresh, trials), key=lambda trial: squared_norm(trial.residual), default=None)
+        best = min(map(fresh, trials), key=_error, default=None)
         if best is None or not _lower(best, blocks):
             return blocks
         blocks = best
@@ -496,7 +500,7 @@ def _regrown(blocks: BlockFit, allowed: float, tries: int = 2) -> BlockFit:
                 trial.reshape(j, [*window[:4], window[4] + 1])
                 trial.converge_jointly(most=10)
                 trials.append(trial)
-        for trial in sorted(trials, key=lambda trial: squared_norm(trial.residual))[:tries]:
+        for trial in sorted(trials, key=_error)[:tries]:
             trimmed = _trimmed(trial, allowed, screen=10, most=200, refit=BlockFit.converge_jointly)
             fresh = BlockFit.fitted(target, trimmed.windows)
             if _lower(fresh, blocks):
@@ -619,7 +623,7 @@ def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, bud
             fits.append(_swapped(_trimmed(_improved(roomy, allowed * (1 + slack)), allowed), allowed))
     if not fits:
         return best
-    found = _regrown(_polished(min(fits, key=lambda fit: squared_norm(fit.residual)), allowed), allowed)
+    found = _regrown(_polished(min(fits, key=_error), allowed), allowed)
     return found.pieces() if squared_norm(found.residual) < error else best
 
 
