@@ -453,14 +453,17 @@ def _polished(blocks: BlockFit, allowed: float, most: int = 2000, tolerance: flo
     (0.040 to 0.055) and brought it to the noise after 1000. Fits continued from another can stall where a
     fresh one does not (0.044 against 0.0027 on the same windows; 0.0097 on a third matrix's exact windows
     in the order block pursuit left them)."""
-    target = blocks.target
-
     def fresh(windows: list[list[int]]) -> BlockFit:
-        return BlockFit.fitted(target, windows, starts, most, tolerance)
+        return BlockFit.fitted(blocks.target, windows, starts, most, tolerance)
 
     blocks.converge_jointly(most=most, tolerance=tolerance)
     refitted = fresh(blocks.windows)
-    blocks = refitted if _lower(refitted, blocks) else blocks
+    return _ranks_passed(refitted if _lower(refitted, blocks) else blocks, allowed, fresh)
+
+
+def _ranks_passed(blocks: BlockFit, allowed: float, fresh) -> BlockFit:
+    """While that lowers the error, one more rank for a block of ``blocks``, taken from another block or
+    from MACs left spare within ``allowed``, each judged by ``fresh`` (a fresh fit on the new windows)."""
     while True:
         trials, cost = [], blocks.cost()
         for j, taker in enumerate(blocks.windows):
@@ -483,15 +486,19 @@ def _regrown(blocks: BlockFit, allowed: float, tries: int = 2) -> BlockFit:
     """``blocks`` given one more rank on one block, then trimmed back to ``allowed`` MACs with every step
     judged by joint refits (:func:`_trimmed` with :meth:`BlockFit.converge_jointly`), kept where a fresh
     fit on the trimmed windows leaves less error; repeated until no block's rank does, each round trying
-    the ``tries`` blocks whose extra rank lowers the error most after 10 joint steps; polished again
-    (:func:`_polished`) if anything was kept. A fit at the budget can hold a block one rank short with the
-    MACs for that rank spread as a few spare rows and columns over other blocks, which then carry part
-    of the missing rank: no single edge or rank move lowers the error, since each removes a part of that
+    the ``tries`` blocks whose extra rank lowers the error most after 10 joint steps; its ranks passed
+    between blocks again (:func:`_ranks_passed`) if anything was kept (it is a fresh fit already). A fit
+    at the budget can hold a block one rank short with the MACs for that rank spread as a few spare rows
+    and columns over other blocks, which then carry part of the missing rank: no single edge or rank move lowers the error, since each removes a part of that
     rank or needs MACs no block has spare. With the rank back on its block, those rows and columns hold
     nothing and trimming takes them first, but only joint refits move the rank's content back fast
     enough for trimming to see it: judged by one-block sweeps, trimming took the grown rank off again
     (0.065 to 0.069 relative error), judged by joint steps it reached the exact windows (0.0027)."""
     target, grown = blocks.target, False
+
+    def fresh(windows: list[list[int]]) -> BlockFit:
+        return BlockFit.fitted(target, windows)
+
     while True:
         trials = []
         for j, window in enumerate(blocks.windows):
@@ -502,12 +509,12 @@ def _regrown(blocks: BlockFit, allowed: float, tries: int = 2) -> BlockFit:
                 trials.append(trial)
         for trial in sorted(trials, key=_error)[:tries]:
             trimmed = _trimmed(trial, allowed, screen=10, most=200, refit=BlockFit.converge_jointly)
-            fresh = BlockFit.fitted(target, trimmed.windows)
-            if _lower(fresh, blocks):
-                blocks, grown = fresh, True
+            refitted = fresh(trimmed.windows)
+            if _lower(refitted, blocks):
+                blocks, grown = refitted, True
                 break
         else:
-            return _polished(blocks, allowed) if grown else blocks
+            return _ranks_passed(blocks, allowed, fresh) if grown else blocks
 
 
 def _novelty(target: torch.Tensor, lookback: int) -> torch.Tensor:
