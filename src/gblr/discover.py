@@ -334,7 +334,7 @@ def _error(blocks: BlockFit) -> float:
 
 def _lower(trial: BlockFit, blocks: BlockFit) -> bool:
     """Whether ``trial`` leaves less error than ``blocks`` by more than rounding (a millionth of it)."""
-    return squared_norm(trial.residual) < (1 - 1e-6) * squared_norm(blocks.residual)
+    return _error(trial) < (1 - 1e-6) * _error(blocks)
 
 
 def _screened(trials: list[BlockFit], key, screen: int, finalists: int, most: int = 300,
@@ -631,7 +631,7 @@ def _agreed_windows_refitted(target: torch.Tensor, best: list, error: float, bud
     if not fits:
         return best
     found = _regrown(_polished(min(fits, key=_error), allowed), allowed)
-    return found.pieces() if squared_norm(found.residual) < error else best
+    return found.pieces() if _error(found) < error else best
 
 
 @torch.no_grad()
