@@ -33,9 +33,9 @@ per MAC first, and polished by passing a row or column from one block to another
 coincident blocks leave pieces that agree on one window, their union; a trim step that splits a block
 in two brings such a union down to the blocks' cost, and one that drops a block removes a spare block
 holding ranks the others lack. Each step judges fits after a few hundred refit sweeps, which can stop
-far from their error, so the best result is refitted much longer and its ranks passed between blocks.
+far from their error, so every result is refitted much longer and its ranks passed between blocks.
 Last, a block one rank short whose MACs other blocks spent on a few rows too many gets that rank back
-and the fit is trimmed to the budget again.
+and the fit is trimmed to the budget again; the lowest of the results wins.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
 matrix (9 to 88 at the blocks' cost in ``benchmarks/structure_discovery.py``, two jobs on two cores), far
