@@ -38,7 +38,7 @@ Last, a block one rank short whose MACs other blocks spent on a few rows too man
 and the fit is trimmed to the budget again; the lowest of the results wins.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
-matrix (9 to 88 at the blocks' cost in ``benchmarks/structure_discovery.py``, two jobs on two cores), far
+matrix (9 to 45 at the blocks' cost in ``benchmarks/structure_discovery.py``, two jobs on two cores), far
 more than the tilings, so it is not tried by default.
 """
 
