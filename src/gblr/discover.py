@@ -44,6 +44,7 @@ more than the tilings, so it is not tried by default.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 
@@ -489,15 +490,13 @@ def _regrown(blocks: BlockFit, allowed: float, tries: int = 2) -> BlockFit:
     the ``tries`` blocks whose extra rank lowers the error most after 10 joint steps; its ranks passed
     between blocks again (:func:`_ranks_passed`) if anything was kept (it is a fresh fit already). A fit
     at the budget can hold a block one rank short with the MACs for that rank spread as a few spare rows
-    and columns over other blocks, which then carry part of the missing rank: no single edge or rank move lowers the error, since each removes a part of that
-    rank or needs MACs no block has spare. With the rank back on its block, those rows and columns hold
-    nothing and trimming takes them first, but only joint refits move the rank's content back fast
-    enough for trimming to see it: judged by one-block sweeps, trimming took the grown rank off again
-    (0.065 to 0.069 relative error), judged by joint steps it reached the exact windows (0.0027)."""
-    target, grown = blocks.target, False
-
-    def fresh(windows: list[list[int]]) -> BlockFit:
-        return BlockFit.fitted(target, windows)
+    and columns over other blocks, which then carry part of the missing rank: no single edge or rank
+    move lowers the error, since each removes a part of that rank or needs MACs no block has spare. With
+    the rank back on its block, those rows and columns hold nothing and trimming takes them first, but
+    only joint refits move the rank's content back fast enough for trimming to see it: judged by
+    one-block sweeps, trimming took the grown rank off again (0.065 to 0.069 relative error), judged by
+    joint steps it reached the exact windows (0.0027)."""
+    fresh, grown = functools.partial(BlockFit.fitted, blocks.target), False
 
     while True:
         trials = []
