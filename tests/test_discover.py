@@ -280,3 +280,19 @@ def test_the_last_stage_is_skipped_where_the_pieces_agree_on_no_windows(monkeypa
     monkeypatch.setattr(discover, "_improved", lambda blocks, allowed: improved.append(blocks) or blocks)
     block_pursuit(torch.randn(60, 90, generator=torch.Generator().manual_seed(0)), 0.25)  # no blocks to agree on
     assert not improved
+
+
+def test_the_last_stage_passes_rows_between_the_regrown_fits_blocks(monkeypatch):
+    import gblr.discover as discover
+    weight, windows = overlapping_blocks(2, rows=100, cols=160, blocks=3, rank=4, cost=0.1, noise=0.003)
+    allowed = sum(4 * (h + w) for _, h, _, w in windows)
+    off = [[*w, 4] for w in windows]
+    off[0][1] -= 12  # block 0 misses its last twelve rows, which block 1 spends on twelve rows too many
+    off[1][1] += 12
+    stuck = BlockFit.fitted(weight, off)
+    assert float(stuck.residual.norm() / weight.norm()) > 0.1
+    monkeypatch.setattr(discover, "_regrown", lambda blocks, allowed: stuck.copy())  # regrowing leaves it so
+    found = discover._agreed_windows_refitted(weight, stuck.pieces(), float(stuck.residual.square().sum()),
+                                              allowed / weight.numel(), 0.06, (0.85,))
+    assert sorted({piece[:4] for piece in found}) == sorted(windows)
+    assert len(found) == 12
