@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gblr.demos.overlapping_blocks import overlapping_blocks
-from gblr.block_fit import BlockFit
+from gblr.block_fit import BlockFit, squared_norm
 from gblr.discover import (_agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
                            _polished, _ranked, _read_edges, _regrown, _swapped, _trimmed, block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
@@ -292,7 +292,7 @@ def test_the_last_stage_passes_rows_between_the_regrown_fits_blocks(monkeypatch)
     stuck = BlockFit.fitted(weight, off)
     assert float(stuck.residual.norm() / weight.norm()) > 0.1
     monkeypatch.setattr(discover, "_regrown", lambda blocks, allowed: stuck.copy())  # regrowing leaves it so
-    found = discover._agreed_windows_refitted(weight, stuck.pieces(), float(stuck.residual.square().sum()),
+    found = discover._agreed_windows_refitted(weight, stuck.pieces(), squared_norm(stuck.residual),
                                               allowed / weight.numel(), 0.06, (0.85,))
     assert sorted({piece[:4] for piece in found}) == sorted(windows)
     assert len(found) == 12
