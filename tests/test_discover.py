@@ -6,7 +6,8 @@ import torch
 from gblr.demos.overlapping_blocks import overlapping_blocks
 from gblr.block_fit import BlockFit, squared_norm
 from gblr.discover import (_agreed_blocks, _best_window, _cyclic_union, _edge_seeds, _edge_windows, _improved,
-                           _polished, _ranked, _read_edges, _regrown, _swapped, _trimmed, block_pursuit)
+                           _only_noise_left, _polished, _ranked, _read_edges, _regrown, _swapped, _trimmed,
+                           block_pursuit)
 from gblr.fit import fit_gblr, relative_error, structured_from_dense
 
 
@@ -274,8 +275,31 @@ def test_ranked_blocks_keep_their_windows_within_the_budget():
         assert float(blocks.residual.norm() / weight.norm()) < 0.006  # every block's rank found again
 
 
+def test_only_noise_left_tells_noise_from_a_block_part_above_it():
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(100, 160, generator=generator, dtype=torch.float64)
+    assert _only_noise_left(noise)
+    edge = 0.01 * (100 ** 0.5 + 160 ** 0.5)
+    part = torch.zeros_like(noise)  # a rank-1 sliver of a block on 8 rows and 40 columns, twice the noise's edge
+    part[20:28, 50:90] = torch.outer(torch.ones(8), torch.ones(40)) * 2 * edge / (8 * 40) ** 0.5
+    assert not _only_noise_left(noise + part)
+
+
+def test_the_last_stage_is_skipped_where_only_noise_is_left(monkeypatch):
+    import gblr.discover as discover
+    weight, _ = overlapping_blocks(0, rows=100, cols=160, blocks=4, rank=4, noise=0.003)
+    stages = []
+    monkeypatch.setattr(discover, "_agreed_windows_refitted", lambda target, best, *rest: stages.append(best) or best)
+    found = relative_error(block_pursuit(weight, 0.25).to_dense(), weight)
+    assert found < 0.006 and not stages  # consolidation reached the noise: nothing left for the stage to find
+    monkeypatch.setattr(discover, "_only_noise_left", lambda residual: False)
+    block_pursuit(weight, 0.25)
+    assert len(stages) == 1  # ... which it would otherwise have run
+
+
 def test_the_last_stage_is_skipped_where_the_pieces_agree_on_no_windows(monkeypatch):
     import gblr.discover as discover
+    monkeypatch.setattr(discover, "_only_noise_left", lambda residual: False)  # noise alone: the stage would be skipped anyway
     improved = []
     monkeypatch.setattr(discover, "_improved", lambda blocks, allowed: improved.append(blocks) or blocks)
     block_pursuit(torch.randn(60, 90, generator=torch.Generator().manual_seed(0)), 0.25)  # no blocks to agree on
