@@ -299,7 +299,7 @@ def test_the_last_stage_is_skipped_where_only_noise_is_left(monkeypatch):
 
 def test_the_last_stage_is_skipped_where_the_pieces_agree_on_no_windows(monkeypatch):
     import gblr.discover as discover
-    monkeypatch.setattr(discover, "_only_noise_left", lambda residual: False)  # noise alone: the stage would be skipped anyway
+    monkeypatch.setattr(discover, "_only_noise_left", lambda residual: False)  # else skipped for noise alone
     improved = []
     monkeypatch.setattr(discover, "_improved", lambda blocks, allowed: improved.append(blocks) or blocks)
     block_pursuit(torch.randn(60, 90, generator=torch.Generator().manual_seed(0)), 0.25)  # no blocks to agree on

@@ -37,7 +37,8 @@ far from their error, so every result is refitted much longer and its ranks pass
 Last, a block one rank short whose MACs other blocks spent on a few rows too many gets that rank back
 and the fit is trimmed to the budget again; the lowest of the results wins. None of this runs where
 what the best fit leaves already looks like noise (its largest singular value at most a quarter above
-what random noise of its energy would have), as it does wherever the budget leaves MACs to spare.
+what random noise of its energy would have), as it does on most fits where the budget leaves MACs
+to spare.
 
 This is a candidate of :func:`gblr.fit.fit_gblr` (``pursuit=True``); it costs minutes on a 200 x 320
 matrix (9 to 45 at the blocks' cost in ``benchmarks/structure_discovery.py``, two jobs on two cores), far
@@ -613,8 +614,8 @@ def _only_noise_left(residual: torch.Tensor, margin: float = 1.25) -> bool:
     that of an i.i.d. matrix of its shape and energy, ``sigma * (sqrt(m) + sqrt(n))``. A block missed by a
     few rows leaves one direction far above that (3.1 to 6.8 times before the last stage on all 17
     hidden-block matrices measured at their cost, at errors of 0.008 to 0.059), a fit at the noise 1.03
-    to 1.06. A rank-1 part left
-    under the margin holds at most 2.5 % of the noise's energy on a 200 x 320 matrix."""
+    to 1.06. A rank-1 part left under the margin holds at most 2.5 % of the noise's energy on a 200 x 320
+    matrix."""
     m, n = residual.shape
     sigma = float(residual.norm()) / math.sqrt(m * n)
     return float(thin_svd(residual)[1][0]) <= margin * sigma * (math.sqrt(m) + math.sqrt(n))
@@ -676,11 +677,12 @@ def block_pursuit(weight: torch.Tensor, budget: float, bias: torch.Tensor | None
     budget and trimmed back to it (:func:`_agreed_windows_refitted`, once for each threshold in
     ``agreement``) unless what the best candidate leaves looks like noise alone (:func:`_only_noise_left`:
     on a 200 x 320 hidden-block matrix already at the noise without it, the stage took the fit from 147 s
-    to 626 s at budget 0.25, and from 218 s to over 34 min at 0.35); ``slack=None`` skips this. A looser threshold chains the pieces of two overlapping
-    blocks into one group, a stricter one splits a block's pieces, so two are tried. The candidate with
-    the smallest error wins, so ``edges`` and ``slack`` can only lower it. A pair ``(row windows, column
-    windows)`` of ``(start, size)`` tuples in place of ``True`` starts from those windows instead of the
-    ones read from the data (to measure what reading them loses)."""
+    to 626 s at budget 0.25, and from 218 s to over 34 min at 0.35); ``slack=None`` skips this. A looser
+    threshold chains the pieces of two overlapping blocks into one group, a stricter one splits a block's
+    pieces, so two are tried. The candidate with the smallest error wins, so ``edges`` and ``slack`` can
+    only lower it. A pair ``(row windows, column windows)`` of ``(start, size)`` tuples in place of
+    ``True`` starts from those windows instead of the ones read from the data (to measure what reading
+    them loses)."""
     target = weight.detach().double().cpu()
     m, n = target.shape
     allowed = budget * m * n
