@@ -4,8 +4,9 @@
 
 Hardware-aware layers (rank-32 components on 32-row tiles) at cost 0.3, both orientations of
 768 x 3072; prints milliseconds per call of nn.Linear and of the kernels with each candidate
-(``Tiles(tokens, rank, out, k, warps, stages)``), the default marked. For choosing defaults; writes no
-results file.
+(``Tiles(tokens, rank, out, k, k_out, warps, warps_out, stages)``), the default marked, and for the
+default how the time splits between the contract and expand launches. For choosing
+defaults; writes no results file.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch import nn
 from gblr.compact_kernel import Tiles, default_tiles
 
 CANDIDATES = {
-    "bf16": [Tiles(128, 32, 128, 64, 32, 4, 8), Tiles(128, 32, 128, 64, 32, 4, 4), Tiles(128, 32, 64, 64, 32, 4, 4),
-             Tiles(64, 32, 128, 64, 32, 4, 4), Tiles(128, 32, 256, 64, 32, 4, 8), Tiles(128, 32, 128, 128, 32, 8, 8, 4)],
+    "bf16": [Tiles(128, 32, 128, 64, 128, 4, 8), Tiles(128, 32, 128, 64, 64, 4, 4), Tiles(128, 32, 64, 64, 64, 4, 4),
+             Tiles(64, 32, 128, 64, 64, 4, 4), Tiles(128, 32, 256, 64, 64, 4, 8), Tiles(128, 64, 128, 128, 64, 4, 8, 4),
+             Tiles(128, 32, 128, 64, 64, 4, 8, 4)],
     "fp32": [Tiles(128, 32, 64, 32, 32), Tiles(64, 32, 64, 32, 32), Tiles(128, 32, 128, 32, 32, 4, 8),
-             Tiles(64, 32, 128, 32, 32, 4, 4), Tiles(128, 32, 64, 16, 16, 4, 4, 4)],
+             Tiles(64, 32, 128, 32, 32, 4, 4), Tiles(128, 32, 64, 16, 16, 4, 4, 4), Tiles(128, 32, 64, 32, 64, 4, 4, 2)],
 }
 
 
@@ -43,13 +45,16 @@ def main() -> None:
             for tokens in args.tokens:
                 x = torch.randn(tokens, n, device=device, dtype=dtype)
                 dense_ms = seconds_per_call(dense, x, device, 20) * 1e3
-                default = default_tiles(dtype, tokens, layout.ranks)
+                default = default_tiles(dtype, tokens, layout.rank_tile)
                 print(f"{n}x{m} cost 0.3 {name} {tokens} tokens: nn.Linear {dense_ms:.3f} ms", flush=True)
                 for tiles in [default] + CANDIDATES["fp32" if name == "fp32" else "bf16"]:
                     try:
                         layout.run(x, fast.bias, tiles)
                         ms = seconds_per_call(lambda t: layout.run(t, fast.bias, tiles), x, device, 10) * 1e3
                         print(f"  {ms:.3f} ms  {ms / dense_ms:.2f}x dense  {tiles}{' (default)' if tiles == default else ''}", flush=True)
+                        if tiles == default:
+                            contract_ms = seconds_per_call(lambda t: layout.contract(t, tiles), x, device, 10) * 1e3
+                            print(f"    of which contract {contract_ms:.3f} ms, expand {ms - contract_ms:.3f} ms", flush=True)
                     except Exception as error:  # a candidate that does not fit this GPU's shared memory
                         print(f"  {tiles}: {type(error).__name__}", flush=True)
 

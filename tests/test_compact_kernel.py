@@ -1,6 +1,12 @@
 """The Triton execution of compact layers against the layer itself: on CUDA when there is one, else in
 Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_compact import random_structure
@@ -37,8 +43,8 @@ def test_kernel_computes_what_the_layer_computes(options, tokens):
     x = torch.randn(tokens, 96, device=DEVICE)
     with torch.no_grad():
         assert relative(fast.run(x, "kernel"), layer(x)) <= 1e-5
-    aligned = fast._kernel_layout.steps(64, 16)[-1]
-    assert aligned == (options.get("tile") == 16)
+    # 96 inputs, z padded to 16 columns: every gather reads aligned runs of 16 columns
+    assert fast._kernel_layout.plan("expand", 64, 32).runs == (True, True)
 
 
 def test_both_kinds_of_blocks_and_every_tile_shape():
@@ -54,6 +60,7 @@ def test_both_kinds_of_blocks_and_every_tile_shape():
                                          40, 40, x.device, x.dtype)
     for tiles in (compact_kernel.Tiles(64, 16, 64, 32, 16), compact_kernel.Tiles(16, 32, 16, 16, 32), compact_kernel.Tiles(32, 16, 32, 64, 64)):
         assert relative(layout.run(x, fast.bias, tiles), expected) <= 1e-5, tiles
+    assert layout.plan("expand", 64, 16).runs == (True, False)  # 40 inputs: no aligned runs of 16 in x
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -85,3 +92,84 @@ def test_kernel_needs_triton_and_a_device(monkeypatch):
     assert "kernel" not in fast.executions()
     with pytest.raises(ValueError, match="needs Triton and a CUDA device"):
         fast.run(torch.randn(2, 32), "kernel")
+
+
+def test_only_dense_blocks():
+    u, v = torch.randn(2, 1, 24, dtype=torch.float64), torch.randn(2, 1, 40, dtype=torch.float64)
+    layer = GBLRLinear.from_intervals([(3, 2), (20, 1)], [(38, 2), (5, 1)], u, v).float().eval()  # 2x2 and 1x1: dense
+    fast = CompactGBLRLinear(layer, calibrate=False).to(DEVICE)
+    assert all(p.second is None for p in fast.slices)
+    x = torch.randn(9, 40, device=DEVICE)
+    assert relative(fast.run(x, "kernel"), layer.to(DEVICE)(x).detach()) <= 1e-5
+    assert fast._kernel_layout.z_columns == 0
+
+
+def test_packing_multiplies_no_zeros_where_blocks_fill_their_tiles():
+    torch.manual_seed(2)
+    layer = random_structure(GBLRLinear(96, 128, num_components=6, rank=16, tile=16))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    layout = compact_kernel.KernelLayout([(p.in_parts, p.out_parts, p.first, p.second) for p in fast.slices],
+                                         96, 128, torch.device("cpu"), torch.float32)
+    contract = layout.plan("contract", 16, 16)  # one rank-16 block per tile: exactly its input rows
+    assert contract.runs[0]
+    assert contract.packed.numel() == sum(p.first.numel() for p in fast.slices if p.second is not None)
+    expand = layout.plan("expand", 16, 16)  # 16-wide output tiles on 16-row tiles: never a partial tile
+    assert expand.packed.numel() == sum((p.first if p.second is None else p.second).numel() for p in fast.slices)
+    bounds = expand.bounds.view(-1, 3).tolist()
+    for first_row, z_rows, x_rows in bounds:  # rows that read the same column are merged into one
+        for start, count in ((first_row, z_rows), (first_row + z_rows, x_rows)):
+            columns = expand.index[start : start + count]
+            assert len(columns.unique()) == count
+
+
+def test_runs_of_16():
+    assert compact_kernel._runs_of_16(torch.cat([torch.arange(32, 64), torch.arange(0, 16)]))
+    assert not compact_kernel._runs_of_16(torch.arange(8, 24))  # a run starting off a multiple of 16
+    assert not compact_kernel._runs_of_16(torch.arange(0, 24))  # a partial run
+    assert not compact_kernel._runs_of_16(torch.arange(0, 16).flip(0))
+
+
+# Compiles the kernel for an sm_90 GPU (no GPU needed) and prints what its loads became. Run in a fresh
+# interpreter: under TRITON_INTERPRET=1 (set by conftest.py) Triton only interprets.
+SM90_LOADS = """
+import json, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from gblr.compact_kernel import _gathered_matmul_kernel
+dtype = sys.argv[1]
+names = ["first_source_ptr", "first_stride", "second_source_ptr", "second_stride", "index_ptr", "packed_ptr",
+         "bounds_ptr", "bias_ptr", "out_ptr", "tokens", "out_width"]
+types = ["*" + dtype, "i32", "*" + dtype, "i32", "*i32", "*" + dtype, "*i32", "*" + dtype, "*" + dtype, "i32", "i32"]
+half = dtype == "bf16"
+constants = {"HAS_BIAS": True, "BLOCK_T": 128, "BLOCK_N": 128 if half else 64, "BLOCK_K": 64 if half else 32,
+             "IEEE": not half, "UPCAST": False, "FIRST_RUNS": True, "SECOND_RUNS": True}
+signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
+# what the launcher assumes of torch tensors and of integer arguments that are multiples of 16
+attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("tokens", "bounds_ptr")}
+kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
+                 target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if half else 4, "num_stages": 3})
+ptx = kernel.asm["ptx"]
+print(json.dumps({
+    # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
+    "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
+                          if "cp.async.cg.shared.global" in line}),
+    "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
+    "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
+    """Every tile is fetched with 16-byte asynchronous copies that the software pipeline overlaps with
+    the products. A mask along the reduction, or a gather without its run hints, turns them into one
+    2- or 4-byte load per element (the first version of these kernels did that)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", SM90_LOADS, dtype], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loads = json.loads(done.stdout.splitlines()[-1])
+    assert loads["copy_bytes"] == [16]
+    assert loads["async_copies"] >= 8  # both operands of both loops, ahead of the loop and in it
+    assert loads["scalar_loads"] <= 3  # the tile's three bounds at most

@@ -4,18 +4,22 @@ A compact layer is a list of merged blocks: block ``b`` reads a (cyclic) column 
 adds into a (cyclic) column range of the output, through two factors (``x[:, in] @ first @ second``) or
 one dense matrix (``x[:, in] @ first``). The generic executions in :mod:`gblr.compact` launch one or
 more matmuls per block, which on a GPU costs more in launches and in strided accumulation than the
-block products themselves. Here:
+block products themselves. Here both steps are one *gathered matmul* each:
 
-1. **contract**: one launch computes ``z[:, b] = x[:, in_b] @ first_b`` for every low-rank block,
-   packing the rank-``R_b`` results side by side in one ``tokens x sum(R_b)`` buffer;
-2. **expand**: one launch computes every output tile: it loops over exactly the blocks that cover the
-   tile (a precomputed list) and sums ``z[:, b] @ second_b`` (or ``x[:, in_b] @ first_b`` for dense
-   blocks) in registers, adds the bias and writes the tile once: no atomics, no zero-fill, no
-   read-modify-write of the output.
+1. **contract**: ``z[:, b] = x[:, in_b] @ first_b`` for every low-rank block, the rank-``R_b`` results
+   side by side in one ``tokens x sum(R_b)`` buffer;
+2. **expand**: ``y = sum_b z[:, b] @ second_b`` over the low-rank blocks plus ``x[:, in_b] @ first_b``
+   over the dense ones, and the bias.
 
-Column ranges that wrap around are split into contiguous parts when the layout is built, so every load
-reads a contiguous range. Products accumulate in float32; float32 inputs multiply in IEEE float32
-unless ``torch.backends.cuda.matmul.allow_tf32`` is set (the same rule ``nn.Linear`` follows).
+A gathered matmul computes its output in column tiles. The rows of every factor that reach a tile are
+packed, once per tile width, into one dense ``K_t x tile`` matrix (zero where a block does not cover a
+column; rows that read the same source column merged into one) beside the list of the ``K_t`` source
+columns they multiply. A tile is then one plain GEMM loop over ``K_t`` whose only irregularity is a
+column gather: no per-block branches or masks, reduction steps long enough for tensor cores, and the
+tile is written once (no atomics, no zero-fill, no read-modify-write of the output).
+
+Products accumulate in float32; float32 inputs multiply in IEEE float32 unless
+``torch.backends.cuda.matmul.allow_tf32`` is set (the same rule ``nn.Linear`` follows).
 
 Runs on CUDA, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 """
@@ -49,108 +53,56 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _hint(value, ALIGNED: tl.constexpr):
-        """Tell the compiler a runtime offset is a multiple of 16 (checked on the host), so loads vectorise."""
-        if ALIGNED:
-            value = tl.multiple_of(value, 16)
-        return value
-
-    @triton.jit
-    def _contract_kernel(
-        x_ptr, first_ptr, z_ptr,
-        item_block_ptr, item_rank_ptr,
-        in_start1_ptr, in_size1_ptr, in_start2_ptr, in_size2_ptr, rank_ptr, z_col_ptr, first_offset_ptr,
-        tokens, in_features, z_stride,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-        UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    def _gathered_product(
+        acc, source_ptr, source_stride, index_ptr, packed_ptr, rows, row_ok, first_row, count,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, RUNS: tl.constexpr,
     ):
-        # Programs next to each other share a token tile (its rows of x stay in L2 across blocks).
-        item = tl.program_id(0)
-        block = tl.load(item_block_ptr + item)
-        rank0 = _hint(tl.load(item_rank_ptr + item), ALIGNED)
-        rank = _hint(tl.load(rank_ptr + block), ALIGNED)
-        offset = _hint(tl.load(first_offset_ptr + block), ALIGNED)
-        rows = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        ranks = rank0 + tl.arange(0, BLOCK_R)
-        row_ok = rows[:, None] < tokens
-        rank_ok = ranks[None, :] < rank
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        # The input range in at most two contiguous parts; `first` holds their rows one after the other.
-        size1 = _hint(tl.load(in_size1_ptr + block), ALIGNED)
-        for part in tl.static_range(2):
-            row0 = size1 * part
-            if part == 0:
-                start = _hint(tl.load(in_start1_ptr + block), ALIGNED)
-                size = size1
+        """``acc += source[rows, index[first_row + k]] @ packed[first_row + k]`` over ``k < count``, a
+        multiple of BLOCK_K. No load is masked along k: a mask there makes Triton give up both vector
+        loads and the software pipeline (checked in the sm_90 code it generates)."""
+        cols = tl.arange(0, BLOCK_N)
+        for k in range(0, count, BLOCK_K):
+            packed_rows = first_row + k + tl.arange(0, BLOCK_K)
+            columns = tl.load(index_ptr + packed_rows)
+            if RUNS:  # runs of 16 consecutive columns, each starting at a multiple of 16 (made so on the host)
+                columns = tl.max_contiguous(tl.multiple_of(columns, 16), 16)
+            a = tl.load(source_ptr + rows[:, None] * source_stride + columns[None, :], mask=row_ok, other=0.0)
+            w = tl.load(packed_ptr + packed_rows[:, None] * BLOCK_N + cols[None, :])
+            if UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
             else:
-                start = _hint(tl.load(in_start2_ptr + block), ALIGNED)
-                size = _hint(tl.load(in_size2_ptr + block), ALIGNED)
-            for k in range(0, size, BLOCK_K):
-                ks = k + tl.arange(0, BLOCK_K)
-                k_ok = ks < size
-                a = tl.load(x_ptr + rows[:, None] * in_features + (start + ks)[None, :], mask=row_ok & k_ok[None, :], other=0.0)
-                w = tl.load(first_ptr + offset + (row0 + ks)[:, None] * rank + ranks[None, :], mask=k_ok[:, None] & rank_ok, other=0.0)
-                if UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly
-                    a, w = a.to(tl.float32), w.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(a, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, w, acc)
-        z_col = _hint(tl.load(z_col_ptr + block), ALIGNED)
-        tl.store(z_ptr + rows[:, None] * z_stride + (z_col + ranks)[None, :], acc.to(z_ptr.dtype.element_ty), mask=row_ok & rank_ok)
-
-    @triton.jit
-    def _expand_step(
-        acc, source_ptr, source_stride, second_ptr, rows, row_ok, step,
-        column_ptr, second_offset_ptr, out_size_ptr, k_size_ptr, shift_ptr, low_ptr, high_ptr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
-    ):
-        """``acc += source[:, column : column + k] @ second[offset : offset + k rows, shift + (0..BLOCK_N)]``,
-        the output columns masked to the block's part ``[low, high)``."""
-        column = _hint(tl.load(column_ptr + step), ALIGNED)
-        offset = _hint(tl.load(second_offset_ptr + step), ALIGNED)
-        out_size = _hint(tl.load(out_size_ptr + step), ALIGNED)
-        k_size = _hint(tl.load(k_size_ptr + step), ALIGNED)
-        local = _hint(tl.load(shift_ptr + step), ALIGNED) + tl.arange(0, BLOCK_N)
-        col_ok = (local >= _hint(tl.load(low_ptr + step), ALIGNED)) & (local < _hint(tl.load(high_ptr + step), ALIGNED))
-        ks = tl.arange(0, BLOCK_K)
-        k_ok = ks < k_size
-        a = tl.load(source_ptr + rows[:, None] * source_stride + (column + ks)[None, :], mask=row_ok & k_ok[None, :], other=0.0)
-        w = tl.load(second_ptr + offset + ks[:, None] * out_size + local[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a, w = a.to(tl.float32), w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc)
         return acc
 
     @triton.jit
-    def _expand_kernel(
-        x_ptr, z_ptr, second_ptr, bias_ptr, y_ptr, bounds_ptr,
-        column_ptr, second_offset_ptr, out_size_ptr, k_size_ptr, shift_ptr, low_ptr, high_ptr,
-        tokens, in_features, out_features, z_stride,
+    def _gathered_matmul_kernel(
+        first_source_ptr, first_stride, second_source_ptr, second_stride, index_ptr, packed_ptr, bounds_ptr,
+        bias_ptr, out_ptr, tokens, out_width,
         HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr, FIRST_RUNS: tl.constexpr, SECOND_RUNS: tl.constexpr,
     ):
+        # Programs next to each other share a token tile (its rows of the sources stay in L2 across tiles).
         tile = tl.program_id(0)
         rows = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows[:, None] < tokens
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        # One flat loop per source over (block, k-chunk) steps: nothing branches inside, so the compiler
-        # can prefetch the next step's tiles across blocks.
-        z_first, x_first, x_last = tl.load(bounds_ptr + 3 * tile), tl.load(bounds_ptr + 3 * tile + 1), tl.load(bounds_ptr + 3 * tile + 2)
-        for step in range(z_first, x_first):
-            acc = _expand_step(acc, z_ptr, z_stride, second_ptr, rows, row_ok, step, column_ptr, second_offset_ptr,
-                               out_size_ptr, k_size_ptr, shift_ptr, low_ptr, high_ptr, BLOCK_N, BLOCK_K, IEEE, UPCAST, ALIGNED)
-        for step in range(x_first, x_last):
-            acc = _expand_step(acc, x_ptr, in_features, second_ptr, rows, row_ok, step, column_ptr, second_offset_ptr,
-                               out_size_ptr, k_size_ptr, shift_ptr, low_ptr, high_ptr, BLOCK_N, BLOCK_K, IEEE, UPCAST, ALIGNED)
-        col_in = cols < out_features
+        # The tile's packed rows: first those that read the first source, then those of the second; every
+        # count is a multiple of BLOCK_K.
+        first_row = tl.multiple_of(tl.load(bounds_ptr + 3 * tile), BLOCK_K)
+        first_count = tl.load(bounds_ptr + 3 * tile + 1)
+        second_count = tl.load(bounds_ptr + 3 * tile + 2)
+        acc = _gathered_product(acc, first_source_ptr, first_stride, index_ptr, packed_ptr, rows, row_ok,
+                                first_row, first_count, BLOCK_N, BLOCK_K, IEEE, UPCAST, FIRST_RUNS)
+        acc = _gathered_product(acc, second_source_ptr, second_stride, index_ptr, packed_ptr, rows, row_ok,
+                                tl.multiple_of(first_row + first_count, BLOCK_K), second_count,
+                                BLOCK_N, BLOCK_K, IEEE, UPCAST, SECOND_RUNS)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_in = cols < out_width
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * out_features + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=row_ok & col_in[None, :])
+        tl.store(out_ptr + rows[:, None] * out_width + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_in[None, :])
 
 
 def _split(start: int, size: int, length: int) -> list[tuple[int, int]]:
@@ -159,12 +111,20 @@ def _split(start: int, size: int, length: int) -> list[tuple[int, int]]:
     return [(start, first)] + ([(0, size - first)] if size > first else [])
 
 
+def _runs_of_16(index: torch.Tensor) -> bool:
+    """Whether ``index`` is made of runs of 16 consecutive values, each starting at a multiple of 16."""
+    if index.numel() % 16:
+        return False
+    runs = index.view(-1, 16)
+    return bool((runs[:, 0] % 16 == 0).all() and (runs == runs[:, :1] + torch.arange(16)).all())
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Tile sizes and launch settings of the two kernels."""
 
     tokens: int  # token rows per program (both kernels)
-    rank: int  # rank columns per contract program
+    rank: int  # columns of z per contract program
     out: int  # output columns per expand program
     k: int  # reduction step of the contract kernel
     k_out: int  # reduction step of the expand kernel
@@ -173,25 +133,98 @@ class Tiles:
     stages: int = 3
 
 
-def rank_tile(ranks: list[int]) -> int:
-    """Rank columns per contract program: wide tiles reread the input less, narrow ones waste less on
-    padding (a tile's input read counted as 32 rank columns of work)."""
-    return min((16, 32, 64, 128), key=lambda tile: sum(math.ceil(r / tile) * (tile + 32) for r in ranks))
-
-
-def default_tiles(dtype: torch.dtype, tokens: int, ranks: list[int]) -> Tiles:
+def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
     """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few."""
-    columns = rank_tile(ranks)
-    k_out = min(64, max(16, triton.next_power_of_2(min(ranks, default=16))))  # a rank-32 block: one step
     if dtype in (torch.bfloat16, torch.float16):
         if tokens >= 2048:
-            return Tiles(128, columns, 128, 64, k_out, warps=4, warps_out=8)
-        return Tiles(64, columns, 64, 64, k_out)
-    return Tiles(128 if tokens >= 2048 else 64, columns, 64, 32, min(k_out, 32))
+            return Tiles(128, rank_tile, 128, 64, 64, warps=4, warps_out=8)
+        return Tiles(64, rank_tile, 64, 64, 64)
+    return Tiles(128 if tokens >= 2048 else 64, rank_tile, 64, 32, 32)
 
 
-def _multiples_of_16(*lists) -> bool:
-    return all(value % 16 == 0 for values in lists for value in values)
+# A source of a gathered matmul: (which source, its columns that are read, the rows they multiply (one per
+# column, h wide), the first output column it adds into (h columns from there, cyclic)).
+_Source = tuple[int, torch.Tensor, torch.Tensor, int]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One gathered matmul's work for one tile width and reduction step: tile ``t`` owns rows
+    ``bounds[3t]`` onwards of ``packed`` (``tile`` wide): ``bounds[3t+1]`` rows that read columns
+    ``index[row]`` of the first source, then ``bounds[3t+2]`` rows that read the second. Every count is
+    a multiple of the reduction step (zero rows fill up)."""
+
+    tiles: int
+    bounds: torch.Tensor  # (3 * tiles,) int32
+    index: torch.Tensor  # (rows,) int32
+    packed: torch.Tensor  # (rows, tile)
+    runs: tuple[bool, bool]  # per source: `index` made of runs of 16 consecutive columns from multiples of 16
+
+
+def _tiles_reached(start: int, size: int, length: int, tile: int):
+    """(tile, first and last output column inside it, offset of that column in the range) for every tile
+    that the cyclic output range ``start, size`` reaches."""
+    local = 0
+    for part_start, part_size in _split(start, size, length):
+        for t in range(part_start // tile, (part_start + part_size - 1) // tile + 1):
+            low, high = max(part_start, t * tile), min(part_start + part_size, (t + 1) * tile)
+            yield t, low - t * tile, high - t * tile, local + low - part_start
+        local += part_size
+
+
+def _segment(parts: list[tuple[torch.Tensor, torch.Tensor]], tile: int, block_k: int, in_runs: bool):
+    """The columns one tile reads from one source and the packed rows that multiply them: one row per
+    distinct column (rows that read the same column add up); with ``in_runs``, every 16-column run that
+    holds a used column is read whole (vector loads need aligned runs); zero rows fill up to a multiple
+    of ``block_k``, reading columns 0-15 over and over (real values times zero, as in a dense product)."""
+    columns, inverse = torch.unique(torch.cat([c for c, _ in parts]), return_inverse=True)
+    rows = parts[0][1].new_zeros(len(columns), tile).index_add_(0, inverse, torch.cat([p for _, p in parts]))
+    if in_runs:
+        whole = (torch.unique(columns // 16)[:, None] * 16 + torch.arange(16)).flatten()
+        rows = rows.new_zeros(len(whole), tile).index_copy_(0, torch.searchsorted(whole, columns), rows)
+        columns = whole
+    fill = -len(columns) % block_k
+    columns = torch.cat([columns, torch.arange(fill) % 16 if in_runs else torch.zeros(fill, dtype=columns.dtype)])
+    return columns, torch.cat([rows, rows.new_zeros(fill, tile)])
+
+
+def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_widths: tuple[int, int], device, dtype) -> _Plan:
+    per_tile = [([], []) for _ in range(math.ceil(length / tile))]  # (columns, rows over the tile) per source
+    for which, columns, rows, out_start in sources:
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        covered: dict[int, torch.Tensor] = {}
+        for t, low, high, offset in _tiles_reached(out_start, rows.shape[1], length, tile):
+            covered.setdefault(t, rows.new_zeros(len(columns), tile))[:, low:high] = rows[:, offset : offset + high - low]
+        for t, part in covered.items():
+            per_tile[t][which].append((columns, part))
+    in_runs = [width % 16 == 0 and block_k % 16 == 0 for width in source_widths]
+    bounds, index, packed = [], [[], []], []
+    for per_source in per_tile:
+        bounds.append(sum(bounds[-3:]))  # the previous tile's first row and its two counts
+        for which, parts in enumerate(per_source):
+            columns, rows = _segment(parts, tile, block_k, in_runs[which]) if parts else (torch.zeros(0, dtype=torch.long), None)
+            bounds.append(len(columns))
+            index[which].append(columns)
+            packed += [rows] if parts else []
+    runs = tuple(bool(ok) and _runs_of_16(torch.cat(i)) for ok, i in zip(in_runs, index))
+    flat = torch.cat([column for pair in zip(*index) for column in pair]).int() if packed else torch.zeros(block_k, dtype=torch.int32)
+    packed = torch.cat(packed) if packed else torch.zeros(block_k, tile)
+    return _Plan(len(per_tile), torch.tensor(bounds or [0], dtype=torch.int32, device=device), flat.to(device),
+                 packed.to(device, dtype).contiguous(), runs)
+
+
+def _gathered_matmul(plan: _Plan, first, second, bias, out, tiles: Tiles, block_n: int, block_k: int, warps: int):
+    """``out = first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
+    tokens = first.shape[0]
+    _gathered_matmul_kernel[(plan.tiles, triton.cdiv(tokens, tiles.tokens))](
+        first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
+        bias if bias is not None else out, out, tokens, out.shape[1],
+        HAS_BIAS=bias is not None, BLOCK_T=tiles.tokens, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=first.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        UPCAST=first.dtype == torch.bfloat16 and first.device.type == "cpu",  # only the interpreter runs on the CPU
+        FIRST_RUNS=plan.runs[0], SECOND_RUNS=plan.runs[1], num_warps=warps, num_stages=tiles.stages,
+    )
+    return out
 
 
 class KernelLayout:
@@ -205,107 +238,71 @@ class KernelLayout:
     def __init__(self, blocks, in_features: int, out_features: int, device, dtype) -> None:
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.device = dtype, device
-        firsts, seconds = [], []
-        first_size = second_size = 0
-        lowrank = {"start1": [], "size1": [], "start2": [], "size2": [], "rank": [], "z_col": [], "offset": []}
-        # Sources of the expand kernel: (reads z, first column, columns, offset in `second`, output
-        # start, output size): a low-rank block's columns of z, or one contiguous input part of a dense block.
-        self._sources: list[tuple[bool, int, int, int, int, int]] = []
+        # Low-rank blocks in the order of their inputs, so blocks that share a contract tile overlap.
+        blocks = sorted(blocks, key=lambda block: (block[3] is None, block[0][0][0]))
+        self._contract: list[_Source] = []
+        self._expand: list[_Source] = []
         self.z_columns = 0
         for in_parts, out_parts, first, second in blocks:
-            h = sum(b - a for a, b, _, _ in out_parts)
-            out_start = out_parts[0][0]
-            if second is not None:
-                (start1, size1), (start2, size2) = ([(a, b - a) for a, b, _, _ in in_parts] + [(0, 0)])[:2]
-                rank = first.shape[1]
-                for key, value in zip(lowrank, (start1, size1, start2, size2, rank, self.z_columns, first_size)):
-                    lowrank[key].append(value)
-                firsts.append(first.reshape(-1))
-                first_size += first.numel()
-                self._sources.append((True, self.z_columns, rank, second_size, out_start, h))
-                seconds.append(second.reshape(-1))
-                second_size += second.numel()
-                self.z_columns += rank
+            columns = torch.cat([torch.arange(a, b) for a, b, _, _ in in_parts])  # `first`'s rows in order
+            first = first.detach().cpu()
+            if second is None:  # a dense block: x straight into the output
+                self._expand.append((1, columns, first, out_parts[0][0]))
                 continue
-            for a, b, fa, _ in in_parts:  # a dense block: one source per contiguous input part
-                self._sources.append((False, a, b - a, second_size + fa * h, out_start, h))
-            seconds.append(first.reshape(-1))
-            second_size += first.numel()
-        self.ranks = lowrank["rank"]
-        self.lowrank = {key: self._index(values) for key, values in lowrank.items()}
-        self.z_stride = max(16, math.ceil(self.z_columns / 16) * 16)
-        self._contract_aligned = _multiples_of_16(*lowrank.values(), [in_features, out_features, self.z_stride])
-        empty = torch.zeros(1, dtype=dtype, device=device)
-        self.first = torch.cat(firsts).to(device, dtype) if firsts else empty
-        self.second = torch.cat(seconds).to(device, dtype) if seconds else empty
-        self._items: dict[int, tuple] = {}
-        self._steps: dict[tuple[int, int], tuple] = {}
+            rank = first.shape[1]
+            self._contract.append((0, columns, first, self.z_columns))
+            self._expand.append((0, torch.arange(self.z_columns, self.z_columns + rank), second.detach().cpu(), out_parts[0][0]))
+            self.z_columns += rank
+        self.rank_tile = self._best_rank_tile()
+        self._plans: dict[tuple[str, int], _Plan] = {}
 
-    def _index(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values or [0], dtype=torch.int32, device=self.device)
+    def _best_rank_tile(self) -> int:
+        """Columns of z per contract program: wide tiles reread the input less, narrow ones multiply fewer
+        zeros. A packed row costs the tile's width in products plus a read of its input column, which
+        takes a GPU about as long as 16 products per token at tensor-core rates (L2 delivers tens of
+        values per cycle where the tensor cores multiply about a thousand)."""
+        def cost(tile: int) -> int:
+            reached: dict[int, list[torch.Tensor]] = {}
+            for _, columns, first, start in self._contract:
+                for t, *_ in _tiles_reached(start, first.shape[1], self.z_columns, tile):
+                    reached.setdefault(t, []).append(columns)
+            return sum((tile + 16) * len(torch.cat(c).unique()) for c in reached.values())
+        return min((16, 32, 64, 128), key=cost)
 
-    def items(self, rank_tile: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Contract work items: (block, first rank) for every ``rank_tile`` columns of every block."""
-        if rank_tile not in self._items:
-            pairs = [(b, r) for b, rank in enumerate(self.ranks) for r in range(0, rank, rank_tile)]
-            self._items[rank_tile] = (self._index([p[0] for p in pairs]), self._index([p[1] for p in pairs]), len(pairs))
-        return self._items[rank_tile]
+    def plan(self, step: str, tile: int, block_k: int) -> _Plan:
+        """The packed work of ``step`` ("contract" or "expand") for tiles ``tile`` columns wide and
+        reduction steps of ``block_k`` (made once)."""
+        key = (step, tile, block_k)
+        if key not in self._plans:
+            if step == "contract":
+                self._plans[key] = _plan(self._contract, self.z_columns, tile, block_k, (self.in_features, 0),
+                                         self.device, self.dtype)
+            else:
+                self._plans[key] = _plan(self._expand, self.out_features, tile, block_k,
+                                         (self.z_width(16), self.in_features), self.device, self.dtype)
+        return self._plans[key]
 
-    def steps(self, out_tile: int, k_step: int) -> tuple:
-        """Expand work: per output tile of ``out_tile`` columns, its steps reading z then those reading x
-        (``bounds[3 t : 3 t + 3]``); a step multiplies ``k_step`` columns of one source into the tile:
-        (source column, offset in `second`, block output size, columns, shift, low, high), where the
-        tile's column j is column ``shift + j`` of the block's output, used where in ``[low, high)``."""
-        key = (out_tile, k_step)
-        if key not in self._steps:
-            tiles = math.ceil(self.out_features / out_tile)
-            per_tile = [([], []) for _ in range(tiles)]
-            for reads_z, column, size, offset, out_start, h in self._sources:
-                local = 0
-                for start, part in _split(out_start, h, self.out_features):
-                    for tile in range(start // out_tile, (start + part - 1) // out_tile + 1):
-                        shift = tile * out_tile - start + local
-                        for k in range(0, size, k_step):
-                            step = (column + k, offset + k * h, h, min(k_step, size - k), shift, local, local + part)
-                            per_tile[tile][0 if reads_z else 1].append(step)
-                    local += part
-            flat, bounds = [], []
-            for z_steps, x_steps in per_tile:
-                bounds += [len(flat), len(flat) + len(z_steps), len(flat) + len(z_steps) + len(x_steps)]
-                flat += z_steps + x_steps
-            fields = [list(values) for values in zip(*flat)] if flat else [[] for _ in range(7)]
-            aligned = self._contract_aligned and _multiples_of_16(*fields)
-            self._steps[key] = (tiles, self._index(bounds), [self._index(f) for f in fields], aligned)
-        return self._steps[key]
+    def z_width(self, rank_tile: int) -> int:
+        """Columns of z: whole contract tiles, padded to a multiple of 16 for aligned rows."""
+        return math.ceil(math.ceil(self.z_columns / rank_tile) * rank_tile / 16) * 16
+
+    def contract(self, x2: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+        """z: ``x2[:, in_b] @ first_b`` of every low-rank block side by side (``x2`` where there are none)."""
+        if not self.z_columns:
+            return x2
+        plan = self.plan("contract", tiles.rank, tiles.k)
+        z = x2.new_empty(x2.shape[0], self.z_width(tiles.rank))
+        z[:, plan.tiles * tiles.rank :] = 0  # past the last contract tile (the expand may read it, times zero)
+        return _gathered_matmul(plan, x2, x2, None, z, tiles, tiles.rank, tiles.k, tiles.warps)
 
     def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
         """``x2``: contiguous ``tokens x in_features`` on this layout's device and dtype."""
         tokens = x2.shape[0]
-        tiles = tiles or default_tiles(self.dtype, tokens, self.ranks)
+        tiles = tiles or default_tiles(self.dtype, tokens, self.rank_tile)
         most = 65535 * tiles.tokens  # CUDA's limit on the second grid dimension
         if tokens > most:
             return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
         x2 = x2.contiguous()
-        ieee = x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-        upcast = x2.dtype == torch.bfloat16 and x2.device.type == "cpu"  # only the interpreter runs on the CPU
-        out_tiles, bounds, fields, aligned = self.steps(tiles.out, tiles.k_out)
-        z = x2.new_empty(tokens, self.z_stride)
-        token_blocks = triton.cdiv(tokens, tiles.tokens)
-        blocks, ranks, count = self.items(tiles.rank)
-        if count:
-            lr = self.lowrank
-            _contract_kernel[(count, token_blocks)](
-                x2, self.first, z, blocks, ranks,
-                lr["start1"], lr["size1"], lr["start2"], lr["size2"], lr["rank"], lr["z_col"], lr["offset"],
-                tokens, self.in_features, self.z_stride,
-                BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_K=tiles.k, IEEE=ieee, UPCAST=upcast,
-                ALIGNED=self._contract_aligned, num_warps=tiles.warps, num_stages=tiles.stages,
-            )
         y = x2.new_empty(tokens, self.out_features)
-        _expand_kernel[(out_tiles, token_blocks)](
-            x2, z, self.second, bias if bias is not None else y, y, bounds, *fields,
-            tokens, self.in_features, self.out_features, self.z_stride,
-            HAS_BIAS=bias is not None, BLOCK_T=tiles.tokens, BLOCK_N=tiles.out, BLOCK_K=tiles.k_out, IEEE=ieee,
-            UPCAST=upcast, ALIGNED=aligned, num_warps=tiles.warps_out, num_stages=tiles.stages,
-        )
-        return y
+        return _gathered_matmul(self.plan("expand", tiles.out, tiles.k_out), self.contract(x2, tiles), x2, bias, y, tiles,
+                                tiles.out, tiles.k_out, tiles.warps_out)
