@@ -134,11 +134,13 @@ class Tiles:
 
 
 def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
-    """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few."""
+    """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few. Reduction
+    steps of 32: hardware-aware blocks come in multiples of 32 rows, which steps of 64 would pad with
+    zero rows (a quarter more work on the layers benchmarks/compact_speed.py builds)."""
     if dtype in (torch.bfloat16, torch.float16):
         if tokens >= 2048:
-            return Tiles(128, rank_tile, 128, 64, 64, warps=4, warps_out=8)
-        return Tiles(64, rank_tile, 64, 64, 64)
+            return Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=4)
+        return Tiles(64, rank_tile, 64, 32, 32, stages=4)
     return Tiles(128 if tokens >= 2048 else 64, rank_tile, 64, 32, 32)
 
 
@@ -172,20 +174,16 @@ def _tiles_reached(start: int, size: int, length: int, tile: int):
         local += part_size
 
 
-def _segment(parts: list[tuple[torch.Tensor, torch.Tensor]], tile: int, block_k: int, in_runs: bool):
-    """The columns one tile reads from one source and the packed rows that multiply them: one row per
-    distinct column (rows that read the same column add up); with ``in_runs``, every 16-column run that
-    holds a used column is read whole (vector loads need aligned runs); zero rows fill up to a multiple
-    of ``block_k``, reading columns 0-15 over and over (real values times zero, as in a dense product)."""
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct columns one tile reads from one source, and one packed row per column (rows that
+    read the same column add up)."""
     columns, inverse = torch.unique(torch.cat([c for c, _ in parts]), return_inverse=True)
-    rows = parts[0][1].new_zeros(len(columns), tile).index_add_(0, inverse, torch.cat([p for _, p in parts]))
-    if in_runs:
-        whole = (torch.unique(columns // 16)[:, None] * 16 + torch.arange(16)).flatten()
-        rows = rows.new_zeros(len(whole), tile).index_copy_(0, torch.searchsorted(whole, columns), rows)
-        columns = whole
-    fill = -len(columns) % block_k
-    columns = torch.cat([columns, torch.arange(fill) % 16 if in_runs else torch.zeros(fill, dtype=columns.dtype)])
-    return columns, torch.cat([rows, rows.new_zeros(fill, tile)])
+    return columns, parts[0][1].new_zeros(len(columns), tile).index_add_(0, inverse, torch.cat([p for _, p in parts]))
+
+
+def _whole_runs(columns: torch.Tensor) -> torch.Tensor:
+    """Every run of 16 columns (from a multiple of 16) that holds one of ``columns``."""
+    return (torch.unique(columns // 16)[:, None] * 16 + torch.arange(16)).flatten()
 
 
 def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_widths: tuple[int, int], device, dtype) -> _Plan:
@@ -197,17 +195,35 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
             covered.setdefault(t, rows.new_zeros(len(columns), tile))[:, low:high] = rows[:, offset : offset + high - low]
         for t, part in covered.items():
             per_tile[t][which].append((columns, part))
-    in_runs = [width % 16 == 0 and block_k % 16 == 0 for width in source_widths]
-    bounds, index, packed = [], [[], []], []
-    for per_source in per_tile:
+    merged = [[_merged(parts, tile) if parts else None for parts in per_source] for per_source in per_tile]
+    # A source's gathers read whole aligned runs of 16 columns (vector loads; without them every element
+    # is a load of its own) unless that would more than double what it reads.
+    in_runs = []
+    for which, width in enumerate(source_widths):
+        used = [m[which][0] for m in merged if m[which] is not None]
+        whole = sum(len(_whole_runs(columns)) for columns in used)
+        in_runs.append(width % 16 == 0 and block_k % 16 == 0 and whole <= 2 * sum(map(len, used)))
+    bounds, index, packed = [], [], []  # index: (which source, columns) in the packed rows' order
+    for per_source in merged:
         bounds.append(sum(bounds[-3:]))  # the previous tile's first row and its two counts
-        for which, parts in enumerate(per_source):
-            columns, rows = _segment(parts, tile, block_k, in_runs[which]) if parts else (torch.zeros(0, dtype=torch.long), None)
-            bounds.append(len(columns))
-            index[which].append(columns)
-            packed += [rows] if parts else []
-    runs = tuple(bool(ok) and _runs_of_16(torch.cat(i)) for ok, i in zip(in_runs, index))
-    flat = torch.cat([column for pair in zip(*index) for column in pair]).int() if packed else torch.zeros(block_k, dtype=torch.int32)
+        for which, segment in enumerate(per_source):
+            if segment is None:
+                bounds.append(0)
+                continue
+            columns, rows = segment
+            if in_runs[which]:
+                whole = _whole_runs(columns)
+                rows = rows.new_zeros(len(whole), tile).index_copy_(0, torch.searchsorted(whole, columns), rows)
+                columns = whole
+            # Zero rows fill up to a multiple of block_k, reading columns 0-15 (real values times zero,
+            # as a dense product does): nothing is masked along the reduction.
+            fill = -len(columns) % block_k
+            index.append((which, torch.cat([columns, torch.arange(fill) % (16 if in_runs[which] else 1)])))
+            packed += [rows, rows.new_zeros(fill, tile)]
+            bounds.append(len(columns) + fill)
+    runs = tuple(ok and _runs_of_16(torch.cat([c for w, c in index if w == which] + [torch.zeros(0, dtype=torch.long)]))
+                 for which, ok in enumerate(in_runs))
+    flat = torch.cat([c for _, c in index]).int() if index else torch.zeros(block_k, dtype=torch.int32)
     packed = torch.cat(packed) if packed else torch.zeros(block_k, tile)
     return _Plan(len(per_tile), torch.tensor(bounds or [0], dtype=torch.int32, device=device), flat.to(device),
                  packed.to(device, dtype).contiguous(), runs)
