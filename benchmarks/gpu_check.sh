@@ -68,7 +68,7 @@ for step in "${steps[@]}"; do
     vit) GBLR_DATA=$PWD/.gpu_data/data timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm ;;
     minilm) GBLR_DATA=$PWD/.gpu_data/text timeout 120 "$PY" benchmarks/compact_model.py --device cuda --runs \
         --minilm .gpu_data/minilm --name compact_model_minilm ;;
-    tiles) timeout 50 "$PY" benchmarks/kernel_tiles.py ;;  # for choosing the kernels' default tile sizes
+    tiles) timeout 90 "$PY" benchmarks/kernel_tiles.py ;;  # for choosing the kernels' default tile sizes
     *) echo "unknown step $step"; false ;;
     esac || status=1
 done
