@@ -26,6 +26,7 @@ Runs on CUDA, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class Tiles:
     stages: int = 3
 
 
+@functools.lru_cache(maxsize=1024)  # a call's host time matters: small products take microseconds on a GPU
 def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
     """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few. Reduction
     steps of 32: hardware-aware blocks come in multiples of 32 rows, which steps of 64 would pad with
@@ -232,7 +234,8 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
 def _gathered_matmul(plan: _Plan, first, second, bias, out, tiles: Tiles, block_n: int, block_k: int, warps: int):
     """``out = first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
     tokens = first.shape[0]
-    _gathered_matmul_kernel[(plan.tiles, triton.cdiv(tokens, tiles.tokens))](
+    # (not triton.cdiv: as a jit function called from the host it costs microseconds)
+    _gathered_matmul_kernel[(plan.tiles, -(-tokens // tiles.tokens))](
         first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
         bias if bias is not None else out, out, tokens, out.shape[1],
         HAS_BIAS=bias is not None, BLOCK_T=tiles.tokens, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -308,7 +311,8 @@ class KernelLayout:
             return x2
         plan = self.plan("contract", tiles.rank, tiles.k)
         z = x2.new_empty(x2.shape[0], self.z_width(tiles.rank))
-        z[:, plan.tiles * tiles.rank :] = 0  # past the last contract tile (the expand may read it, times zero)
+        if z.shape[1] > plan.tiles * tiles.rank:  # past the last contract tile (the expand may read it, times zero)
+            z[:, plan.tiles * tiles.rank :] = 0
         return _gathered_matmul(plan, x2, x2, None, z, tiles, tiles.rank, tiles.k, tiles.warps)
 
     def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
