@@ -386,7 +386,7 @@ class CompactGBLRLinear(StructuredLinear):
             blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
             self._kernel_layout = compact_kernel.KernelLayout(
                 blocks, self.in_features, self.out_features, self.weight.device, self.weight.dtype)
-        return self._kernel_layout.run(x2, self.bias)
+        return self._kernel_layout.run(x2, self._parameters.get("bias"))
 
     def executions(self) -> tuple[str, ...]:
         """The executions calibration chooses from (``"kernel"`` needs Triton and a CUDA device, ``"grouped"``
@@ -405,11 +405,12 @@ class CompactGBLRLinear(StructuredLinear):
             raise ValueError(f"execution 'kernel' needs Triton and a CUDA device; this layer is on {self.weight.device}")
         if execution == "grouped" and not _grouped_available(self.weight.device, self.weight.dtype):
             raise ValueError(f"execution 'grouped' needs torch._grouped_mm for {self.weight.dtype} on {self.weight.device}")
+        return self._execute(x, execution)
+
+    def _execute(self, x: torch.Tensor, execution: str) -> torch.Tensor:
+        """``execution`` (one this layer can run) on ``x``, after only the shape check."""
         self._check_input(x)
-        x2 = x.reshape(-1, self.in_features)
-        runs = {"dense": self._dense, "factored": self._factored, "blocks": self._blocks, "slices": self._slices,
-                "grouped": self._grouped, "kernel": self._kernel}
-        y = runs[execution](x2)
+        y = getattr(self, "_" + execution)(x.reshape(-1, self.in_features))  # _dense, _factored, ..., _kernel
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def choose(self, tokens: int) -> str:
@@ -480,10 +481,10 @@ class CompactGBLRLinear(StructuredLinear):
             except RuntimeError:
                 if x.dim() and x.shape[-1] == self.in_features:
                     raise  # not a shape problem: torch's own message
-            # a wrong shape: run() says so in one line
+            # a wrong shape: _execute() says so in one line
         if execution == "kernel" and x.requires_grad and torch.is_grad_enabled():
             execution = "slices"  # the kernels have no backward
-        return self.run(x, execution)
+        return self._execute(x, execution)  # chosen among executions(): nothing more to check
 
     def extra_repr(self) -> str:
         return (
