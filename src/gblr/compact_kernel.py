@@ -103,7 +103,8 @@ if triton is not None:
         col_in = cols < out_width
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * out_width + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok & col_in[None, :])
+        tl.store(out_ptr + rows[:, None] * out_width + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok & col_in[None, :])
 
 
 def _split(start: int, size: int, length: int) -> list[tuple[int, int]]:
@@ -188,13 +189,15 @@ def _whole_runs(columns: torch.Tensor) -> torch.Tensor:
     return (torch.unique(columns // 16)[:, None] * 16 + torch.arange(16)).flatten()
 
 
-def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_widths: tuple[int, int], device, dtype) -> _Plan:
+def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_widths: tuple[int, int],
+          device, dtype) -> _Plan:
     per_tile = [([], []) for _ in range(math.ceil(length / tile))]  # (columns, rows over the tile) per source
     for which, columns, rows, out_start in sources:
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         covered: dict[int, torch.Tensor] = {}
         for t, low, high, offset in _tiles_reached(out_start, rows.shape[1], length, tile):
-            covered.setdefault(t, rows.new_zeros(len(columns), tile))[:, low:high] = rows[:, offset : offset + high - low]
+            part = covered.setdefault(t, rows.new_zeros(len(columns), tile))
+            part[:, low:high] = rows[:, offset : offset + high - low]
         for t, part in covered.items():
             per_tile[t][which].append((columns, part))
     merged = [[_merged(parts, tile) if parts else None for parts in per_source] for per_source in per_tile]
@@ -270,10 +273,11 @@ class KernelLayout:
                 continue
             rank = first.shape[1]
             self._contract.append((0, columns, first, self.z_columns))
-            self._expand.append((0, torch.arange(self.z_columns, self.z_columns + rank), second.detach().cpu(), out_parts[0][0]))
+            z_columns = torch.arange(self.z_columns, self.z_columns + rank)
+            self._expand.append((0, z_columns, second.detach().cpu(), out_parts[0][0]))
             self.z_columns += rank
         self.rank_tile = self._best_rank_tile()
-        self._plans: dict[tuple[str, int], _Plan] = {}
+        self._plans: dict[tuple[str, int, int], _Plan] = {}
 
     def _best_rank_tile(self) -> int:
         """Columns of z per contract program: wide tiles reread the input less, narrow ones multiply fewer
@@ -324,5 +328,6 @@ class KernelLayout:
             return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
         x2 = x2.contiguous()
         y = x2.new_empty(tokens, self.out_features)
-        return _gathered_matmul(self.plan("expand", tiles.out, tiles.k_out), self.contract(x2, tiles), x2, bias, y, tiles,
-                                tiles.out, tiles.k_out, tiles.warps_out)
+        z = self.contract(x2, tiles)
+        plan = self.plan("expand", tiles.out, tiles.k_out)
+        return _gathered_matmul(plan, z, x2, bias, y, tiles, tiles.out, tiles.k_out, tiles.warps_out)
