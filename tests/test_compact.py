@@ -193,3 +193,25 @@ def test_forward_on_the_dense_plan_follows_moves_and_loads_and_names_a_wrong_sha
         fast(torch.randn(9, 8).double())  # 72 values: "3 tokens" to the plan, so the dense path meets it
     with pytest.raises(RuntimeError):  # not a shape problem: torch's own error
         fast(x)  # float32 input, float64 weight
+
+
+def test_an_execution_that_fails_on_this_machine_is_left_out_not_fatal(monkeypatch):
+    layer = random_structure(GBLRLinear(32, 32, num_components=4))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+
+    def cannot_compile(x2):  # like a Triton kernel this GPU cannot build for this dtype
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(fast, "_slices", cannot_compile)
+    with pytest.warns(UserWarning, match="execution 'slices' failed on cpu .* not used there"):
+        timings = fast.calibrate((4, 64), repeats=1)
+    assert timings[4]["slices"] == timings[64]["slices"] == float("inf")
+    assert "slices" in fast._hopeless and "slices" not in fast.plan.values()
+    x = torch.randn(64, 32)
+    assert relative(fast(x), layer(x)) <= 1e-5
+    fast.plan.clear()  # uncalibrated, the cheapest by counted MACs among those that run
+    fast._choices.clear()
+    assert fast.choose(64) != "slices"
+    monkeypatch.setattr(fast, "_dense", cannot_compile)
+    with pytest.raises(RuntimeError, match="out of resources"):  # without dense there is nothing to fall back on
+        fast.calibrate((4,), repeats=1)

@@ -32,6 +32,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -425,7 +426,7 @@ class CompactGBLRLinear(StructuredLinear):
         if self.calibrate_on_use and (not self.plan or min(map(distance, self.plan)) > math.log(2)) and self._may_time():
             self.calibrate((tokens,))
         if not self.plan:
-            return min(self.executions(), key=self.execution_macs)
+            return min((e for e in self.executions() if e not in self._hopeless), key=self.execution_macs)
         choice = self._choices[tokens] = self.plan[min(self.plan, key=distance)]
         return choice
 
@@ -452,7 +453,17 @@ class CompactGBLRLinear(StructuredLinear):
                 if execution in self._hopeless:
                     per_execution[execution] = math.inf
                     continue
-                self.run(x, execution)  # warm-up
+                try:
+                    self.run(x, execution)  # warm-up (and the first use compiles Triton kernels)
+                except Exception as error:  # any failure of an optional execution
+                    if execution == "dense":
+                        raise
+                    # e.g. a Triton kernel this GPU cannot compile for this dtype: dense and the others remain
+                    warnings.warn(f"compact layer: execution {execution!r} failed on {device} in {self.weight.dtype} "
+                                  f"and is not used there ({type(error).__name__}: {str(error)[:200]})", stacklevel=2)
+                    self._hopeless.add(execution)
+                    per_execution[execution] = math.inf
+                    continue
                 samples = []
                 for _ in range(count):
                     synchronize()
