@@ -12,7 +12,7 @@
 # (whole-model compact inference of the trained hardware-aware Fashion-MNIST ViT RUN_DIR), `minilm` (the
 # same for MiniLM compressed to 50 %, weights carried in float16), `tiles` (the kernels' tile sizes, to
 # choose defaults). The default is all but `minilm`. Runs from source, with no installation. Results:
-# benchmarks/results/{compact_speed,train_step,compact_model,compact_model_minilm}_cuda.{json,md} and the
+# benchmarks/results/{compact_speed,train_step,compact_model,compact_model_minilm,kernel_tiles}_cuda.{json,md} and the
 # test summary in benchmarks/results/gpu_tests.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ Hardware-aware layers (rank-32 components on 32-row tiles) at cost 0.3, both ori
 (``Tiles(tokens, rank, out, k, k_out, warps, warps_out, stages)``), the default marked, and for the
 default how the time splits between the contract and expand launches. Wider contract tiles (``rank``)
 read each input column once for several blocks but multiply more zeros; wider output tiles (``out``)
-read z fewer times. For choosing defaults; writes no results file.
+read z fewer times. For choosing defaults; writes benchmarks/results/kernel_tiles_cuda.{json,md}.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+from _results import device_note, provenance, run_metadata, write_results
 from compact_speed import DTYPES, compact_layer, gblr_at_cost, seconds_per_call
 from torch import nn
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     args = parser.parse_args()
     device = torch.device("cuda")
+    rows = []
     for n, m in ((768, 3072), (3072, 768)):
         for name in args.dtypes:
             dtype = DTYPES[name]
@@ -48,15 +51,36 @@ def main() -> None:
                 default = default_tiles(dtype, tokens, layout.rank_tile)
                 print(f"{n}x{m} cost 0.3 {name} {tokens} tokens: nn.Linear {dense_ms:.3f} ms", flush=True)
                 for tiles in [default] + CANDIDATES["fp32" if name == "fp32" else "bf16"]:
+                    row = {"shape": f"{n}x{m}", "dtype": name, "tokens": tokens, "tiles": str(tiles)[6:-1],
+                           "default": tiles == default, "dense_ms": dense_ms}
                     try:
                         layout.run(x, fast.bias, tiles)
-                        ms = seconds_per_call(lambda t: layout.run(t, fast.bias, tiles), x, device, 10) * 1e3
-                        print(f"  {ms:.3f} ms  {ms / dense_ms:.2f}x dense  {tiles}{' (default)' if tiles == default else ''}", flush=True)
+                        row["ms"] = seconds_per_call(lambda t: layout.run(t, fast.bias, tiles), x, device, 10) * 1e3
                         if tiles == default:
-                            contract_ms = seconds_per_call(lambda t: layout.contract(t, tiles), x, device, 10) * 1e3
-                            print(f"    of which contract {contract_ms:.3f} ms, expand {ms - contract_ms:.3f} ms", flush=True)
+                            row["contract_ms"] = seconds_per_call(lambda t: layout.contract(t, tiles), x, device, 10) * 1e3
                     except Exception as error:  # a candidate that does not fit this GPU's shared memory
-                        print(f"  {tiles}: {type(error).__name__}", flush=True)
+                        row["error"] = type(error).__name__
+                    print(row, flush=True)
+                    rows.append(row)
+            write(rows)  # so far: a run stopped early keeps what it measured
+
+
+def write(rows: list[dict]) -> None:
+    meta = run_metadata(device_note(torch.device("cuda")), triton=triton.__version__)
+    lines = [
+        "# Tile sizes of the compact layer's Triton kernels (cuda)", "",
+        f"{provenance(meta)} Triton {meta['triton']}. Hardware-aware layers at cost 0.3; time per call of the two "
+        "launches with each candidate `Tiles` against `nn.Linear` of the same shape and dtype; for the default, "
+        "the contract launch's share.", "",
+        "| shape | dtype | tokens | tiles | default | nn.Linear ms | kernel ms | / dense | contract ms |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ms, contract = r.get("ms"), r.get("contract_ms")
+        kernel = f"{ms:.3f} | {ms / r['dense_ms']:.2f}" if ms else f"{r.get('error', '')} | "
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['tiles']} | {'yes' if r['default'] else ''} | "
+                     f"{r['dense_ms']:.3f} | {kernel} | {f'{contract:.3f}' if contract else ''} |")
+    write_results("kernel_tiles_cuda", meta, rows, lines)
 
 
 if __name__ == "__main__":
