@@ -150,13 +150,16 @@ signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("tokens", "bounds_ptr")}
 kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
                  target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.warps_out, "num_stages": tiles.stages})
-ptx = kernel.asm["ptx"]
+ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+loop = ttgir[ttgir.index("scf.for"):]
 print(json.dumps({
+    # "async_wait ... {num = N}" at the top of the reduction loop: copies left in flight while it computes
+    "copies_in_flight": int(loop.split("async_wait", 1)[1].split("num = ", 1)[1].split(" ", 1)[0]),
     # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
     "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
                           if "cp.async.cg.shared.global" in line}),
     "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
-    "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+    "async_copies": ttgir.count("async_copy_global_to_local"),
 }))
 """
 
@@ -165,7 +168,8 @@ print(json.dumps({
 def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
     """Every tile is fetched with 16-byte asynchronous copies that the software pipeline overlaps with
     the products. A mask along the reduction, or a gather without its run hints, turns them into one
-    2- or 4-byte load per element (the first version of these kernels did that)."""
+    2- or 4-byte load per element (the first version of these kernels did that); too few stages leave
+    nothing in flight (with 3 or 4, every step waits for all its copies)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
@@ -175,6 +179,7 @@ def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
     assert loads["copy_bytes"] == [16]
     assert loads["async_copies"] >= 8  # both operands of both loops, ahead of the loop and in it
     assert loads["scalar_loads"] <= 3  # the tile's three bounds at most
+    assert loads["copies_in_flight"] >= 3  # the next step's tiles load while this one multiplies
 
 
 def test_gathers_read_aligned_runs_unless_that_doubles_the_reads():

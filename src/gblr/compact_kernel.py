@@ -139,12 +139,16 @@ class Tiles:
 def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
     """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few. Reduction
     steps of 32: hardware-aware blocks come in multiples of 32 rows, which steps of 64 would pad with
-    zero rows (a quarter more work on the layers benchmarks/compact_speed.py builds)."""
+    zero rows (a quarter more work on the layers benchmarks/compact_speed.py builds). Deep pipelines: a
+    gathered load costs Triton's pipeliner stages (its column list is fetched a stage earlier), so 3-4
+    stages leave one buffer in flight and a wait for every copy at each step; 5 keep one step ahead, 7
+    two (checked in the generated sm_90 code). float32 multiplies slowly enough (no tensor cores in IEEE
+    float32) that one step ahead hides the loads."""
     if dtype in (torch.bfloat16, torch.float16):
         if tokens >= 2048:
-            return Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=4)
-        return Tiles(64, rank_tile, 64, 32, 32, stages=4)
-    return Tiles(128 if tokens >= 2048 else 64, rank_tile, 64, 32, 32)
+            return Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=7)
+        return Tiles(64, rank_tile, 64, 32, 32, stages=7)
+    return Tiles(128 if tokens >= 2048 else 64, rank_tile, 64, 32, 32, stages=5)
 
 
 # A source of a gathered matmul: (which source, its columns that are read, the rows they multiply (one per
