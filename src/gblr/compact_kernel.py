@@ -132,7 +132,7 @@ class Tiles:
     k_out: int  # reduction step of the expand kernel
     warps: int = 4  # contract kernel
     warps_out: int = 4  # expand kernel
-    stages: int = 3
+    stages: int = 5  # fewer leave the gathered loop without copies in flight (see default_tiles)
 
 
 @functools.lru_cache(maxsize=1024)  # a call's host time matters: small products take microseconds on a GPU
