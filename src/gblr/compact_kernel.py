@@ -141,7 +141,7 @@ def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
     steps of 32: hardware-aware blocks come in multiples of 32 rows, which steps of 64 would pad with
     zero rows (a quarter more work on the layers benchmarks/compact_speed.py builds). Deep pipelines: a
     gathered load costs Triton's pipeliner stages (its column list is fetched a stage earlier), so 3-4
-    stages leave one buffer in flight and a wait for every copy at each step; 5 keep one step ahead, 7
+    stages compile to two buffers and a wait for every copy at each step; 5 keep one step in flight, 7
     two (checked in the generated sm_90 code). float32 multiplies slowly enough (no tensor cores in IEEE
     float32) that one step ahead hides the loads."""
     if dtype in (torch.bfloat16, torch.float16):
