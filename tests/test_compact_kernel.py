@@ -129,57 +129,71 @@ def test_runs_of_16():
     assert not compact_kernel._runs_of_16(torch.arange(0, 16).flip(0))
 
 
-# Compiles the kernel for an sm_90 GPU (no GPU needed) and prints what its loads became. Run in a fresh
-# interpreter: under TRITON_INTERPRET=1 (set by conftest.py) Triton only interprets.
+# Compiles the expand launch of every tile set calibration may time for an sm_90 GPU (no GPU needed) and
+# prints what its loads became. Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest.py)
+# Triton only interprets.
 SM90_LOADS = """
 import json, sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 import torch
-from gblr.compact_kernel import _gathered_matmul_kernel, default_tiles
+from gblr.compact_kernel import _gathered_matmul_kernel, tile_candidates
 dtype = sys.argv[1]
 names = ["first_source_ptr", "first_stride", "second_source_ptr", "second_stride", "index_ptr", "packed_ptr",
          "bounds_ptr", "bias_ptr", "out_ptr", "tokens", "out_width"]
 types = ["*" + dtype, "i32", "*" + dtype, "i32", "*i32", "*" + dtype, "*i32", "*" + dtype, "*" + dtype, "i32", "i32"]
 half = dtype == "bf16"
-tiles = default_tiles(torch.bfloat16 if half else torch.float32, 16384, 32)  # the expand launch's
-constants = {"HAS_BIAS": True, "BLOCK_T": tiles.tokens, "BLOCK_N": tiles.out, "BLOCK_K": tiles.k_out,
-             "IEEE": not half, "UPCAST": False, "FIRST_RUNS": True, "SECOND_RUNS": True}
-signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
 # what the launcher assumes of torch tensors and of integer arguments that are multiples of 16
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("tokens", "bounds_ptr")}
-kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
-                 target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.warps_out, "num_stages": tiles.stages})
-ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-loop = ttgir[ttgir.index("scf.for"):]
-print(json.dumps({
-    # "async_wait ... {num = N}" at the top of the reduction loop: copies left in flight while it computes
-    "copies_in_flight": int(loop.split("async_wait", 1)[1].split("num = ", 1)[1].split(" ", 1)[0]),
-    # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
-    "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
-                          if "cp.async.cg.shared.global" in line}),
-    "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
-    "async_copies": ttgir.count("async_copy_global_to_local"),
-}))
+done = set()
+for tokens in (16384, 512):
+    for tiles in tile_candidates(torch.bfloat16 if half else torch.float32, tokens, 32):
+        launch = (tiles.tokens, tiles.out, tiles.k_out, tiles.warps_out, tiles.stages)
+        if launch in done:
+            continue
+        done.add(launch)
+        constants = {"HAS_BIAS": True, "BLOCK_T": tiles.tokens, "BLOCK_N": tiles.out, "BLOCK_K": tiles.k_out,
+                     "IEEE": not half, "UPCAST": False, "FIRST_RUNS": True, "SECOND_RUNS": True}
+        signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
+        kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.warps_out, "num_stages": tiles.stages})
+        ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+        loop = ttgir[ttgir.index("scf.for"):]
+        print(json.dumps({
+            "launch": launch,
+            # "async_wait ... {num = N}" at the top of the reduction loop: copies left in flight while it computes
+            "copies_in_flight": int(loop.split("async_wait", 1)[1].split("num = ", 1)[1].split(" ", 1)[0]),
+            # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
+            "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
+                                  if "cp.async.cg.shared.global" in line}),
+            "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
+            "async_copies": ttgir.count("async_copy_global_to_local"),
+            "shared_bytes": kernel.metadata.shared,
+        }))
 """
+SM90_SHARED_BYTES = 232448  # the most shared memory one program may use on an H100/H200
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
     """Every tile is fetched with 16-byte asynchronous copies that the software pipeline overlaps with
-    the products. A mask along the reduction, or a gather without its run hints, turns them into one
-    2- or 4-byte load per element (the first version of these kernels did that); too few stages leave
-    nothing in flight (with 3 or 4, every step waits for all its copies)."""
+    the products, for every tile set calibration may time. A mask along the reduction, or a gather
+    without its run hints, turns them into one 2- or 4-byte load per element (the first version of these
+    kernels did that); too few stages leave nothing in flight (with 3 or 4, every step waits for all its
+    copies)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", SM90_LOADS, dtype], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", SM90_LOADS, dtype], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    loads = json.loads(done.stdout.splitlines()[-1])
-    assert loads["copy_bytes"] == [16]
-    assert loads["async_copies"] >= 8  # both operands of both loops, ahead of the loop and in it
-    assert loads["scalar_loads"] <= 3  # the tile's three bounds at most
-    assert loads["copies_in_flight"] >= 3  # the next step's tiles load while this one multiplies
+    launches = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(launches) >= 3
+    for loads in launches:
+        assert loads["copy_bytes"] == [16], loads
+        assert loads["async_copies"] >= 8, loads  # both operands of both loops, ahead of the loop and in it
+        assert loads["scalar_loads"] <= 3, loads  # the tile's three bounds at most
+        assert loads["copies_in_flight"] >= 3, loads  # the next step's tiles load while this one multiplies
+        assert loads["shared_bytes"] <= SM90_SHARED_BYTES, loads
 
 
 def test_gathers_read_aligned_runs_unless_that_doubles_the_reads():
@@ -191,3 +205,54 @@ def test_gathers_read_aligned_runs_unless_that_doubles_the_reads():
     assert layout.plan("contract", 16, 16).runs[0]  # wide input windows: whole runs cost little more
     expand = layout.plan("expand", 32, 16)
     assert not expand.runs[0]  # one z column per small-rank block: whole runs would read 16x as much
+
+
+def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(monkeypatch):
+    layer = random_structure(GBLRLinear(48, 64, num_components=6, rank=4))
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    cannot_build, slow, quick = (compact_kernel.Tiles(16, 16, 16, 16, 16), compact_kernel.Tiles(32, 16, 32, 16, 16),
+                                 compact_kernel.Tiles(16, 16, 32, 16, 16))
+    run, used = compact_kernel.KernelLayout.run, []
+
+    def run_with(layout, x2, bias, tiles=None):
+        tiles = tiles or layout.tiles_for(x2.shape[0])
+        if tiles == cannot_build:
+            raise RuntimeError("out of resources: shared memory")  # as Triton says for a kernel too big
+        used.append(tiles)
+        return run(layout, x2, bias, tiles)
+
+    def seconds(call, count, synchronize):  # the interpreter's times say nothing: a GPU's, made up
+        used.clear()
+        call()
+        return {slow: 3e-4, quick: 1e-4}[used[-1]] if used else 2e-4  # dense: 2e-4
+
+    monkeypatch.setattr(compact_kernel.KernelLayout, "run", run_with)
+    monkeypatch.setattr(sys.modules["gblr.compact"], "_median_seconds", seconds)  # (gblr.compact: the function)
+    monkeypatch.setattr(compact_kernel, "tile_candidates", lambda dtype, tokens, rank_tile: (cannot_build, slow, quick))
+    monkeypatch.setattr(CompactGBLRLinear, "executions", lambda self: ("dense", "kernel"))  # as on a GPU
+    assert fast.calibrate((40,), repeats=1)[40] == {"dense": 2e-4, "kernel": 1e-4}
+    assert fast.plan == {40: "kernel"}
+    layout = fast._kernel_layout
+    assert layout.tiles_for(40) == layout.tiles_for(70) == quick  # within a factor 2 of the measured count
+    assert layout.tiles_for(90) == compact_kernel.default_tiles(torch.float32, 90, layout.rank_tile)
+    x = torch.randn(40, 48)
+    assert relative(fast(x), layer(x)) <= 1e-5 and used[-1] == quick
+
+    monkeypatch.setattr(compact_kernel, "tile_candidates", lambda dtype, tokens, rank_tile: (cannot_build,))
+    with pytest.warns(UserWarning, match="execution 'kernel' failed"):  # none builds: the layer goes on without it
+        assert fast.calibrate((300,), repeats=1)[300]["kernel"] == float("inf")
+    assert "kernel" in fast._hopeless and fast.plan[300] == "dense"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_candidate_tile_set_computes_the_layer(dtype):
+    torch.manual_seed(4)
+    layer = random_structure(GBLRLinear(64, 288, num_components=6, rank=8, tile=16))  # 288: a partial 256 tile
+    x = torch.randn(130, 64)
+    with torch.no_grad():
+        expected = layer(x)
+    fast = CompactGBLRLinear(layer, calibrate=False).to(dtype)
+    layout = fast._layout()
+    candidates = {t for tokens in (130, 4096) for t in compact_kernel.tile_candidates(dtype, tokens, layout.rank_tile)}
+    for tiles in candidates:
+        assert relative(layout.run(x.to(dtype), fast.bias, tiles), expected) <= (1e-5 if dtype == torch.float32 else 2e-2), tiles

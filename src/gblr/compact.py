@@ -18,7 +18,7 @@ ranges of the untransposed activations in place: no gathers, no padding; best fo
 the hardware-aware option learns), ``"grouped"`` (the low-rank blocks of each rank in two grouped
 matmuls, ``torch._grouped_mm``, whatever their number and sizes: one gather of their input columns, one
 scatter-add of their output rows) and, on CUDA with Triton, ``"kernel"`` (all blocks in two launches,
-see :mod:`gblr.compact_kernel`). A layer times them on this machine when it is built
+see :mod:`gblr.compact_kernel`; timed with a few tile sizes, the fastest kept). A layer times them on this machine when it is built
 (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of tokens, the one that measured
 fastest at the nearest calibrated size (dense unless another is at least 10 % faster), so a layer that
 cannot gain keeps dense speed. A token count more than twice away from every calibrated one (or the
@@ -29,6 +29,7 @@ the model really runs at.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -135,6 +136,18 @@ def _grouped_available(device: torch.device, dtype: torch.dtype, cache: dict = {
             except (RuntimeError, NotImplementedError):
                 pass
     return cache[key]
+
+
+def _median_seconds(call, count: int, synchronize) -> float:
+    """Median wall time of ``count`` calls, each between two synchronisations."""
+    samples = []
+    for _ in range(count):
+        synchronize()
+        start = time.perf_counter()
+        call()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def _parts(start: int, size: int, length: int) -> list[tuple[int, int, int, int]]:
@@ -382,12 +395,16 @@ class CompactGBLRLinear(StructuredLinear):
                 _add_dense_block(y, x2, piece)
         return y + self.bias if self.bias is not None else y
 
-    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+    def _layout(self) -> compact_kernel.KernelLayout:
+        """The blocks packed for the Triton kernels (made on first use)."""
         if self._kernel_layout is None:
             blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
             self._kernel_layout = compact_kernel.KernelLayout(
                 blocks, self.in_features, self.out_features, self.weight.device, self.weight.dtype)
-        return self._kernel_layout.run(x2, self._parameters.get("bias"))
+        return self._kernel_layout
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._layout().run(x2, self._parameters.get("bias"))
 
     def executions(self) -> tuple[str, ...]:
         """The executions calibration chooses from (``"kernel"`` needs Triton and a CUDA device, ``"grouped"``
@@ -447,6 +464,7 @@ class CompactGBLRLinear(StructuredLinear):
         self._choices.clear()
         for tokens in sorted(token_counts):
             count = repeats if tokens >= 512 else 5 * repeats  # small products are fast and noisy
+            seconds = functools.partial(_median_seconds, count=count, synchronize=synchronize)
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
             for execution in self.executions():
@@ -454,7 +472,10 @@ class CompactGBLRLinear(StructuredLinear):
                     per_execution[execution] = math.inf
                     continue
                 try:
-                    self.run(x, execution)  # warm-up (and the first use compiles Triton kernels)
+                    if execution == "kernel":  # times each candidate tile set, after a warm-up that compiles it
+                        per_execution[execution] = self._tune_kernel(x, seconds)
+                        continue
+                    self.run(x, execution)  # warm-up
                 except Exception as error:  # any failure of an optional execution
                     if execution == "dense":
                         raise
@@ -464,14 +485,7 @@ class CompactGBLRLinear(StructuredLinear):
                     self._hopeless.add(execution)
                     per_execution[execution] = math.inf
                     continue
-                samples = []
-                for _ in range(count):
-                    synchronize()
-                    start = time.perf_counter()
-                    self.run(x, execution)
-                    synchronize()
-                    samples.append(time.perf_counter() - start)
-                per_execution[execution] = statistics.median(samples)
+                per_execution[execution] = seconds(lambda: self.run(x, execution))  # noqa: B023
             timings[tokens] = per_execution
             if tokens >= HOPELESS_FROM:  # below, launch overheads hide what an execution costs at scale
                 self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
@@ -480,6 +494,27 @@ class CompactGBLRLinear(StructuredLinear):
             beats_dense = per_execution[fastest] < self.required_gain * per_execution["dense"]
             self.plan[tokens] = fastest if beats_dense else "dense"
         return timings
+
+    def _tune_kernel(self, x: torch.Tensor, seconds) -> float:
+        """Time the kernel with each of its candidate tiles on ``x`` and keep the fastest for this many
+        tokens; returns its time. A candidate this GPU cannot build (too little shared memory) is skipped."""
+        layout, tokens = self._layout(), x.numel() // self.in_features
+        timings, failures = {}, []
+        candidates = compact_kernel.tile_candidates(self.weight.dtype, tokens, layout.rank_tile)
+        for tiles in candidates:
+            layout.use_tiles(tokens, tiles)
+            try:
+                self.run(x, "kernel")  # the first call with new tiles compiles
+            except Exception as error:  # noqa: BLE001 - whatever Triton raises for a kernel it cannot build
+                failures.append(error)
+                continue
+            timings[tiles] = seconds(lambda: self.run(x, "kernel"))
+        if not timings:
+            layout.use_tiles(tokens, candidates[0])
+            raise failures[0]
+        fastest = min(timings, key=timings.get)
+        layout.use_tiles(tokens, fastest)
+        return timings[fastest]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Few Python operations on the way to the dense product: on a GPU a small product takes ~20 µs,

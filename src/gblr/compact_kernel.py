@@ -26,7 +26,6 @@ Runs on CUDA, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -135,7 +134,6 @@ class Tiles:
     stages: int = 5  # fewer leave the gathered loop without copies in flight (see default_tiles)
 
 
-@functools.lru_cache(maxsize=1024)  # a call's host time matters: small products take microseconds on a GPU
 def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
     """Tile sizes that suit Hopper-class GPUs: wide tiles for many tokens, narrow ones for few. Reduction
     steps of 32: hardware-aware blocks come in multiples of 32 rows, which steps of 64 would pad with
@@ -149,6 +147,23 @@ def default_tiles(dtype: torch.dtype, tokens: int, rank_tile: int) -> Tiles:
             return Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=7)
         return Tiles(64, rank_tile, 64, 32, 32, stages=7)
     return Tiles(128 if tokens >= 2048 else 64, rank_tile, 64, 32, 32, stages=5)
+
+
+def tile_candidates(dtype: torch.dtype, tokens: int, rank_tile: int) -> tuple[Tiles, ...]:
+    """What calibration times on the machine, the default first. From 2048 tokens on, where the tiles
+    decide the speed (below, launches dominate), alternatives too: the best tiles depend on the GPU (its
+    shared memory, how many programs fill it) and on the layer more than reasoning can settle. They trade
+    output-tile width (z reread per tile against programs in flight) and token rows."""
+    default = default_tiles(dtype, tokens, rank_tile)
+    if tokens < 2048:
+        return (default,)
+    if dtype in (torch.bfloat16, torch.float16):
+        others = (Tiles(128, rank_tile, 64, 32, 32, warps=4, warps_out=4, stages=7),
+                  Tiles(64, rank_tile, 128, 32, 32, warps=4, warps_out=4, stages=7),
+                  Tiles(128, rank_tile, 256, 32, 32, warps=4, warps_out=8, stages=7))
+    else:
+        others = (Tiles(64, rank_tile, 64, 32, 32, stages=5), Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=5))
+    return (default,) + others
 
 
 # A source of a gathered matmul: (which source, its columns that are read, the rows they multiply (one per
@@ -282,6 +297,29 @@ class KernelLayout:
             self.z_columns += rank
         self.rank_tile = self._best_rank_tile()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
+        self._measured: dict[int, Tiles] = {}  # token count -> tiles that ran fastest there (use_tiles)
+        # token count -> tiles a call with that many tokens runs (a call's host time matters: a small
+        # product takes microseconds on a GPU)
+        self._tiles: dict[int, Tiles] = {}
+
+    def use_tiles(self, tokens: int, tiles: Tiles) -> None:
+        """Run ``tiles`` at ``tokens`` tokens and at counts nearer to it than to any other such count
+        (within a factor 2; beyond, :func:`default_tiles`)."""
+        self._measured[tokens] = tiles
+        self._tiles.clear()
+
+    def tiles_for(self, tokens: int) -> Tiles:
+        """The tiles a call with ``tokens`` tokens runs."""
+        tiles = self._tiles.get(tokens)
+        if tiles is None:
+            distance = lambda t: abs(math.log(t) - math.log(max(tokens, 1)))  # noqa: E731
+            nearest = min(self._measured, key=distance, default=None)
+            if nearest is not None and distance(nearest) <= math.log(2):
+                tiles = self._measured[nearest]
+            else:
+                tiles = default_tiles(self.dtype, tokens, self.rank_tile)
+            self._tiles[tokens] = tiles
+        return tiles
 
     def _best_rank_tile(self) -> int:
         """Columns of z per contract program: wide tiles reread the input less, narrow ones multiply fewer
@@ -326,7 +364,7 @@ class KernelLayout:
     def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
         """``x2``: contiguous ``tokens x in_features`` on this layout's device and dtype."""
         tokens = x2.shape[0]
-        tiles = tiles or default_tiles(self.dtype, tokens, self.rank_tile)
+        tiles = tiles or self.tiles_for(tokens)
         most = 65535 * tiles.tokens  # CUDA's limit on the second grid dimension
         if tokens > most:
             return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
