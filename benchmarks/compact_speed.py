@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/compact_speed.py [--repeats 10] [--shapes 768x3072 ...]     # CPU
     PYTHONPATH=src python3 benchmarks/compact_speed.py --device cuda                          # GPU
+    PYTHONPATH=src python3 benchmarks/compact_speed.py --device cuda --graphs --tokens 4096 16384  # GPU time alone
 
 For each shape (in x out), cost, dtype and token count, every variant is timed in the same process as an
 ``nn.Linear`` of the same shape and dtype (median over ``repeats`` interleaved pairs of the ratio; on a
@@ -84,28 +85,52 @@ def seconds_per_call(fn, x, device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def relative_time(fn, dense, x, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median over interleaved repeats of time(fn) / time(dense), and dense's median seconds per call."""
+def graphed(fn, x, calls: int):
+    """``calls`` calls of ``fn(x)`` captured in one CUDA graph (warmed up before): a replay launches them
+    all with no host work per call, so its time is the GPU's alone."""
+    stream = torch.cuda.Stream()  # capture, and a warm-up on the capturing stream first, as torch advises
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn(x)
+    return lambda _: graph.replay()
+
+
+def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool = False) -> tuple[float, float]:
+    """Median over interleaved repeats of time(fn) / time(dense), and dense's median seconds per call
+    (``graphs``: both replayed from CUDA graphs)."""
     for _ in range(2):  # warm-up (and the compact layer's calibration for this token count)
         fn(x), dense(x)
     # On a GPU one call of a small product takes microseconds: time loops of about 2 ms.
     calls = 1 if device.type == "cpu" else max(1, min(200, int(2e-3 / max(seconds_per_call(dense, x, device, 3), 1e-6))))
+    if graphs:
+        ours, theirs = graphed(fn, x, calls), graphed(dense, x, calls)
+        time_of = lambda f: seconds_per_call(f, x, device, 1) / calls  # noqa: E731 - one replay: `calls` calls
+    else:
+        ours, theirs = fn, dense
+        time_of = lambda f: seconds_per_call(f, x, device, calls)  # noqa: E731
     ratios, dense_times = [], []
     for _ in range(repeats):
-        ours, theirs = seconds_per_call(fn, x, device, calls), seconds_per_call(dense, x, device, calls)
-        ratios.append(ours / theirs)
-        dense_times.append(theirs)
+        mine, dense_seconds = time_of(ours), time_of(theirs)
+        ratios.append(mine / dense_seconds)
+        dense_times.append(dense_seconds)
     return statistics.median(ratios), statistics.median(dense_times)
 
 
-def write(rows: list[dict], device: torch.device, repeats: int) -> None:
-    meta = run_metadata(device_note(device), repeats=repeats)
+def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) -> None:
+    meta = run_metadata(device_note(device), repeats=repeats, cuda_graphs=graphs)
     gpu = device.type == "cuda"
     lines = [
-        f"# Compact GBLR inference speed vs nn.Linear ({device.type})",
+        f"# Compact GBLR inference speed vs nn.Linear ({device.type}{', CUDA graphs' if graphs else ''})",
         "",
         f"{provenance(meta)} Time relative to `nn.Linear` of the same shape and dtype (median of {repeats} "
-        "interleaved repeats), speedup, and fraction of the ideal speedup (speedup x reached cost, padding excluded). `exec` is the "
+        "interleaved repeats"
+        + ("; every call of both replayed from a CUDA graph, so host time per call is left out" if graphs else "")
+        + "), speedup, and fraction of the ideal speedup (speedup x reached cost, padding excluded). `exec` is the "
         "execution the compact layer's calibration picked for that token count"
         + ("; the last column times every execution it did not rule out (time / nn.Linear). The Triton kernel's "
            "output differs from the dense execution's by at most "
@@ -121,7 +146,8 @@ def write(rows: list[dict], device: torch.device, repeats: int) -> None:
         if gpu:
             line += " " + ", ".join(f"{e} {t:.2f}" for e, t in r.get("executions_vs_dense", {}).items()) + " |"
         lines.append(line)
-    write_results("compact_speed" if device.type == "cpu" else f"compact_speed_{device.type}", meta, rows, lines)
+    name = "compact_speed" if device.type == "cpu" else f"compact_speed_{device.type}"
+    write_results(name + ("_graphs" if graphs else ""), meta, rows, lines)
 
 
 @torch.no_grad()
@@ -133,8 +159,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--graphs", action="store_true", help="time CUDA graph replays (GPU time alone, no host "
+                        "time per call); writes compact_speed_cuda_graphs.*")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.graphs and device.type != "cuda":
+        parser.error("--graphs needs a CUDA device")
     tokens_list, costs, shapes, dtypes = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     tokens_list, costs = args.tokens or tokens_list, args.costs or costs
     shapes, dtypes = args.shapes or shapes, args.dtypes or dtypes
@@ -157,7 +187,7 @@ def main() -> None:
                 for tokens in tokens_list:
                     x = torch.randn(tokens, n, device=device, dtype=dtype)
                     for name, layer in variants.items():
-                        ratio, dense_seconds = relative_time(layer, dense, x, device, args.repeats)
+                        ratio, dense_seconds = relative_time(layer, dense, x, device, args.repeats, args.graphs)
                         compact = isinstance(layer, CompactGBLRLinear)
                         reached = layer.execution_macs("kernel") / (n * m) if compact else layer.relative_cost()
                         # padding zeros add FLOPs, not function: the ideal is the unpadded structure's
@@ -172,13 +202,15 @@ def main() -> None:
                         if compact and device.type == "cuda":  # every execution the calibration did not rule out
                             reference = layer.run(x, "dense").float()
                             row["kernel_relative_error"] = float((layer.run(x, "kernel").float() - reference).norm() / reference.norm())
+                            row["kernel_tiles"] = str(layer._layout().tiles_for(tokens))  # calibration's pick
                             row["executions_vs_dense"] = {
-                                e: relative_time(lambda t, e=e: layer.run(t, e), dense, x, device, max(3, args.repeats // 2))[0]
+                                e: relative_time(lambda t, e=e: layer.run(t, e), dense, x, device, max(3, args.repeats // 2),
+                                                 args.graphs)[0]
                                 for e in layer.executions() if e not in layer._hopeless or e in ("dense", "kernel")
                             }
                         rows.append(row)
                         print(row, flush=True)
-            write(rows, device, args.repeats)  # so far: a run stopped early keeps what it measured
+            write(rows, device, args.repeats, args.graphs)  # so far: a run stopped early keeps what it measured
 
 
 if __name__ == "__main__":

@@ -256,3 +256,25 @@ def test_every_candidate_tile_set_computes_the_layer(dtype):
     candidates = {t for tokens in (130, 4096) for t in compact_kernel.tile_candidates(dtype, tokens, layout.rank_tile)}
     for tiles in candidates:
         assert relative(layout.run(x.to(dtype), fast.bias, tiles), expected) <= (1e-5 if dtype == torch.float32 else 2e-2), tiles
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
+    torch.manual_seed(5)
+    layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).cuda()
+    fast = CompactGBLRLinear(layer)
+    x = torch.randn(64, 96, device="cuda")
+    calls = {e: (lambda e=e: fast.run(x, e)) for e in fast.executions()} | {"forward": lambda: fast(x)}
+    with torch.no_grad():
+        for name, call in calls.items():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: compiles, packs and (forward) calibrates 64 tokens
+                call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                out = call()
+            x.copy_(torch.randn_like(x))  # a replay reads the captured input's memory
+            graph.replay()
+            assert relative(out, layer(x)) <= 1e-5, name
