@@ -12,7 +12,7 @@ import torch
 from test_compact import random_structure
 
 from gblr import GBLRLinear
-from gblr import compact_kernel
+from gblr import compact_kernel, stand_in_gpu
 from gblr.compact import CompactGBLRLinear
 
 pytestmark = pytest.mark.skipif(compact_kernel.triton is None, reason="needs Triton (pip install triton)")
@@ -278,3 +278,64 @@ def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
             x.copy_(torch.randn_like(x))  # a replay reads the captured input's memory
             graph.replay()
             assert relative(out, layer(x)) <= 1e-5, name
+
+
+# Triton's launch path on a stand-in GPU whose launcher only records what it is given (no GPU needed).
+LAUNCH_PROTOCOL = """
+import json
+import torch
+from gblr import compact_kernel, stand_in_gpu
+
+vary = False
+def write_output(args):  # the same each time: the direct launch's check passes; `vary`: a different one
+    args[8].fill_(len(launched) if vary else 1.0)
+
+launched = stand_in_gpu.install(write_output)
+source = torch.randn(64, 32)
+index, packed, bounds = torch.arange(32, dtype=torch.int32), torch.randn(32, 16), torch.tensor([0, 32, 0], dtype=torch.int32)
+out = torch.empty(64, 16)
+def launch(first, tokens):
+    compact_kernel._launch((1, 1, 1), (first, 32, first, 32, index, packed, bounds, out, out, tokens, 16),
+                           (False, 64, 16, 32, True, False, True, False), 4, 5)
+for first, tokens in ((source, 64), (source, 64), (source.view(-1)[1:].as_strided((63, 32), (32, 1)), 63)):
+    launch(first, tokens)
+kept = len(compact_kernel._compiled)
+vary, compact_kernel._compiled, before = True, {}, len(launched)  # a direct launch that writes something else
+launch(source, 64)
+launch(source, 64)
+print(json.dumps({"launched": launched[:before], "kept": kept, "after_a_failed_check": len(launched) - before,
+                  "disabled": compact_kernel._compiled is None}))
+"""
+
+
+def test_direct_launches_pass_what_tritons_own_launch_passes():
+    """After the first call, the compiled kernel is launched directly (Triton's launch re-binds every
+    argument, ~10 us of host time per launch): the launcher must get exactly what Triton gives it."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", LAUNCH_PROTOCOL], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    tritons, check, direct, misaligned, misaligned_check = result["launched"]
+    assert direct == tritons  # the second call: launched directly, the same arguments
+    output = stand_in_gpu.LAUNCHER_PREFIX + 8
+    assert [i for i, (a, b) in enumerate(zip(tritons, check)) if a != b] == [output]  # the check: its own output
+    # an input off 16-byte alignment (and 63 tokens) is another specialisation: Triton's launch again, then a check
+    first = stand_in_gpu.LAUNCHER_PREFIX
+    assert [i for i, (a, b) in enumerate(zip(tritons, misaligned)) if a != b] == [first, first + 2, first + 9]
+    assert misaligned_check[output] != misaligned[output]
+    assert result["kept"] == 2
+    # a direct launch that writes anything else turns direct launches off: Triton's own launch, check, Triton's
+    assert result["disabled"] and result["after_a_failed_check"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+def test_on_cuda_kernels_are_launched_directly_after_their_first_call():
+    torch.manual_seed(6)
+    layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).cuda()
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    x = torch.randn(64, 96, device="cuda")
+    first, second = fast.run(x, "kernel"), fast.run(x, "kernel")  # Triton's launch (and the check), then direct
+    assert compact_kernel._compiled  # this Triton's compiled kernels took the direct launch
+    assert torch.equal(first, second) and relative(second, layer(x)) <= 1e-5

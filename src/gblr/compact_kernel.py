@@ -105,6 +105,9 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * out_width + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok & col_in[None, :])
 
+    # Under TRITON_INTERPRET=1 (tests on the CPU) triton.jit gives an interpreted function.
+    _INTERPRETED = not hasattr(_gathered_matmul_kernel, "device_caches")
+
 
 def _split(start: int, size: int, length: int) -> list[tuple[int, int]]:
     """A cyclic range as (start, size) contiguous parts."""
@@ -256,16 +259,62 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
 def _gathered_matmul(plan: _Plan, first, second, bias, out, tiles: Tiles, block_n: int, block_k: int, warps: int):
     """``out = first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
     tokens = first.shape[0]
+    args = (first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
+            bias if bias is not None else out, out, tokens, out.shape[1])
+    constants = (bias is not None, tiles.tokens, block_n, block_k,  # HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K
+                 first.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,  # IEEE
+                 first.dtype == torch.bfloat16 and _INTERPRETED,  # UPCAST
+                 *plan.runs)  # FIRST_RUNS, SECOND_RUNS
     # (not triton.cdiv: as a jit function called from the host it costs microseconds)
-    _gathered_matmul_kernel[(plan.tiles, -(-tokens // tiles.tokens))](
-        first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
-        bias if bias is not None else out, out, tokens, out.shape[1],
-        HAS_BIAS=bias is not None, BLOCK_T=tiles.tokens, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=first.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-        UPCAST=first.dtype == torch.bfloat16 and first.device.type == "cpu",  # only the interpreter runs on the CPU
-        FIRST_RUNS=plan.runs[0], SECOND_RUNS=plan.runs[1], num_warps=warps, num_stages=tiles.stages,
-    )
+    _launch((plan.tiles, -(-tokens // tiles.tokens), 1), args, constants, warps, tiles.stages)
     return out
+
+
+_CONSTANTS = ("HAS_BIAS", "BLOCK_T", "BLOCK_N", "BLOCK_K", "IEEE", "UPCAST", "FIRST_RUNS", "SECOND_RUNS")
+# What Triton compiled for each specialisation of a launch (see _launch); None once a direct launch has
+# been found to differ from Triton's own.
+_compiled: dict[tuple, object] | None = {}
+
+
+def _launch(grid: tuple[int, int, int], args: tuple, constants: tuple, warps: int, stages: int) -> None:
+    """Launch the gathered-matmul kernel. Triton's own launch binds and specialises every argument again
+    on each call, about 10 us of host time (Triton 3.6), as long as the kernel itself takes at a few
+    thousand tokens. So the compiled kernel that launch returns is kept, keyed by everything Triton
+    specialises on (the dtype, the constants, the inputs' 16-byte alignment, the integers' divisibility
+    by 16 and equality to 1; this module's own buffers are always aligned) and launched directly next
+    time. The first time, the direct launch is checked to write bit for bit what Triton's did."""
+    first, second, bias_or_out, tokens = args[0], args[2], args[7], args[9]
+    key = None
+    if _compiled is not None:
+        key = (constants, warps, stages, first.dtype, first.device, first.data_ptr() % 16 == 0,
+               second.data_ptr() % 16 == 0, bias_or_out.data_ptr() % 16 == 0, tokens % 16 == 0, tokens == 1,
+               args[1], args[3], args[10])
+        compiled = _compiled.get(key)
+        if compiled is not None:
+            compiled[grid](*args, *constants)
+            return
+    compiled = _gathered_matmul_kernel[grid](*args, **dict(zip(_CONSTANTS, constants)), num_warps=warps,
+                                             num_stages=stages)
+    if key is not None and hasattr(compiled, "packed_metadata"):  # (the interpreter returns no compiled kernel)
+        if not (first.is_cuda and torch.cuda.is_current_stream_capturing()):  # the check reads the outputs
+            _check_direct_launch(compiled, key, grid, args, constants)
+
+
+def _check_direct_launch(compiled, key: tuple, grid: tuple[int, int, int], args: tuple, constants: tuple) -> None:
+    """Keep ``compiled`` for direct launches if one writes what Triton's launch just wrote into ``args[8]``."""
+    global _compiled
+    out = args[8]
+    again = out.clone()  # what the kernel does not write (z's padding columns) stays as it is,
+    again[:, : grid[0] * constants[2]] = float("nan")  # what it writes (its tiles of BLOCK_N columns) must come back
+    try:
+        compiled[grid](*args[:8], again, *args[9:], *constants)
+        same = torch.equal(again.view(torch.uint8), out.view(torch.uint8))  # bits: NaN included
+    except Exception:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments
+        same = False
+    if same:
+        _compiled[key] = compiled
+    else:
+        _compiled = None  # Triton's own launch from now on
 
 
 class KernelLayout:
