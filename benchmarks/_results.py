@@ -51,6 +51,22 @@ def device_note(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} torch threads"
 
 
+def graphed(call, calls: int = 1):
+    """``calls`` runs of ``call()`` captured in one CUDA graph, after a warm-up on the capturing stream
+    (as torch advises); returns the replay, which launches them all with no host work per call, so its
+    time is the GPU's alone."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            call()
+    return graph.replay
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU before reading a clock (nothing to wait for on a CPU)."""
     if device.type == "cuda":

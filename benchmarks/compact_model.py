@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import device_note, provenance, run_metadata, synchronize, write_results
+from _results import device_note, graphed, provenance, run_metadata, synchronize, write_results
 
 from gblr.compact import CompactGBLRLinear, compact
 from gblr.compress import compress_
@@ -32,17 +32,21 @@ DEFAULT_RUNS = [str(ROOT / "runs/benchmark-hw" / name) for name in ("fmnist-vit-
 
 
 @torch.no_grad()
-def latency(models: dict, inputs, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of every model on ``inputs``, repetitions interleaved."""
-    call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
-    for model in models.values():
-        call(model)
+def latency(models: dict, inputs, repeats: int, device: torch.device, graphs: bool = False) -> dict[str, float]:
+    """Median seconds per call of every model on ``inputs``, repetitions interleaved (``graphs``: each
+    call replayed from a CUDA graph, the GPU's time alone)."""
+    calls = {name: (lambda m=model: m(**inputs)) if isinstance(inputs, dict) else (lambda m=model: m(inputs))
+             for name, model in models.items()}
+    for call in calls.values():
+        call()  # warm-up (and each compact layer's calibration for this token count)
+    if graphs:
+        calls = {name: graphed(call) for name, call in calls.items()}
     samples = {name: [] for name in models}
     for _ in range(repeats):
-        for name, model in models.items():
+        for name, call in calls.items():
             synchronize(device)
             start = time.perf_counter()
-            call(model)
+            call()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
@@ -58,7 +62,7 @@ def executions(model) -> dict[str, int]:
     return counts
 
 
-def vit_rows(run: str, repeats: int, device: torch.device) -> list[dict]:
+def vit_rows(run: str, repeats: int, device: torch.device, graphs: bool) -> list[dict]:
     model, config, data = load_trained(run, device)
     start = time.perf_counter()
     fast = compact(model)
@@ -74,7 +78,7 @@ def vit_rows(run: str, repeats: int, device: torch.device) -> list[dict]:
     }
     rows = []
     for batch in (1, 256):
-        times = latency({"eval": model, "compact": fast}, x[:batch], repeats, device)
+        times = latency({"eval": model, "compact": fast}, x[:batch], repeats, device, graphs)
         rows.append({"model": config.name, "structure": f"rank {config.structure.rank}, tile {config.structure.tile}",
                      "batch": batch, "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
                      "speedup": times["eval"] / times["compact"], "build_seconds": build,
@@ -83,7 +87,7 @@ def vit_rows(run: str, repeats: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def minilm_rows(repeats: int, device: torch.device, source: str) -> list[dict]:
+def minilm_rows(repeats: int, device: torch.device, source: str, graphs: bool) -> list[dict]:
     pretrained = load_pretrained(source)
     model = pretrained.model.to(device)
     compress_(model, "gblr", 0.5, "global", options={"steps": 0})
@@ -96,7 +100,7 @@ def minilm_rows(repeats: int, device: torch.device, source: str) -> list[dict]:
         inputs = {k: v.to(device) for k, v in encode_sentences(pretrained.tokenizer, sentences[:batch]).items()}
         with torch.no_grad():
             reference, embeddings = sentence_embeddings(model, inputs), sentence_embeddings(fast, inputs)
-        times = latency({"eval": model, "compact": fast}, inputs, repeats, device)
+        times = latency({"eval": model, "compact": fast}, inputs, repeats, device, graphs)
         carried = "" if source == "minilm" else " (weights from " + source + ")"
         rows.append({"model": f"all-MiniLM-L6-v2{carried}, GBLR 0.5 global", "structure": "rank 1, tile 1 (fitted)", "batch": batch,
                      "eval_ms": times["eval"] * 1e3, "compact_ms": times["compact"] * 1e3,
@@ -116,17 +120,22 @@ def main() -> None:
     parser.add_argument("--minilm", default="minilm", help="the installed package (default) or a copy's directory")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--name", default="compact_model", help="results file name (_cuda is added on a GPU)")
+    parser.add_argument("--graphs", action="store_true", help="time CUDA graph replays (the GPU's time without the "
+                        "host's); _graphs is added to the name")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.graphs and device.type != "cuda":
+        parser.error("--graphs needs a CUDA device")
     torch.set_num_threads(2)
-    rows = [row for run in args.runs for row in vit_rows(run, args.repeats, device)]
+    rows = [row for run in args.runs for row in vit_rows(run, args.repeats, device, args.graphs)]
     if not args.skip_minilm:
-        rows += minilm_rows(args.repeats, device, args.minilm)
-    meta = run_metadata(device_note(device), repeats=args.repeats)
+        rows += minilm_rows(args.repeats, device, args.minilm, args.graphs)
+    meta = run_metadata(device_note(device), repeats=args.repeats, cuda_graphs=args.graphs)
     lines = ["# Whole-model inference: eval model vs compact()", "", provenance(meta), "",
              "`eval` multiplies by every GBLR layer's effective dense weight (dense speed for those layers); "
              "`compact` runs each layer's calibrated execution (dense / factored / blocks / slices / kernel). Latency: median of "
-             f"{args.repeats} interleaved repetitions.", "",
+             f"{args.repeats} interleaved repetitions"
+             + (", each a replay of the call from a CUDA graph (the GPU's time without the host's)." if args.graphs else "."), "",
              "| model | structure | batch | eval ms | compact ms | speedup | executions at 256 tokens | agreement |",
              "|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -137,7 +146,8 @@ def main() -> None:
             agree = f"max embedding difference {r['max_embedding_difference']:.1e} ({r['tokens']} tokens)"
         lines.append(f"| {r['model']} | {r['structure']} | {r['batch']} | {r['eval_ms']:.2f} | {r['compact_ms']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['executions_at_256_tokens']} | {agree} |")
-    write_results(args.name if device.type == "cpu" else f"{args.name}_{device.type}", meta, rows, lines)
+    name = args.name if device.type == "cpu" else f"{args.name}_{device.type}"
+    write_results(name + ("_graphs" if args.graphs else ""), meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from _results import device_note, provenance, run_metadata, synchronize, write_results
+from _results import device_note, graphed, provenance, run_metadata, synchronize, write_results
 from torch import nn
 
 from gblr import GBLRLinear
@@ -85,21 +85,6 @@ def seconds_per_call(fn, x, device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def graphed(fn, x, calls: int):
-    """``calls`` calls of ``fn(x)`` captured in one CUDA graph (warmed up before): a replay launches them
-    all with no host work per call, so its time is the GPU's alone."""
-    stream = torch.cuda.Stream()  # capture, and a warm-up on the capturing stream first, as torch advises
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn(x)
-    return lambda _: graph.replay()
-
-
 def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool = False) -> tuple[float, float]:
     """Median over interleaved repeats of time(fn) / time(dense), and dense's median seconds per call
     (``graphs``: both replayed from CUDA graphs)."""
@@ -108,8 +93,8 @@ def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool
     # On a GPU one call of a small product takes microseconds: time loops of about 2 ms.
     calls = 1 if device.type == "cpu" else max(1, min(200, int(2e-3 / max(seconds_per_call(dense, x, device, 3), 1e-6))))
     if graphs:
-        ours, theirs = graphed(fn, x, calls), graphed(dense, x, calls)
-        time_of = lambda f: seconds_per_call(f, x, device, 1) / calls  # noqa: E731 - one replay: `calls` calls
+        ours, theirs = (graphed(lambda f=f: f(x), calls) for f in (fn, dense))
+        time_of = lambda replay: seconds_per_call(lambda _: replay(), x, device, 1) / calls  # noqa: E731 - `calls` calls
     else:
         ours, theirs = fn, dense
         time_of = lambda f: seconds_per_call(f, x, device, calls)  # noqa: E731
