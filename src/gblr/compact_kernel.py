@@ -285,7 +285,7 @@ def _launch(grid: tuple[int, int, int], args: tuple, constants: tuple, warps: in
     time. The first time, the direct launch is checked to write bit for bit what Triton's did."""
     first, second, bias_or_out, tokens = args[0], args[2], args[7], args[9]
     key = None
-    if _compiled is not None:
+    if _compiled is not None and not torch.compiler.is_compiling():  # torch.compile traces Triton's own launch
         key = (constants, warps, stages, first.dtype, first.device, first.data_ptr() % 16 == 0,
                second.data_ptr() % 16 == 0, bias_or_out.data_ptr() % 16 == 0, tokens % 16 == 0, tokens == 1,
                args[1], args[3], args[10])
