@@ -4,18 +4,18 @@
 #
 #   bash benchmarks/gpu_check.sh --pack RUN_DIR   # here, once: what the GPU machine cannot fetch, into .gpu_data/
 #   bash benchmarks/gpu_check.sh                  # GPU, carrying .gpu_data/data and .gpu_data/run (~5 min)
-#   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~1 min)
+#   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~2 min)
 #   bash benchmarks/gpu_check.sh tests speed      # or any of the steps below, in this order
 #
 # Steps: `tests` (CUDA tests of the compact layers, their Triton kernels, structured convolutions and the training step), `speed`
 # (compact-layer speed, fp32 / bf16 / fp16), `graphs` (the same from CUDA graph replays at 4k and 16k tokens, and the
 # ViT RUN_DIR whole: GPU time without host time per call), `train` (training step of dense / low-rank / GBLR), `vit`
 # (whole-model compact inference of the trained hardware-aware Fashion-MNIST ViT RUN_DIR), `minilm` (the
-# same for MiniLM compressed to 50 %, weights carried in float16), `tiles` (the kernels' tile sizes, to
+# same for MiniLM compressed to 50 %, weights carried in float16, also from CUDA graphs), `tiles` (the kernels' tile sizes, to
 # choose defaults; calibration also picks among a few per layer). The default is all but `train`, `minilm` and `tiles`. Runs
 # from source, with no installation. Results: benchmarks/results/{compact_speed,train_step,compact_model,
-# compact_model_minilm,kernel_tiles}_cuda.{json,md}, {compact_speed,compact_model}_cuda_graphs.{json,md} and the test
-# summary in benchmarks/results/gpu_tests.txt.
+# compact_model_minilm,kernel_tiles}_cuda.{json,md}, {compact_speed,compact_model,compact_model_minilm}_cuda_graphs.{json,md}
+# and the test summary in benchmarks/results/gpu_tests.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -73,8 +73,12 @@ for step in "${steps[@]}"; do
         [ $failed -eq 0 ] ;;
     train) timeout 100 "$PY" benchmarks/train_step.py --device cuda --models small vit-384 --precisions fp32 bf16 --repeats 10 ;;
     vit) GBLR_DATA=$PWD/.gpu_data/data timeout 75 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run --skip-minilm ;;
-    minilm) GBLR_DATA=$PWD/.gpu_data/text timeout 120 "$PY" benchmarks/compact_model.py --device cuda --runs \
-        --minilm .gpu_data/minilm --name compact_model_minilm ;;
+    minilm) failed=0  # eager, then replayed from CUDA graphs
+        for graphs in "" --graphs; do
+            GBLR_DATA=$PWD/.gpu_data/text timeout 120 "$PY" benchmarks/compact_model.py --device cuda --runs \
+                --minilm .gpu_data/minilm --name compact_model_minilm $graphs || failed=1
+        done
+        [ $failed -eq 0 ] ;;
     tiles) timeout 90 "$PY" benchmarks/kernel_tiles.py ;;  # for choosing the kernels' default tile sizes
     *) echo "unknown step $step"; false ;;
     esac || status=1

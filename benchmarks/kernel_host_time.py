@@ -69,7 +69,8 @@ def main() -> None:
             row[f"{launch}_forward_us"] = microseconds_per_call(lambda: layer(x), args.calls, args.repeats)
         print(row, flush=True)
         rows.append(row)
-    meta = run_metadata(f"CPU, Triton {triton.__version__} on a stand-in sm_90 GPU", calls=args.calls, repeats=args.repeats)
+    meta = run_metadata(f"CPU, Triton {triton.__version__} on a stand-in sm_90 GPU", calls=args.calls,
+                        repeats=args.repeats)
     lines = [
         "# Host time of a compact-layer call through the Triton kernels", "",
         f"{provenance(meta)} 768 x 3072 at cost 0.3, bfloat16, {TOKENS} tokens; two launches per call. "

@@ -18,12 +18,12 @@ ranges of the untransposed activations in place: no gathers, no padding; best fo
 the hardware-aware option learns), ``"grouped"`` (the low-rank blocks of each rank in two grouped
 matmuls, ``torch._grouped_mm``, whatever their number and sizes: one gather of their input columns, one
 scatter-add of their output rows) and, on CUDA with Triton, ``"kernel"`` (all blocks in two launches,
-see :mod:`gblr.compact_kernel`; timed with a few tile sizes, the fastest kept). A layer times them on this machine when it is built
-(:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of tokens, the one that measured
-fastest at the nearest calibrated size (dense unless another is at least 10 % faster), so a layer that
-cannot gain keeps dense speed. A token count more than twice away from every calibrated one (or the
-first call after a move to another device or dtype) is timed on first use, so the plan covers the sizes
-the model really runs at.
+see :mod:`gblr.compact_kernel`; timed with a few tile sizes, the fastest kept). A layer times them on
+this machine when it is built (:meth:`CompactGBLRLinear.calibrate`) and then runs, for each number of
+tokens, the one that measured fastest at the nearest calibrated size (dense unless another is at least
+10 % faster), so a layer that cannot gain keeps dense speed. A token count more than twice away from
+every calibrated one (or the first call after a move to another device or dtype) is timed on first
+use, so the plan covers the sizes the model really runs at.
 """
 
 from __future__ import annotations
@@ -54,7 +54,12 @@ GROUPED_ALIGN = 16
 #: matmuls with a leading dimension off 16 bytes leave the tensor-core kernels (on an H200, a bfloat16
 #: low-rank layer of rank 61 ran 1.6x slower than dense, one of rank 184 2.2x faster).
 FACTOR_ALIGN = 8
+#: An execution more than 4x slower than dense is not timed again once measured at HOPELESS_FROM tokens or
+#: more where dense takes HOPELESS_DENSE_SECONDS or more. Below either, launch overheads can hide what it
+#: costs at scale: on a GPU a product of a few thousand tokens takes tens of microseconds, about the host
+#: time of a few launches, so an execution of one launch per block looks hopeless there and wins later.
 HOPELESS_FROM = 1024
+HOPELESS_DENSE_SECONDS = 1e-4
 
 
 @dataclass
@@ -207,7 +212,7 @@ class CompactGBLRLinear(StructuredLinear):
         # tokens -> execution; until calibrated, the cheapest by counted MACs.
         self.plan: dict[int, str] = {}
         self._choices: dict[int, str] = {}
-        # Executions far slower than dense at a smaller token count of at least HOPELESS_FROM: not timed again.
+        # Executions far slower than dense at a smaller token count (see HOPELESS_FROM): not timed again.
         self._hopeless: set[str] = set()
         self.calibrate_on_use = calibrate
         self._kernel_layout = None
@@ -487,7 +492,7 @@ class CompactGBLRLinear(StructuredLinear):
                     continue
                 per_execution[execution] = seconds(lambda: self.run(x, execution))  # noqa: B023
             timings[tokens] = per_execution
-            if tokens >= HOPELESS_FROM:  # below, launch overheads hide what an execution costs at scale
+            if tokens >= HOPELESS_FROM and per_execution["dense"] >= HOPELESS_DENSE_SECONDS:
                 self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
             fastest = min(per_execution, key=per_execution.get)
             # Leave dense only for a clear win: timings of tiny products are mostly noise.

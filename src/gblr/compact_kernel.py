@@ -165,7 +165,8 @@ def tile_candidates(dtype: torch.dtype, tokens: int, rank_tile: int) -> tuple[Ti
                   Tiles(64, rank_tile, 128, 32, 32, warps=4, warps_out=4, stages=7),
                   Tiles(128, rank_tile, 256, 32, 32, warps=4, warps_out=8, stages=7))
     else:
-        others = (Tiles(64, rank_tile, 64, 32, 32, stages=5), Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=5))
+        others = (Tiles(64, rank_tile, 64, 32, 32, stages=5),
+                  Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=5))
     return (default,) + others
 
 
