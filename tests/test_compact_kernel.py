@@ -129,8 +129,8 @@ def test_runs_of_16():
     assert not compact_kernel._runs_of_16(torch.arange(0, 16).flip(0))
 
 
-# Compiles the expand launch of every tile set calibration may time for an sm_90 GPU (no GPU needed) and
-# prints what its loads became. Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest.py)
+# Compiles both launches of every tile set calibration may time for an sm_90 GPU (no GPU needed) and
+# prints what their loads became. Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest.py)
 # Triton only interprets.
 SM90_LOADS = """
 import json, sys
@@ -145,31 +145,31 @@ types = ["*" + dtype, "i32", "*" + dtype, "i32", "*i32", "*" + dtype, "*i32", "*
 half = dtype == "bf16"
 # what the launcher assumes of torch tensors and of integer arguments that are multiples of 16
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("tokens", "bounds_ptr")}
-done = set()
+launches = set()
 for tokens in (16384, 512):
     for tiles in tile_candidates(torch.bfloat16 if half else torch.float32, tokens, 32):
-        launch = (tiles.tokens, tiles.out, tiles.k_out, tiles.warps_out, tiles.stages)
-        if launch in done:
-            continue
-        done.add(launch)
-        constants = {"HAS_BIAS": True, "BLOCK_T": tiles.tokens, "BLOCK_N": tiles.out, "BLOCK_K": tiles.k_out,
-                     "IEEE": not half, "UPCAST": False, "FIRST_RUNS": True, "SECOND_RUNS": True}
-        signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
-        kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.warps_out, "num_stages": tiles.stages})
-        ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-        loop = ttgir[ttgir.index("scf.for"):]
-        print(json.dumps({
-            "launch": launch,
-            # "async_wait ... {num = N}" at the top of the reduction loop: copies left in flight while it computes
-            "copies_in_flight": int(loop.split("async_wait", 1)[1].split("num = ", 1)[1].split(" ", 1)[0]),
-            # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
-            "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
-                                  if "cp.async.cg.shared.global" in line}),
-            "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
-            "async_copies": ttgir.count("async_copy_global_to_local"),
-            "shared_bytes": kernel.metadata.shared,
-        }))
+        launches.add((False, tiles.tokens, tiles.rank, tiles.k, tiles.warps, tiles.stages))  # contract
+        launches.add((True, tiles.tokens, tiles.out, tiles.k_out, tiles.warps_out, tiles.stages))  # expand
+for launch in sorted(launches):
+    has_bias, block_t, block_n, block_k, warps, stages = launch
+    constants = {"HAS_BIAS": has_bias, "BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "IEEE": not half, "UPCAST": False, "FIRST_RUNS": True, "SECOND_RUNS": True}
+    signature = dict(zip(names, types)) | {name: "constexpr" for name in constants}
+    kernel = compile(ASTSource(_gathered_matmul_kernel, signature, constexprs=constants, attrs=attrs),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    loop = ttgir[ttgir.index("scf.for"):]
+    print(json.dumps({
+        "launch": launch,
+        # "async_wait ... {num = N}" at the top of the reduction loop: copies left in flight while it computes
+        "copies_in_flight": int(loop.split("async_wait", 1)[1].split("num = ", 1)[1].split(" ", 1)[0]),
+        # "cp.async.cg.shared.global [ dst ], [ src ], BYTES(, src-size);": the bytes each copy moves
+        "copy_bytes": sorted({int(line.split("],")[-1].split(",")[0].strip(" ;"), 16) for line in ptx.splitlines()
+                              if "cp.async.cg.shared.global" in line}),
+        "scalar_loads": ptx.count("ld.global.b16" if half else "ld.global.b32"),
+        "async_copies": ttgir.count("async_copy_global_to_local"),
+        "shared_bytes": kernel.metadata.shared,
+    }))
 """
 SM90_SHARED_BYTES = 232448  # the most shared memory one program may use on an H100/H200
 
@@ -187,7 +187,7 @@ def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
     done = subprocess.run([sys.executable, "-c", SM90_LOADS, dtype], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     launches = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(launches) >= 3
+    assert len(launches) >= 6
     for loads in launches:
         assert loads["copy_bytes"] == [16], loads
         assert loads["async_copies"] >= 8, loads  # both operands of both loops, ahead of the loop and in it
