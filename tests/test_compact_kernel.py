@@ -290,7 +290,10 @@ vary = False
 def write_output(args):  # the same each time: the direct launch's check passes; `vary`: a different one
     args[8].fill_(len(launched) if vary else 1.0)
 
-launched = stand_in_gpu.install(write_output)
+try:
+    launched = stand_in_gpu.install(write_output)
+except Exception as error:  # a Triton whose driver interface the stand-in does not know
+    raise SystemExit(f"STAND-IN UNAVAILABLE: {error!r}")
 source = torch.randn(64, 32)
 index, packed, bounds = torch.arange(32, dtype=torch.int32), torch.randn(32, 16), torch.tensor([0, 32, 0], dtype=torch.int32)
 out = torch.empty(64, 16)
@@ -315,6 +318,8 @@ def test_direct_launches_pass_what_tritons_own_launch_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
     done = subprocess.run([sys.executable, "-c", LAUNCH_PROTOCOL], env=env, capture_output=True, text=True, timeout=300)
+    if "STAND-IN UNAVAILABLE" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
     tritons, check, direct, misaligned, misaligned_check = result["launched"]
