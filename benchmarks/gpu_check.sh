@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh tests speed      # or any of the steps below, in this order
 #
 # Steps: `tests` (CUDA tests of the compact layers, their Triton kernels, structured convolutions and the training step), `speed`
-# (compact-layer speed, fp32 / bf16 / fp16), `graphs` (the same from CUDA graph replays at 4k and 16k tokens, and the
+# (compact-layer speed, fp32 and bf16; float16 runs in the tests), `graphs` (the same from CUDA graph replays at 4k and 16k tokens, and the
 # ViT RUN_DIR whole: GPU time without host time per call), `train` (training step of dense / low-rank / GBLR), `vit`
 # (whole-model compact inference of the trained hardware-aware Fashion-MNIST ViT RUN_DIR), `minilm` (the
 # same for MiniLM compressed to 50 %, weights carried in float16, also from CUDA graphs), `tiles` (the kernels' tile sizes, to
@@ -65,7 +65,7 @@ for step in "${steps[@]}"; do
     tests)  # the compact layers, their Triton kernels and the training step
         GBLR_DATA=$PWD/.gpu_data/data timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
             tests/test_train_step.py tests/test_conv.py -k "cuda or kernel" 2>&1 | tee benchmarks/results/gpu_tests.txt | tail -15 ;;
-    speed) timeout 240 "$PY" benchmarks/compact_speed.py --device cuda --repeats 7 ;;
+    speed) timeout 240 "$PY" benchmarks/compact_speed.py --device cuda --dtypes fp32 bf16 --repeats 7 ;;  # the targets' dtypes
     graphs) failed=0  # both, whatever the first does
         timeout 75 "$PY" benchmarks/compact_speed.py --device cuda --graphs --tokens 4096 16384 --dtypes bf16 fp32 --repeats 5 || failed=1
         GBLR_DATA=$PWD/.gpu_data/data timeout 45 "$PY" benchmarks/compact_model.py --device cuda --runs .gpu_data/run \
