@@ -208,7 +208,7 @@ def test_gathers_read_aligned_runs_unless_that_doubles_the_reads():
 
 
 def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(monkeypatch):
-    layer = random_structure(GBLRLinear(48, 64, num_components=6, rank=4))
+    layer = random_structure(GBLRLinear(48, 64, num_components=6, rank=4)).to(DEVICE)
     fast = CompactGBLRLinear(layer, calibrate=False)
     cannot_build, slow, quick = (compact_kernel.Tiles(16, 16, 16, 16, 16), compact_kernel.Tiles(32, 16, 32, 16, 16),
                                  compact_kernel.Tiles(16, 16, 32, 16, 16))
@@ -235,7 +235,7 @@ def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(m
     layout = fast._kernel_layout
     assert layout.tiles_for(40) == layout.tiles_for(70) == quick  # within a factor 2 of the measured count
     assert layout.tiles_for(90) == compact_kernel.default_tiles(torch.float32, 90, layout.rank_tile)
-    x = torch.randn(40, 48)
+    x = torch.randn(40, 48, device=DEVICE)
     assert relative(fast(x), layer(x)) <= 1e-5 and used[-1] == quick
 
     monkeypatch.setattr(compact_kernel, "tile_candidates", lambda dtype, tokens, rank_tile: (cannot_build,))
@@ -247,8 +247,8 @@ def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_candidate_tile_set_computes_the_layer(dtype):
     torch.manual_seed(4)
-    layer = random_structure(GBLRLinear(64, 288, num_components=6, rank=8, tile=16))  # 288: a partial 256 tile
-    x = torch.randn(130, 64)
+    layer = random_structure(GBLRLinear(64, 288, num_components=6, rank=8, tile=16)).to(DEVICE)  # a partial 256 tile
+    x = torch.randn(130, 64, device=DEVICE)
     with torch.no_grad():
         expected = layer(x)
     fast = CompactGBLRLinear(layer, calibrate=False).to(dtype)
