@@ -304,13 +304,15 @@ def _launch(grid: tuple[int, int, int], args: tuple, constants: tuple, warps: in
 
 
 def _check_direct_launch(compiled, key: tuple, grid: tuple[int, int, int], args: tuple, constants: tuple) -> None:
-    """Keep ``compiled`` for direct launches if one writes what Triton's launch just wrote into ``args[8]``."""
+    """Keep ``compiled`` for direct launches if one writes what Triton's launch just wrote into ``args[8]``
+    (on its first 256 token rows at most: a copy of a large output could exhaust the GPU's memory)."""
     global _compiled
-    out = args[8]
+    tokens = min(args[9], 256)  # as the key was made: a multiple of 16, or 1, if the count was
+    out = args[8][:tokens]
     again = out.clone()  # what the kernel does not write (z's padding columns) stays as it is,
     again[:, : grid[0] * constants[2]] = float("nan")  # what it writes (its tiles of BLOCK_N columns) must come back
     try:
-        compiled[grid](*args[:8], again, *args[9:], *constants)
+        compiled[grid[0], -(-tokens // constants[1]), 1](*args[:8], again, tokens, *args[10:], *constants)
         same = torch.equal(again.view(torch.uint8), out.view(torch.uint8))  # bits: NaN included
     except Exception:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments
         same = False
