@@ -294,13 +294,14 @@ try:
     launched = stand_in_gpu.install(write_output)
 except Exception as error:  # a Triton whose driver interface the stand-in does not know
     raise SystemExit(f"STAND-IN UNAVAILABLE: {error!r}")
-source = torch.randn(64, 32)
+source = torch.randn(320, 32)
 index, packed, bounds = torch.arange(32, dtype=torch.int32), torch.randn(32, 16), torch.tensor([0, 32, 0], dtype=torch.int32)
-out = torch.empty(64, 16)
+out = torch.empty(320, 16)
 def launch(first, tokens):
-    compact_kernel._launch((1, 1, 1), (first, 32, first, 32, index, packed, bounds, out, out, tokens, 16),
+    compact_kernel._launch((1, -(-tokens // 64), 1), (first, 32, first, 32, index, packed, bounds, out, out, tokens, 16),
                            (False, 64, 16, 32, True, False, True, False), 4, 5)
-for first, tokens in ((source, 64), (source, 64), (source.view(-1)[1:].as_strided((63, 32), (32, 1)), 63)):
+misaligned = source.view(-1)[1:].as_strided((63, 32), (32, 1))
+for first, tokens in ((source, 64), (source, 64), (misaligned, 63), (source, 300)):
     launch(first, tokens)
 kept = len(compact_kernel._compiled)
 vary, compact_kernel._compiled, before = True, {}, len(launched)  # a direct launch that writes something else
@@ -322,7 +323,7 @@ def test_direct_launches_pass_what_tritons_own_launch_passes():
         pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
-    tritons, check, direct, misaligned, misaligned_check = result["launched"]
+    tritons, check, direct, misaligned, misaligned_check, many, many_check = result["launched"]
     assert direct == tritons  # the second call: launched directly, the same arguments
     output = stand_in_gpu.LAUNCHER_PREFIX + 8
     assert [i for i, (a, b) in enumerate(zip(tritons, check)) if a != b] == [output]  # the check: its own output
@@ -330,7 +331,9 @@ def test_direct_launches_pass_what_tritons_own_launch_passes():
     first = stand_in_gpu.LAUNCHER_PREFIX
     assert [i for i, (a, b) in enumerate(zip(tritons, misaligned)) if a != b] == [first, first + 2, first + 9]
     assert misaligned_check[output] != misaligned[output]
-    assert result["kept"] == 2
+    # 300 tokens (another residue): the check runs the first 256 token rows only, 4 tiles of 64 against 5
+    assert (many[1], many[first + 9], many_check[1], many_check[first + 9]) == (5, 300, 4, 256)
+    assert result["kept"] == 3
     # a direct launch that writes anything else turns direct launches off: Triton's own launch, check, Triton's
     assert result["disabled"] and result["after_a_failed_check"] == 3
 
