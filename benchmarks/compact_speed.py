@@ -106,15 +106,15 @@ def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool
     return statistics.median(ratios), statistics.median(dense_times)
 
 
-def execution_time(layer: CompactGBLRLinear, execution: str, dense, x, device, repeats: int, graphs: bool) -> float:
-    """Time of one execution of ``layer`` relative to ``dense`` (NaN for one a CUDA graph cannot capture)."""
+def captured_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool) -> tuple[float, float]:
+    """relative_time(), or NaNs for a call that a CUDA graph cannot capture (``graphs``)."""
     try:
-        return relative_time(lambda t: layer.run(t, execution), dense, x, device, repeats, graphs)[0]
+        return relative_time(fn, dense, x, device, repeats, graphs)
     except RuntimeError as error:
         if not graphs:
             raise
-        print(f"{execution}: not captured in a CUDA graph ({str(error).splitlines()[0][:120]})", flush=True)
-        return float("nan")
+        print(f"not captured in a CUDA graph: {str(error).splitlines()[0][:160]}", flush=True)
+        return float("nan"), float("nan")
 
 
 def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) -> None:
@@ -183,7 +183,7 @@ def main() -> None:
                 for tokens in tokens_list:
                     x = torch.randn(tokens, n, device=device, dtype=dtype)
                     for name, layer in variants.items():
-                        ratio, dense_seconds = relative_time(layer, dense, x, device, args.repeats, args.graphs)
+                        ratio, dense_seconds = captured_time(layer, dense, x, device, args.repeats, args.graphs)
                         compact = isinstance(layer, CompactGBLRLinear)
                         reached = layer.execution_macs("kernel") / (n * m) if compact else layer.relative_cost()
                         # padding zeros add FLOPs, not function: the ideal is the unpadded structure's
@@ -200,7 +200,8 @@ def main() -> None:
                             row["kernel_relative_error"] = float((layer.run(x, "kernel").float() - reference).norm() / reference.norm())
                             row["kernel_tiles"] = str(layer._layout().tiles_for(tokens))  # calibration's pick
                             row["executions_vs_dense"] = {
-                                e: execution_time(layer, e, dense, x, device, max(3, args.repeats // 2), args.graphs)
+                                e: captured_time(lambda t, e=e: layer.run(t, e), dense, x, device, max(3, args.repeats // 2),
+                                                 args.graphs)[0]
                                 for e in layer.executions() if e not in layer._hopeless or e in ("dense", "kernel")
                             }
                         rows.append(row)
