@@ -259,18 +259,23 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
                  packed.to(device, dtype).contiguous(), runs)
 
 
-def _gathered_matmul(plan: _Plan, first, second, bias, out, tiles: Tiles, block_n: int, block_k: int, warps: int):
-    """``out = first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
-    tokens = first.shape[0]
-    args = (first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
-            bias if bias is not None else out, out, tokens, out.shape[1])
-    constants = (bias is not None, tiles.tokens, block_n, block_k,  # HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K
-                 first.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,  # IEEE
-                 first.dtype == torch.bfloat16 and _INTERPRETED,  # UPCAST
-                 *plan.runs)  # FIRST_RUNS, SECOND_RUNS
-    # (not triton.cdiv: as a jit function called from the host it costs microseconds)
-    _launch((plan.tiles, -(-tokens // tiles.tokens), 1), args, constants, warps, tiles.stages)
-    return out
+@dataclass(frozen=True)
+class _Step:
+    """One launch of the gathered matmul as a call with a given token count makes it: ``out = first[:, ...]
+    @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
+
+    plan: _Plan
+    grid: tuple[int, int, int]
+    constants: tuple  # HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K, IEEE, UPCAST, FIRST_RUNS, SECOND_RUNS
+    warps: int
+    stages: int
+
+    def launch(self, first, second, bias, out) -> torch.Tensor:
+        plan = self.plan
+        _launch(self.grid, (first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
+                            bias if bias is not None else out, out, first.shape[0], out.shape[1]),
+                self.constants, self.warps, self.stages)
+        return out
 
 
 _CONSTANTS = ("HAS_BIAS", "BLOCK_T", "BLOCK_N", "BLOCK_K", "IEEE", "UPCAST", "FIRST_RUNS", "SECOND_RUNS")
@@ -352,9 +357,10 @@ class KernelLayout:
         self.rank_tile = self._best_rank_tile()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
         self._measured: dict[int, Tiles] = {}  # token count -> tiles that ran fastest there (use_tiles)
-        # token count -> tiles a call with that many tokens runs (a call's host time matters: a small
-        # product takes microseconds on a GPU)
+        # token count -> tiles a call with that many tokens runs, and (token tiles, tiles, bias, IEEE float32)
+        # -> the steps it launches: a call's host time matters (a small product takes microseconds on a GPU)
         self._tiles: dict[int, Tiles] = {}
+        self._steps: dict[tuple, tuple[_Step | None, _Step]] = {}
 
     def use_tiles(self, tokens: int, tiles: Tiles) -> None:
         """Run ``tiles`` at ``tokens`` tokens and at counts nearer to it than to any other such count
@@ -405,15 +411,35 @@ class KernelLayout:
         """Columns of z: whole contract tiles, padded to a multiple of 16 for aligned rows."""
         return math.ceil(math.ceil(self.z_columns / rank_tile) * rank_tile / 16) * 16
 
-    def contract(self, x2: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    def _steps_for(self, tokens: int, tiles: Tiles, bias: bool) -> tuple[_Step | None, _Step]:
+        """The contract (None without low-rank blocks) and expand launches of a call (made once per kind)."""
+        ieee = self.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32  # as nn.Linear multiplies
+        token_tiles = -(-tokens // tiles.tokens)  # (not triton.cdiv: a jit function, slow from the host)
+        key = (token_tiles, tiles, bias, ieee)
+        steps = self._steps.get(key)
+        if steps is None:
+            upcast = self.dtype == torch.bfloat16 and _INTERPRETED
+            contract = None
+            if self.z_columns:
+                plan = self.plan("contract", tiles.rank, tiles.k)
+                contract = _Step(plan, (plan.tiles, token_tiles, 1),
+                                 (False, tiles.tokens, tiles.rank, tiles.k, ieee, upcast, *plan.runs), tiles.warps, tiles.stages)
+            plan = self.plan("expand", tiles.out, tiles.k_out)
+            expand = _Step(plan, (plan.tiles, token_tiles, 1),
+                           (bias, tiles.tokens, tiles.out, tiles.k_out, ieee, upcast, *plan.runs), tiles.warps_out, tiles.stages)
+            steps = self._steps[key] = (contract, expand)
+        return steps
+
+    def contract(self, x2: torch.Tensor, tiles: Tiles, step: _Step | None = None) -> torch.Tensor:
         """z: ``x2[:, in_b] @ first_b`` of every low-rank block side by side (``x2`` where there are none)."""
-        if not self.z_columns:
+        step = step or self._steps_for(x2.shape[0], tiles, False)[0]
+        if step is None:
             return x2
-        plan = self.plan("contract", tiles.rank, tiles.k)
         z = x2.new_empty(x2.shape[0], self.z_width(tiles.rank))
-        if z.shape[1] > plan.tiles * tiles.rank:  # past the last contract tile (the expand may read it, times zero)
-            z[:, plan.tiles * tiles.rank :] = 0
-        return _gathered_matmul(plan, x2, x2, None, z, tiles, tiles.rank, tiles.k, tiles.warps)
+        written = step.plan.tiles * tiles.rank
+        if z.shape[1] > written:  # past the last contract tile (the expand may read it, times zero)
+            z[:, written:] = 0
+        return step.launch(x2, x2, None, z)
 
     def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
         """``x2``: contiguous ``tokens x in_features`` on this layout's device and dtype."""
@@ -422,8 +448,7 @@ class KernelLayout:
         most = 65535 * tiles.tokens  # CUDA's limit on the second grid dimension
         if tokens > most:
             return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
+        contract, expand = self._steps_for(tokens, tiles, bias is not None)
         x2 = x2.contiguous()
-        y = x2.new_empty(tokens, self.out_features)
-        z = self.contract(x2, tiles)
-        plan = self.plan("expand", tiles.out, tiles.k_out)
-        return _gathered_matmul(plan, z, x2, bias, y, tiles, tiles.out, tiles.k_out, tiles.warps_out)
+        z = self.contract(x2, tiles, contract) if contract is not None else x2
+        return expand.launch(z, x2, bias, x2.new_empty(tokens, self.out_features))
