@@ -261,8 +261,8 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
 
 @dataclass(frozen=True)
 class _Step:
-    """One launch of the gathered matmul as a call with a given token count makes it: ``out = first[:, ...]
-    @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
+    """One launch of the gathered matmul, as every call with as many token tiles makes it: ``out =
+    first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
 
     plan: _Plan
     grid: tuple[int, int, int]
@@ -423,10 +423,12 @@ class KernelLayout:
             if self.z_columns:
                 plan = self.plan("contract", tiles.rank, tiles.k)
                 contract = _Step(plan, (plan.tiles, token_tiles, 1),
-                                 (False, tiles.tokens, tiles.rank, tiles.k, ieee, upcast, *plan.runs), tiles.warps, tiles.stages)
+                                 (False, tiles.tokens, tiles.rank, tiles.k, ieee, upcast, *plan.runs),
+                                 tiles.warps, tiles.stages)
             plan = self.plan("expand", tiles.out, tiles.k_out)
             expand = _Step(plan, (plan.tiles, token_tiles, 1),
-                           (bias, tiles.tokens, tiles.out, tiles.k_out, ieee, upcast, *plan.runs), tiles.warps_out, tiles.stages)
+                           (bias, tiles.tokens, tiles.out, tiles.k_out, ieee, upcast, *plan.runs),
+                           tiles.warps_out, tiles.stages)
             steps = self._steps[key] = (contract, expand)
         return steps
 
