@@ -269,11 +269,14 @@ class _Step:
     constants: tuple  # HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K, IEEE, UPCAST, FIRST_RUNS, SECOND_RUNS
     warps: int
     stages: int
+    out_width: int  # columns of the output (z's: whole contract tiles, padded to a multiple of 16)
 
-    def launch(self, first, second, bias, out) -> torch.Tensor:
-        plan = self.plan
+    def launch(self, first, second, bias) -> torch.Tensor:
+        plan, out = self.plan, first.new_empty(first.shape[0], self.out_width)
+        if self.out_width > plan.tiles * self.constants[2]:  # past the last tile (z: the expand may read it)
+            out[:, plan.tiles * self.constants[2] :] = 0
         _launch(self.grid, (first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
-                            bias if bias is not None else out, out, first.shape[0], out.shape[1]),
+                            bias if bias is not None else out, out, first.shape[0], self.out_width),
                 self.constants, self.warps, self.stages)
         return out
 
@@ -424,24 +427,18 @@ class KernelLayout:
                 plan = self.plan("contract", tiles.rank, tiles.k)
                 contract = _Step(plan, (plan.tiles, token_tiles, 1),
                                  (False, tiles.tokens, tiles.rank, tiles.k, ieee, upcast, *plan.runs),
-                                 tiles.warps, tiles.stages)
+                                 tiles.warps, tiles.stages, self.z_width(tiles.rank))
             plan = self.plan("expand", tiles.out, tiles.k_out)
             expand = _Step(plan, (plan.tiles, token_tiles, 1),
                            (bias, tiles.tokens, tiles.out, tiles.k_out, ieee, upcast, *plan.runs),
-                           tiles.warps_out, tiles.stages)
+                           tiles.warps_out, tiles.stages, self.out_features)
             steps = self._steps[key] = (contract, expand)
         return steps
 
-    def contract(self, x2: torch.Tensor, tiles: Tiles, step: _Step | None = None) -> torch.Tensor:
+    def contract(self, x2: torch.Tensor, tiles: Tiles) -> torch.Tensor:
         """z: ``x2[:, in_b] @ first_b`` of every low-rank block side by side (``x2`` where there are none)."""
-        step = step or self._steps_for(x2.shape[0], tiles, False)[0]
-        if step is None:
-            return x2
-        z = x2.new_empty(x2.shape[0], self.z_width(tiles.rank))
-        written = step.plan.tiles * tiles.rank
-        if z.shape[1] > written:  # past the last contract tile (the expand may read it, times zero)
-            z[:, written:] = 0
-        return step.launch(x2, x2, None, z)
+        step = self._steps_for(x2.shape[0], tiles, False)[0]
+        return x2 if step is None else step.launch(x2, x2, None)
 
     def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
         """``x2``: contiguous ``tokens x in_features`` on this layout's device and dtype."""
@@ -452,5 +449,5 @@ class KernelLayout:
             return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
         contract, expand = self._steps_for(tokens, tiles, bias is not None)
         x2 = x2.contiguous()
-        z = self.contract(x2, tiles, contract) if contract is not None else x2
-        return expand.launch(z, x2, bias, x2.new_empty(tokens, self.out_features))
+        z = x2 if contract is None else contract.launch(x2, x2, None)
+        return expand.launch(z, x2, bias)
