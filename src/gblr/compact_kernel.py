@@ -202,16 +202,17 @@ def _tiles_reached(start: int, size: int, length: int, tile: int):
         local += part_size
 
 
-def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct columns one tile reads from one source, and one packed row per column (rows that
-    read the same column add up)."""
-    columns, inverse = torch.unique(torch.cat([c for c, _ in parts]), return_inverse=True)
-    return columns, parts[0][1].new_zeros(len(columns), tile).index_add_(0, inverse, torch.cat([p for _, p in parts]))
-
-
 def _whole_runs(columns: torch.Tensor) -> torch.Tensor:
     """Every run of 16 columns (from a multiple of 16) that holds one of ``columns``."""
     return (torch.unique(columns // 16)[:, None] * 16 + torch.arange(16)).flatten()
+
+
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], tile: int) -> tuple[torch.Tensor, ...]:
+    """The distinct columns one tile reads from one source, one packed row per column (rows that read
+    the same column add up), and the whole runs of 16 columns that hold them."""
+    columns, inverse = torch.unique(torch.cat([c for c, _ in parts]), return_inverse=True)
+    rows = parts[0][1].new_zeros(len(columns), tile).index_add_(0, inverse, torch.cat([p for _, p in parts]))
+    return columns, rows, _whole_runs(columns)
 
 
 def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_widths: tuple[int, int],
@@ -230,9 +231,9 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
     # is a load of its own) unless that would more than double what it reads.
     in_runs = []
     for which, width in enumerate(source_widths):
-        used = [m[which][0] for m in merged if m[which] is not None]
-        whole = sum(len(_whole_runs(columns)) for columns in used)
-        in_runs.append(width % 16 == 0 and block_k % 16 == 0 and whole <= 2 * sum(map(len, used)))
+        used = [m[which] for m in merged if m[which] is not None]
+        whole = sum(len(runs) for _, _, runs in used)
+        in_runs.append(width % 16 == 0 and block_k % 16 == 0 and whole <= 2 * sum(len(c) for c, _, _ in used))
     bounds, index, packed = [], [], []  # index: (which source, columns) in the packed rows' order
     for per_source in merged:
         bounds.append(sum(bounds[-3:]))  # the previous tile's first row and its two counts
@@ -240,9 +241,8 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
             if segment is None:
                 bounds.append(0)
                 continue
-            columns, rows = segment
+            columns, rows, whole = segment
             if in_runs[which]:
-                whole = _whole_runs(columns)
                 rows = rows.new_zeros(len(whole), tile).index_copy_(0, torch.searchsorted(whole, columns), rows)
                 columns = whole
             # Zero rows fill up to a multiple of block_k, reading columns 0-15 (real values times zero,
