@@ -5,8 +5,8 @@
 Hardware-aware layers (rank-32 components on 32-row tiles) at cost 0.3, both orientations of
 768 x 3072; prints milliseconds per call of nn.Linear and of the kernels with each candidate
 (``Tiles(tokens, rank, out, k, k_out, warps, warps_out, stages)``), the default and the candidates a
-layer's calibration times (``tile_candidates``) marked, and for the
-default how the time splits between the contract and expand launches. Wider contract tiles (``rank``)
+layer's calibration times (``tile_candidates``) marked, and for the default how the time splits between
+the contract and expand launches. Wider contract tiles (``rank``)
 read each input column once for several blocks but multiply more zeros; wider output tiles (``out``)
 read z fewer times. For choosing defaults; writes benchmarks/results/kernel_tiles_cuda.{json,md}.
 """
