@@ -129,9 +129,16 @@ def test_runs_of_16():
     assert not compact_kernel._runs_of_16(torch.arange(0, 16).flip(0))
 
 
+def run_compiling(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter where Triton compiles: under TRITON_INTERPRET=1 (set by conftest.py)
+    it only interprets, and the setting holds from the first import of Triton on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
 # Compiles both launches of every tile set calibration may time for an sm_90 GPU (no GPU needed) and
-# prints what their loads became. Run in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest.py)
-# Triton only interprets.
+# prints what their loads became (run by run_compiling).
 SM90_LOADS = """
 import json, sys
 from triton.backends.compiler import GPUTarget
@@ -182,9 +189,7 @@ def test_generated_gpu_code_keeps_vector_loads_and_the_pipeline(dtype):
     kernels did that); too few stages leave nothing in flight (with 3 or 4, every step waits for all its
     copies)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", SM90_LOADS, dtype], env=env, capture_output=True, text=True, timeout=300)
+    done = run_compiling(SM90_LOADS, dtype)
     assert done.returncode == 0, done.stderr[-2000:]
     launches = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(launches) >= 6
@@ -316,9 +321,7 @@ def test_direct_launches_pass_what_tritons_own_launch_passes():
     """After the first call, the compiled kernel is launched directly (Triton's launch re-binds every
     argument, ~10 us of host time per launch): the launcher must get exactly what Triton gives it."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(compact_kernel.__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", LAUNCH_PROTOCOL], env=env, capture_output=True, text=True, timeout=300)
+    done = run_compiling(LAUNCH_PROTOCOL)
     if "STAND-IN UNAVAILABLE" in done.stderr:
         pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-2000:]
