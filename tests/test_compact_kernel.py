@@ -47,6 +47,24 @@ def test_kernel_computes_what_the_layer_computes(options, tokens):
         assert fast._kernel_layout.plan("expand", 64, 32).runs == (True, True)
 
 
+def test_forward_through_the_kernel_keeps_the_leading_shape():
+    """The forward hands the kernels a batched input as it is (no reshape: host time per call), a
+    non-contiguous one made contiguous, and falls back to the differentiable slices for a backward."""
+    torch.manual_seed(1)
+    layer = random_structure(GBLRLinear(96, 80, num_components=8, rank=4)).to(DEVICE)
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    fast.plan = {1: "kernel"}
+    for x in (torch.randn(3, 5, 96, device=DEVICE), torch.randn(96, 7, 2, device=DEVICE).permute(2, 1, 0)):
+        with torch.no_grad():
+            out = fast(x)
+            assert out.shape == (*x.shape[:-1], 80) and relative(out, layer(x)) <= 1e-5
+    x = torch.randn(2, 4, 96, device=DEVICE, requires_grad=True)
+    fast(x).sum().backward()
+    assert relative(x.grad, torch.autograd.grad(layer(x).sum(), x)[0]) <= 1e-5
+    with pytest.raises(ValueError, match="in_features=96"):
+        fast(torch.randn(2, 95, device=DEVICE))
+
+
 def test_both_kinds_of_blocks_and_every_tile_shape():
     u, v = torch.randn(3, 1, 40, dtype=torch.float64), torch.randn(3, 1, 40, dtype=torch.float64)
     # one rank-2 block 24 x 16 wrapping on both sides, one 2 x 2 block (dense), one full-height block
@@ -302,18 +320,20 @@ except Exception as error:  # a Triton whose driver interface the stand-in does 
 source = torch.randn(320, 32)
 index, packed, bounds = torch.arange(32, dtype=torch.int32), torch.randn(32, 16), torch.tensor([0, 32, 0], dtype=torch.int32)
 out = torch.empty(320, 16)
+kernels = {}
 def launch(first, tokens):
-    compact_kernel._launch((1, -(-tokens // 64), 1), (first, 32, first, 32, index, packed, bounds, out, out, tokens, 16),
+    compact_kernel._launch(kernels, (1, -(-tokens // 64), 1), (first, 32, first, 32, index, packed, bounds, out, out, tokens, 16),
                            (False, 64, 16, 32, True, False, True, False), 4, 5)
 misaligned = source.view(-1)[1:].as_strided((63, 32), (32, 1))
 for first, tokens in ((source, 64), (source, 64), (misaligned, 63), (source, 300)):
     launch(first, tokens)
-kept = len(compact_kernel._compiled)
-vary, compact_kernel._compiled, before = True, {}, len(launched)  # a direct launch that writes something else
+kept = len(kernels)
+vary, before = True, len(launched)  # a direct launch that writes something else
+kernels.clear()
 launch(source, 64)
 launch(source, 64)
 print(json.dumps({"launched": launched[:before], "kept": kept, "after_a_failed_check": len(launched) - before,
-                  "disabled": compact_kernel._compiled is None}))
+                  "disabled": not compact_kernel._direct_launch}))
 """
 
 
@@ -348,5 +368,6 @@ def test_on_cuda_kernels_are_launched_directly_after_their_first_call():
     fast = CompactGBLRLinear(layer, calibrate=False)
     x = torch.randn(300, 96, device="cuda")  # the check runs the first 256 rows
     first, second = fast.run(x, "kernel"), fast.run(x, "kernel")  # Triton's launch (and the check), then direct
-    assert compact_kernel._compiled  # this Triton's compiled kernels took the direct launch
+    assert compact_kernel._direct_launch  # this Triton's compiled kernels took the direct launch
+    assert all(step.kernels for step in fast._layout()._steps_for(300, fast._layout().tiles_for(300), fast.bias is not None))
     assert torch.equal(first, second) and relative(second, layer(x)) <= 1e-5

@@ -533,8 +533,11 @@ class CompactGBLRLinear(StructuredLinear):
                 if x.dim() and x.shape[-1] == self.in_features:
                     raise  # not a shape problem: torch's own message
             # a wrong shape: _execute() says so in one line
-        if execution == "kernel" and x.requires_grad and torch.is_grad_enabled():
-            execution = "slices"  # the kernels have no backward
+        if execution == "kernel":
+            if x.requires_grad and torch.is_grad_enabled():
+                execution = "slices"  # the kernels have no backward
+            elif x.dim() and x.shape[-1] == self.in_features:  # (the kernels take any leading shape)
+                return self._layout().run(x, self._parameters.get("bias"))
         return self._execute(x, execution)  # chosen among executions(): nothing more to check
 
     def extra_repr(self) -> str:

@@ -259,48 +259,53 @@ def _plan(sources: list[_Source], length: int, tile: int, block_k: int, source_w
                  packed.to(device, dtype).contiguous(), runs)
 
 
-@dataclass(frozen=True)
 class _Step:
     """One launch of the gathered matmul, as every call with as many token tiles makes it: ``out =
-    first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out."""
+    first[:, ...] @ packed + second[:, ...] @ packed (+ bias)`` as ``plan`` lays it out. Everything a
+    call does not change is fixed here once: a call's host time matters (a small product takes
+    microseconds on a GPU)."""
 
-    plan: _Plan
-    grid: tuple[int, int, int]
-    constants: tuple  # HAS_BIAS, BLOCK_T, BLOCK_N, BLOCK_K, IEEE, UPCAST, FIRST_RUNS, SECOND_RUNS
-    warps: int
-    stages: int
-    out_width: int  # columns of the output (z's: whole contract tiles, padded to a multiple of 16)
+    def __init__(self, plan: _Plan, token_tiles: int, constants: tuple, warps: int, stages: int, out_width: int):
+        self.plan, self.grid, self.constants = plan, (plan.tiles, token_tiles, 1), constants
+        self.warps, self.stages = warps, stages
+        self.out_width = out_width  # columns of the output (z's: whole contract tiles, padded to a multiple of 16)
+        written = plan.tiles * constants[2]
+        self.unwritten = written if out_width > written else None  # z's columns past the last tile
+        # The kernels Triton compiled for this launch, keyed by what varies between calls (_launch).
+        self.kernels: dict[tuple, object] = {}
 
-    def launch(self, first, second, bias) -> torch.Tensor:
-        plan, out = self.plan, first.new_empty(first.shape[0], self.out_width)
-        if self.out_width > plan.tiles * self.constants[2]:  # past the last tile (z: the expand may read it)
-            out[:, plan.tiles * self.constants[2] :] = 0
-        _launch(self.grid, (first, first.shape[1], second, second.shape[1], plan.index, plan.packed, plan.bounds,
-                            bias if bias is not None else out, out, first.shape[0], self.out_width),
+    def launch(self, first, second, bias, tokens: int, rows: tuple) -> torch.Tensor:
+        """``first`` and ``second``: contiguous, ``tokens`` rows (of any leading shape); the output has
+        leading shape ``rows``."""
+        out = first.new_empty(*rows, self.out_width)
+        if self.unwritten is not None:  # the expand may read them
+            out[..., self.unwritten :] = 0
+        plan = self.plan
+        _launch(self.kernels, self.grid, (first, first.shape[-1], second, second.shape[-1], plan.index, plan.packed,
+                                          plan.bounds, out if bias is None else bias, out, tokens, self.out_width),
                 self.constants, self.warps, self.stages)
         return out
 
 
 _CONSTANTS = ("HAS_BIAS", "BLOCK_T", "BLOCK_N", "BLOCK_K", "IEEE", "UPCAST", "FIRST_RUNS", "SECOND_RUNS")
-# What Triton compiled for each specialisation of a launch (see _launch); None once a direct launch has
-# been found to differ from Triton's own.
-_compiled: dict[tuple, object] | None = {}
+# False once a direct launch has been found to write something else than Triton's own (see _launch).
+_direct_launch = True
 
 
-def _launch(grid: tuple[int, int, int], args: tuple, constants: tuple, warps: int, stages: int) -> None:
+def _launch(kernels: dict, grid: tuple[int, int, int], args: tuple, constants: tuple, warps: int, stages: int) -> None:
     """Launch the gathered-matmul kernel. Triton's own launch binds and specialises every argument again
     on each call, about 10 us of host time (Triton 3.6), as long as the kernel itself takes at a few
-    thousand tokens. So the compiled kernel that launch returns is kept, keyed by everything Triton
-    specialises on (the dtype, the constants, the inputs' 16-byte alignment, the integers' divisibility
-    by 16 and equality to 1; this module's own buffers are always aligned) and launched directly next
-    time. The first time, the direct launch is checked to write bit for bit what Triton's did."""
+    thousand tokens. So the compiled kernel that launch returns is kept in ``kernels`` (one launch's:
+    the same constants, dtype, device and widths every time) keyed by what Triton specialises on among
+    what varies (the inputs' 16-byte alignment, the token count's divisibility by 16 and equality to 1)
+    and launched directly next time. The first time, the direct launch is checked to write bit for bit
+    what Triton's did."""
     first, second, bias_or_out, tokens = args[0], args[2], args[7], args[9]
     key = None
-    if _compiled is not None and not torch.compiler.is_compiling():  # torch.compile traces Triton's own launch
-        key = (constants, warps, stages, first.dtype, first.device, first.data_ptr() % 16 == 0,
-               second.data_ptr() % 16 == 0, bias_or_out.data_ptr() % 16 == 0, tokens % 16 == 0, tokens == 1,
-               args[1], args[3], args[10])
-        compiled = _compiled.get(key)
+    if _direct_launch and not torch.compiler.is_compiling():  # torch.compile traces Triton's own launch
+        key = (first.data_ptr() % 16 == 0, second.data_ptr() % 16 == 0, bias_or_out.data_ptr() % 16 == 0,
+               tokens % 16 == 0, tokens == 1)
+        compiled = kernels.get(key)
         if compiled is not None:
             compiled[grid](*args, *constants)
             return
@@ -308,15 +313,17 @@ def _launch(grid: tuple[int, int, int], args: tuple, constants: tuple, warps: in
                                              num_stages=stages)
     if key is not None and hasattr(compiled, "packed_metadata"):  # (the interpreter returns no compiled kernel)
         if not (first.is_cuda and torch.cuda.is_current_stream_capturing()):  # the check reads the outputs
-            _check_direct_launch(compiled, key, grid, args, constants)
+            if _launches_the_same(compiled, grid, args, constants):
+                kernels[key] = compiled
 
 
-def _check_direct_launch(compiled, key: tuple, grid: tuple[int, int, int], args: tuple, constants: tuple) -> None:
-    """Keep ``compiled`` for direct launches if one writes what Triton's launch just wrote into ``args[8]``
-    (on its first 256 token rows at most: a copy of a large output could exhaust the GPU's memory)."""
-    global _compiled
+def _launches_the_same(compiled, grid: tuple[int, int, int], args: tuple, constants: tuple) -> bool:
+    """Whether a direct launch of ``compiled`` writes what Triton's launch just wrote into ``args[8]`` (on
+    its first 256 token rows at most: a copy of a large output could exhaust the GPU's memory); if not,
+    direct launches are turned off for the process."""
+    global _direct_launch
     tokens = min(args[9], 256)  # as the key was made: a multiple of 16, or 1, if the count was
-    out = args[8][:tokens]
+    out = args[8].view(-1, args[10])[:tokens]
     again = out.clone()  # what the kernel does not write (z's padding columns) stays as it is,
     again[:, : grid[0] * constants[2]] = float("nan")  # what it writes (its tiles of BLOCK_N columns) must come back
     try:
@@ -324,10 +331,8 @@ def _check_direct_launch(compiled, key: tuple, grid: tuple[int, int, int], args:
         same = torch.equal(again.view(torch.uint8), out.view(torch.uint8))  # bits: NaN included
     except Exception:  # noqa: BLE001 - a Triton whose compiled kernels take other arguments
         same = False
-    if same:
-        _compiled[key] = compiled
-    else:
-        _compiled = None  # Triton's own launch from now on
+    _direct_launch = _direct_launch and same
+    return same
 
 
 class KernelLayout:
@@ -425,11 +430,11 @@ class KernelLayout:
             contract = None
             if self.z_columns:
                 plan = self.plan("contract", tiles.rank, tiles.k)
-                contract = _Step(plan, (plan.tiles, token_tiles, 1),
+                contract = _Step(plan, token_tiles,
                                  (False, tiles.tokens, tiles.rank, tiles.k, ieee, upcast, *plan.runs),
                                  tiles.warps, tiles.stages, self.z_width(tiles.rank))
             plan = self.plan("expand", tiles.out, tiles.k_out)
-            expand = _Step(plan, (plan.tiles, token_tiles, 1),
+            expand = _Step(plan, token_tiles,
                            (bias, tiles.tokens, tiles.out, tiles.k_out, ieee, upcast, *plan.runs),
                            tiles.warps_out, tiles.stages, self.out_features)
             steps = self._steps[key] = (contract, expand)
@@ -437,17 +442,19 @@ class KernelLayout:
 
     def contract(self, x2: torch.Tensor, tiles: Tiles) -> torch.Tensor:
         """z: ``x2[:, in_b] @ first_b`` of every low-rank block side by side (``x2`` where there are none)."""
-        step = self._steps_for(x2.shape[0], tiles, False)[0]
-        return x2 if step is None else step.launch(x2, x2, None)
-
-    def run(self, x2: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
-        """``x2``: contiguous ``tokens x in_features`` on this layout's device and dtype."""
         tokens = x2.shape[0]
+        step = self._steps_for(tokens, tiles, False)[0]
+        return x2 if step is None else step.launch(x2, x2, None, tokens, (tokens,))
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
+        """``x``: ``(..., in_features)`` on this layout's device and dtype; returns ``(..., out_features)``."""
+        tokens = x.numel() // self.in_features
         tiles = tiles or self.tiles_for(tokens)
         most = 65535 * tiles.tokens  # CUDA's limit on the second grid dimension
         if tokens > most:
-            return torch.cat([self.run(chunk, bias, tiles) for chunk in x2.split(most)])
+            parts = [self.run(chunk, bias, tiles) for chunk in x.reshape(-1, self.in_features).split(most)]
+            return torch.cat(parts).view(*x.shape[:-1], self.out_features)
         contract, expand = self._steps_for(tokens, tiles, bias is not None)
-        x2 = x2.contiguous()
-        z = x2 if contract is None else contract.launch(x2, x2, None)
-        return expand.launch(z, x2, bias)
+        x = x.contiguous()  # (not a reshape to two dimensions: the kernels need only the rows' width)
+        z = x if contract is None else contract.launch(x, x, None, tokens, (tokens,))
+        return expand.launch(z, x, bias, tokens, x.shape[:-1])
