@@ -115,6 +115,26 @@ def test_compact_model_same_predictions():
     assert relative(fast(x), model(x)) <= 1e-5
 
 
+def test_torch_compile_traces_a_compact_model_whole():
+    """Choosing the execution for a token count is traced (no graph break); a count far from every
+    calibrated one takes the nearest plan instead of being timed inside the compiled region."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(32, 64, num_components=8), nn.GELU(), GBLRLinear(64, 16, num_components=8))
+    random_structure(model[0], 1)
+    random_structure(model[2], 2)
+    fast = compact(model.eval(), calibrate=False)
+    for layer in (fast[0], fast[2]):
+        layer.calibrate((1, 32), repeats=1)
+        layer.calibrate_on_use = True
+    plans = [dict(fast[0].plan), dict(fast[2].plan)]
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.no_grad():
+        for shape in ((4, 8, 32), (1, 32), (300, 32)):
+            x = torch.randn(shape)
+            assert relative(compiled(x), model(x)) <= 1e-5
+    assert [fast[0].plan, fast[2].plan] == plans  # 300 tokens: not timed while compiling
+
+
 def test_compact_rejects_other_layers():
     with pytest.raises(ValueError, match="GBLRLinear"):
         CompactGBLRLinear(nn.Linear(4, 4))

@@ -303,6 +303,18 @@ def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
             assert relative(out, layer(x)) <= 1e-5, name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
+def test_torch_compile_traces_the_kernel_path_whole():
+    torch.manual_seed(7)
+    layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).cuda()
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    fast.plan = {1: "kernel"}
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    x = torch.randn(4, 50, 96, device="cuda")
+    with torch.no_grad():
+        assert relative(compiled(x), layer(x)) <= 1e-5
+
+
 # Triton's launch path on a stand-in GPU whose launcher only records what it is given (no GPU needed).
 LAUNCH_PROTOCOL = """
 import json

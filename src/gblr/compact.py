@@ -444,12 +444,11 @@ class CompactGBLRLinear(StructuredLinear):
         if choice is not None:  # remembered: at one token the matmul itself takes only tens of microseconds
             return choice
         tokens = max(tokens, 1)
-        distance = lambda t: abs(math.log(t) - math.log(tokens))  # noqa: E731
-        if self.calibrate_on_use and (not self.plan or min(map(distance, self.plan)) > math.log(2)) and self._may_time():
+        if self.calibrate_on_use and compact_kernel.nearest_count(self.plan, tokens)[1] > math.log(2) and self._may_time():
             self.calibrate((tokens,))
         if not self.plan:
             return min((e for e in self.executions() if e not in self._hopeless), key=self.execution_macs)
-        choice = self._choices[tokens] = self.plan[min(self.plan, key=distance)]
+        choice = self._choices[tokens] = self.plan[compact_kernel.nearest_count(self.plan, tokens)[0]]
         return choice
 
     @staticmethod

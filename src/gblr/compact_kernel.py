@@ -38,7 +38,7 @@ try:
 except ImportError:  # the generic executions need no Triton
     triton = None
 
-__all__ = ["available", "KernelLayout"]
+__all__ = ["available", "KernelLayout", "nearest_count"]
 
 
 def available(device: torch.device) -> bool:
@@ -107,6 +107,17 @@ if triton is not None:
 
     # Under TRITON_INTERPRET=1 (tests on the CPU) triton.jit gives an interpreted function.
     _INTERPRETED = not hasattr(_gathered_matmul_kernel, "device_caches")
+
+
+def nearest_count(counts, tokens: int) -> tuple[int | None, float]:
+    """The count among ``counts`` nearest to ``tokens`` on a log scale, and that distance (None and inf
+    without counts). A plain loop: torch.compile traces it, not ``min(..., key=...)``."""
+    nearest, nearest_distance = None, math.inf
+    for count in counts:
+        distance = abs(math.log(count) - math.log(tokens))
+        if distance < nearest_distance:
+            nearest, nearest_distance = count, distance
+    return nearest, nearest_distance
 
 
 def _split(start: int, size: int, length: int) -> list[tuple[int, int]]:
@@ -380,9 +391,8 @@ class KernelLayout:
         """The tiles a call with ``tokens`` tokens runs."""
         tiles = self._tiles.get(tokens)
         if tiles is None:
-            distance = lambda t: abs(math.log(t) - math.log(max(tokens, 1)))  # noqa: E731
-            nearest = min(self._measured, key=distance, default=None)
-            if nearest is not None and distance(nearest) <= math.log(2):
+            nearest, distance = nearest_count(self._measured, max(tokens, 1))
+            if distance <= math.log(2):
                 tiles = self._measured[nearest]
             else:
                 tiles = default_tiles(self.dtype, tokens, self.rank_tile)
