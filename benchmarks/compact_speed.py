@@ -37,6 +37,7 @@ DEFAULTS = {  # tokens, costs, shapes, dtypes
     "cpu": ((1, 64, 1024, 4096), (0.1, 0.3, 0.5), ("768x3072", "3072x768", "384x1536", "576x1536"), ("fp32",)),
     "cuda": ((1, 1024, 4096, 16384, 65536), (0.1, 0.3), ("768x3072", "3072x768"), ("fp32", "bf16", "fp16")),
 }
+TARGET_TOKENS = 4096  # the speed-up targets apply from here (below, products are bound by launches)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -117,6 +118,27 @@ def captured_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool
         return float("nan"), float("nan")
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """The table against the targets: hardware-aware layers at >= 60 % of the ideal speed-up from
+    TARGET_TOKENS tokens, and no compact layer below 0.95x of nn.Linear at any token count."""
+    lines = [f"Hardware-aware layers from {TARGET_TOKENS:,} tokens, fraction of the ideal speed-up (target 0.6):"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["variant"].startswith("gblr hw") and r["tokens"] >= TARGET_TOKENS:
+            groups.setdefault((r["dtype"], r["cost"]), []).append(r)
+    for (dtype, cost), group in sorted(groups.items()):
+        fractions = [r["fraction_of_ideal"] for r in group]
+        lines.append(f"- {dtype}, cost {cost}: {sum(f >= 0.6 for f in fractions)} of {len(group)} rows meet it, "
+                     f"median {statistics.median(fractions):.2f}, lowest {min(fractions):.2f}")
+    compact = [r for r in rows if r["variant"].startswith("gblr")]
+    slow = [r for r in compact if r["speedup"] < 0.95]
+    lines += ["", f"Compact layers below 0.95x of `nn.Linear`: {len(slow)} of {len(compact)} rows"
+              + (":" if slow else ".")]
+    lines += [f"- {r['shape']} {r['dtype']} cost {r['cost']}, {r['tokens']} tokens, {r['variant']}: "
+              f"{r['speedup']:.3f}x ({r['execution']})" for r in slow]
+    return lines
+
+
 def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) -> None:
     meta = run_metadata(device_note(device), repeats=repeats, cuda_graphs=graphs)
     gpu = device.type == "cuda"
@@ -142,6 +164,7 @@ def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) ->
         if gpu:
             line += " " + ", ".join(f"{e} {t:.2f}" for e, t in r.get("executions_vs_dense", {}).items()) + " |"
         lines.append(line)
+    lines += ["", *target_lines(rows)]
     name = "compact_speed" if device.type == "cpu" else f"compact_speed_{device.type}"
     write_results(name + ("_graphs" if graphs else ""), meta, rows, lines)
 
