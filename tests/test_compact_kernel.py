@@ -319,6 +319,7 @@ def test_torch_compile_traces_the_kernel_path_whole():
 LAUNCH_PROTOCOL = """
 import json
 import torch
+import triton
 from gblr import compact_kernel, stand_in_gpu
 
 vary = False
@@ -340,12 +341,17 @@ misaligned = source.view(-1)[1:].as_strided((63, 32), (32, 1))
 for first, tokens in ((source, 64), (source, 64), (misaligned, 63), (source, 300)):
     launch(first, tokens)
 kept = len(kernels)
+profiled = []  # a profiler's launch hook gets every launch's metadata: Triton's own path while it listens
+triton.knobs.runtime.launch_enter_hook.add(profiled.append)
+launch(source, 64)
+triton.knobs.runtime.launch_enter_hook.remove(profiled.append)
+hooked = launched[-1]
 vary, before = True, len(launched)  # a direct launch that writes something else
 kernels.clear()
 launch(source, 64)
 launch(source, 64)
-print(json.dumps({"launched": launched[:before], "kept": kept, "after_a_failed_check": len(launched) - before,
-                  "disabled": not compact_kernel._direct_launch}))
+print(json.dumps({"launched": launched[:before - 1], "kept": kept, "after_a_failed_check": len(launched) - before,
+                  "disabled": not compact_kernel._direct_launch, "hooked": hooked, "profiled": len(profiled)}))
 """
 
 
@@ -359,9 +365,13 @@ def test_direct_launches_pass_what_tritons_own_launch_passes():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
     tritons, check, direct, misaligned, misaligned_check, many, many_check = result["launched"]
-    assert direct == tritons  # the second call: launched directly, the same arguments
+    # the second call: launched directly, the same arguments but no launch metadata (only hooks read it)
+    metadata = stand_in_gpu.LAUNCHER_PREFIX - 3
+    assert [i for i, (a, b) in enumerate(zip(tritons, direct)) if a != b] == [metadata]
+    assert direct[metadata] is None and tritons[metadata] is not None
+    assert result["hooked"] == tritons and result["profiled"] == 1  # a profiler listening: Triton's launch
     output = stand_in_gpu.LAUNCHER_PREFIX + 8
-    assert [i for i, (a, b) in enumerate(zip(tritons, check)) if a != b] == [output]  # the check: its own output
+    assert [i for i, (a, b) in enumerate(zip(tritons, check)) if a != b] == [metadata, output]  # the check: direct
     # an input off 16-byte alignment (and 63 tokens) is another specialisation: Triton's launch again, then a check
     first = stand_in_gpu.LAUNCHER_PREFIX
     assert [i for i, (a, b) in enumerate(zip(tritons, misaligned)) if a != b] == [first, first + 2, first + 9]
