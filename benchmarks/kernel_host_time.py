@@ -8,7 +8,8 @@ layer at 30 % cost and a few thousand tokens (tens of microseconds on the GPU). 
 an sm_90 GPU and launches on `gblr.stand_in_gpu`, whose launcher does nothing: the times are
 everything before the driver call, for the benchmark layers of compact_speed.py (768 x 3072 at cost
 0.3, bfloat16), with Triton's own launch and with the direct launch of the compiled kernels, in the same
-process. Median over repeats of the mean over `calls` calls. Writes
+process; and the host time of the compact forward's dense and factored paths against nn.Linear.
+Median over repeats of the mean over `calls` calls. Writes
 benchmarks/results/kernel_host_time.{json,md}.
 """
 
@@ -19,6 +20,7 @@ import statistics
 
 import torch
 import triton
+from torch import nn
 from _results import provenance, run_metadata, write_results
 from compact_speed import compact_layer, gblr_at_cost, seconds_per_call
 
@@ -63,6 +65,17 @@ def main() -> None:
             row[f"{launch}_forward_us"] = microseconds_per_call(lambda: layer(x), args.calls, args.repeats)
         print(row, flush=True)
         rows.append(row)
+    # The forward's other fast paths, on a layer so small that the products take next to nothing.
+    small, linear, one = compact_layer(gblr_at_cost(16, 16, 0.5, False, 0), torch.device("cpu"), torch.float32), \
+        nn.Linear(16, 16), torch.randn(1, 16)
+    path_rows = []
+    for execution in ("dense", "factored"):
+        small._choices = {1: execution}
+        row = {"variant": f"16 x 16, {execution}", "tokens": 1,
+               "forward_us": microseconds_per_call(lambda: small(one), args.calls, args.repeats),
+               "nn_linear_us": microseconds_per_call(lambda: linear(one), args.calls, args.repeats)}
+        print(row, flush=True)
+        path_rows.append(row)
     meta = run_metadata(f"CPU, Triton {triton.__version__} on a stand-in sm_90 GPU", calls=args.calls,
                         repeats=args.repeats)
     lines = [
@@ -77,7 +90,11 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['triton_layout_us']:.1f} | {r['triton_forward_us']:.1f} | "
                      f"{r['direct_layout_us']:.1f} | {r['direct_forward_us']:.1f} |")
-    write_results("kernel_host_time", meta, rows, lines)
+    lines += ["", "The forward's dense and factored paths (float32, one token, products of next to no work), "
+              "against `nn.Linear(16, 16)` in the same process, microseconds per call:", "",
+              "| layer | forward | nn.Linear |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['forward_us']:.2f} | {r['nn_linear_us']:.2f} |" for r in path_rows]
+    write_results("kernel_host_time", meta, rows + path_rows, lines)
 
 
 if __name__ == "__main__":

@@ -201,19 +201,22 @@ def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(mon
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_on_the_dense_plan_follows_moves_and_loads_and_names_a_wrong_shape(bias):
+@pytest.mark.parametrize("execution", ["dense", "factored"])
+def test_forward_on_the_dense_and_factored_plans_follows_moves_and_loads_and_names_a_wrong_shape(bias, execution):
     layer = random_structure(GBLRLinear(24, 16, num_components=4, bias=bias))
     fast = CompactGBLRLinear(layer, calibrate=False)
-    fast._choices = {3: "dense"}  # forward's fast path, which reads the weight without nn.Module's lookup
+    fast._choices = {3: execution, 6: execution}  # forward's fast path: no nn.Module lookup, no reshape
     x = torch.randn(3, 24)
     assert relative(fast(x), layer(x)) <= 1e-6
+    batched = torch.randn(2, 3, 24)
+    assert fast(batched).shape == (2, 3, 16) and relative(fast(batched), layer(batched)) <= 1e-6
     other = CompactGBLRLinear(random_structure(GBLRLinear(24, 16, num_components=4, bias=bias), seed=1), calibrate=False)
     fast.load_state_dict(other.state_dict())
     assert relative(fast(x), other.run(x, "dense")) <= 1e-6
-    fast.to(torch.float64)._choices = {3: "dense"}
+    fast.to(torch.float64)._choices = {3: execution}
     assert fast(x.double()).dtype == torch.float64
     with pytest.raises(ValueError, match=r"in_features=24, got shape \(9, 8\)"):
-        fast(torch.randn(9, 8).double())  # 72 values: "3 tokens" to the plan, so the dense path meets it
+        fast(torch.randn(9, 8).double())  # 72 values: "3 tokens" to the plan, so the fast path meets it
     with pytest.raises(RuntimeError):  # not a shape problem: torch's own error
         fast(x)  # float32 input, float64 weight
 
