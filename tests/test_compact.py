@@ -183,7 +183,7 @@ def test_compact_on_cuda_matches_the_eval_layer():
 def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(monkeypatch):
     layer = random_structure(GBLRLinear(32, 32, num_components=4))
     fast = CompactGBLRLinear(layer, calibrate=False)
-    slow, dense = fast._slices, fast._dense
+    slow, forward = fast._slices, fast._forward
 
     def slices_with_overhead(x2):
         time.sleep(2e-3)  # like thousands of kernel launches: hopeless at any size
@@ -192,7 +192,12 @@ def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(mon
     monkeypatch.setattr(fast, "_slices", slices_with_overhead)
     fast.calibrate((2048,), repeats=1)  # dense takes microseconds: a GPU's launch-bound regime
     assert not fast._hopeless
-    monkeypatch.setattr(fast, "_dense", lambda x2: time.sleep(2e-4) or dense(x2))  # dense past launch overheads
+    def dense_past_launch_overheads(x, execution):
+        if execution == "dense":
+            time.sleep(2e-4)
+        return forward(x, execution)
+
+    monkeypatch.setattr(fast, "_forward", dense_past_launch_overheads)
     fast.calibrate((1, 64), repeats=1)
     assert not fast._hopeless  # few tokens: timed again at larger counts
     fast.calibrate((2048,), repeats=1)

@@ -60,6 +60,9 @@ FACTOR_ALIGN = 8
 #: time of a few launches, so an execution of one launch per block looks hopeless there and wins later.
 HOPELESS_FROM = 1024
 HOPELESS_DENSE_SECONDS = 1e-4
+#: Calibration times runs of up to MOST_CALLS_PER_SAMPLE calls lasting about SAMPLE_SECONDS (_median_seconds).
+SAMPLE_SECONDS = 5e-4
+MOST_CALLS_PER_SAMPLE = 16
 
 
 @dataclass
@@ -144,14 +147,23 @@ def _grouped_available(device: torch.device, dtype: torch.dtype, cache: dict = {
 
 
 def _median_seconds(call, count: int, synchronize) -> float:
-    """Median wall time of ``count`` calls, each between two synchronisations."""
+    """Median over ``count`` samples of the time per call, each sample a run of calls between two
+    synchronisations lasting about SAMPLE_SECONDS: on a GPU calls queue while earlier ones run, as in a
+    model, so a run takes the longer of host and GPU time per call where a lone call would take their
+    sum (and favour whichever execution spends less time on the host, whatever its GPU time)."""
+    synchronize()
+    start = time.perf_counter()
+    call()
+    synchronize()
+    calls = max(1, min(MOST_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-9))))
     samples = []
     for _ in range(count):
         synchronize()
         start = time.perf_counter()
-        call()
+        for _ in range(calls):
+            call()
         synchronize()
-        samples.append(time.perf_counter() - start)
+        samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 
 
@@ -489,7 +501,7 @@ class CompactGBLRLinear(StructuredLinear):
                     self._hopeless.add(execution)
                     per_execution[execution] = math.inf
                     continue
-                per_execution[execution] = seconds(lambda: self.run(x, execution))  # noqa: B023
+                per_execution[execution] = seconds(lambda: self._forward(x, execution))  # noqa: B023
             timings[tokens] = per_execution
             if tokens >= HOPELESS_FROM and per_execution["dense"] >= HOPELESS_DENSE_SECONDS:
                 self._hopeless |= {e for e, t in per_execution.items() if t > 4 * per_execution["dense"]}
@@ -512,7 +524,7 @@ class CompactGBLRLinear(StructuredLinear):
             except Exception as error:  # noqa: BLE001 - whatever Triton raises for a kernel it cannot build
                 failures.append(error)
                 continue
-            timings[tiles] = seconds(lambda: self.run(x, "kernel"))
+            timings[tiles] = seconds(lambda: self._forward(x, "kernel"))
         if not timings:
             layout.use_tiles(tokens, candidates[0])
             raise failures[0]
@@ -521,10 +533,13 @@ class CompactGBLRLinear(StructuredLinear):
         return timings[fastest]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Few Python operations on the way to the products: on a GPU a small product takes ~20 µs, and
-        # nn.Module's attribute lookup of a buffer costs about 0.5 µs where a dict lookup costs 0.05.
         tokens = x.numel() // self.in_features
-        execution = self._choices.get(tokens) or self.choose(tokens)
+        return self._forward(x, self._choices.get(tokens) or self.choose(tokens))
+
+    def _forward(self, x: torch.Tensor, execution: str) -> torch.Tensor:
+        """``execution`` on ``x`` as the forward runs it (and calibration times it). Few Python operations
+        on the way to the products: on a GPU a small product takes ~20 µs, and nn.Module's attribute
+        lookup of a buffer costs about 0.5 µs where a dict lookup costs 0.05."""
         if execution == "dense" or execution == "factored":  # any leading shape, as F.linear takes it
             buffers = self._buffers
             try:
