@@ -148,9 +148,9 @@ def _grouped_available(device: torch.device, dtype: torch.dtype, cache: dict = {
 
 def _median_seconds(call, count: int, synchronize) -> float:
     """Median over ``count`` samples of the time per call, each sample a run of calls between two
-    synchronisations lasting about SAMPLE_SECONDS: on a GPU calls queue while earlier ones run, as in a
-    model, so a run takes the longer of host and GPU time per call where a lone call would take their
-    sum (and favour whichever execution spends less time on the host, whatever its GPU time)."""
+    synchronisations lasting about SAMPLE_SECONDS. On a GPU calls queue while earlier ones run, as in a
+    model, so a run takes the longer of host and GPU time per call; timing lone calls would add the
+    two and favour executions that spend little time on the host whatever their GPU time."""
     synchronize()
     start = time.perf_counter()
     call()
