@@ -192,6 +192,7 @@ def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(mon
     monkeypatch.setattr(fast, "_slices", slices_with_overhead)
     fast.calibrate((2048,), repeats=1)  # dense takes microseconds: a GPU's launch-bound regime
     assert not fast._hopeless
+
     def dense_past_launch_overheads(x, execution):
         if execution == "dense":
             time.sleep(2e-4)
