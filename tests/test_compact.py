@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from gblr import GBLRLinear, compact_kernel
-from gblr.compact import EXECUTIONS, CompactGBLRLinear, _grouped_available, compact
+from gblr.compact import (
+    EXECUTIONS,
+    MOST_CALLS_PER_SAMPLE,
+    SAMPLE_SECONDS,
+    CompactGBLRLinear,
+    _grouped_available,
+    _median_seconds,
+    compact,
+)
 
 # The Triton kernels run here in Triton's interpreter when Triton is installed (tests/conftest.py).
 RUNNABLE = tuple(e for e in EXECUTIONS if (e != "kernel" or compact_kernel.available(torch.device("cpu")))
@@ -204,6 +212,20 @@ def test_an_execution_is_ruled_out_only_where_overheads_do_not_hide_its_cost(mon
     fast.calibrate((2048,), repeats=1)
     assert "slices" in fast._hopeless
     assert fast.calibrate((4096,), repeats=1)[4096]["slices"] == float("inf")
+
+
+def test_calibration_times_runs_of_calls_between_synchronisations():
+    """A quick call is timed in runs of MOST_CALLS_PER_SAMPLE (on a GPU they queue as in a model), a slow
+    one alone; the time is per call either way."""
+    events = []
+    quick = lambda: events.append("call")  # noqa: E731
+    assert _median_seconds(quick, 3, lambda: events.append("sync")) < 1e-4
+    runs = "".join("c" if e == "call" else "|" for e in events).split("|")
+    assert [len(r) for r in runs if r] == [1] + [MOST_CALLS_PER_SAMPLE] * 3  # the first call sizes the runs
+    events.clear()
+    slow = lambda: time.sleep(2 * SAMPLE_SECONDS) or events.append("call")  # noqa: E731
+    assert _median_seconds(slow, 2, lambda: events.append("sync")) >= 2 * SAMPLE_SECONDS
+    assert events == ["sync", "call", "sync"] * 3
 
 
 @pytest.mark.parametrize("bias", [True, False])
