@@ -479,7 +479,7 @@ class CompactGBLRLinear(StructuredLinear):
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self._choices.clear()
         for tokens in sorted(token_counts):
-            count = repeats if tokens >= 512 else 5 * repeats  # small products are fast and noisy
+            count = repeats  # (each sample a run of calls: see _median_seconds)
             seconds = functools.partial(_median_seconds, count=count, synchronize=synchronize)
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
