@@ -303,15 +303,32 @@ def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
             assert relative(out, layer(x)) <= 1e-5, name
 
 
+def test_torch_compile_traces_the_python_around_the_kernels(monkeypatch):
+    """With the launch itself replaced (it needs dynamo's Triton support, i.e. a GPU: the CUDA test below):
+    a compiled call that needs the blocks packed first packs them eagerly (a graph break: packing is
+    data-dependent host work); once packed, as calibration leaves a layer, a new token count traces whole."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(compact_kernel, "_launch", lambda kernels, grid, args, constants, warps, stages: args[8].fill_(1.0))
+    layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).to(DEVICE)
+    fast = CompactGBLRLinear(layer, calibrate=False)
+    fast.plan = {1: "kernel"}
+    with torch.no_grad():
+        packs_first = torch.compile(fast, backend="aot_eager")
+        assert torch.equal(packs_first(torch.randn(4, 50, 96, device=DEVICE)), torch.ones(4, 50, 80, device=DEVICE))
+        whole = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+        assert torch.equal(whole(torch.randn(300, 96, device=DEVICE)), torch.ones(300, 80, device=DEVICE))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
 def test_torch_compile_traces_the_kernel_path_whole():
     torch.manual_seed(7)
     layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).cuda()
     fast = CompactGBLRLinear(layer, calibrate=False)
     fast.plan = {1: "kernel"}
-    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(4, 50, 96, device="cuda")
     with torch.no_grad():
+        fast(x[0])  # packs the blocks, as calibration does
+        compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
         assert relative(compiled(x), layer(x)) <= 1e-5
 
 
