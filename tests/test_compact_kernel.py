@@ -305,8 +305,9 @@ def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
 
 def test_torch_compile_traces_the_python_around_the_kernels(monkeypatch):
     """With the launch itself replaced (it needs dynamo's Triton support, i.e. a GPU: the CUDA test below):
-    a compiled call that needs the blocks packed first packs them eagerly (a graph break: packing is
-    data-dependent host work); once packed, as calibration leaves a layer, a new token count traces whole."""
+    a compiled call that needs the blocks packed first still runs (dynamo breaks the graph at the packing,
+    data-dependent host work, and runs it eagerly); once packed, as calibration leaves a layer, a new token
+    count traces whole."""
     torch._dynamo.reset()
     monkeypatch.setattr(compact_kernel, "_launch", lambda kernels, grid, args, constants, warps, stages: args[8].fill_(1.0))
     layer = random_structure(GBLRLinear(96, 80, num_components=6, rank=8, tile=16)).to(DEVICE)

@@ -415,14 +415,10 @@ class CompactGBLRLinear(StructuredLinear):
     def _layout(self) -> compact_kernel.KernelLayout:
         """The blocks packed for the Triton kernels (made on first use)."""
         if self._kernel_layout is None:
-            self._build_layout()
+            blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
+            self._kernel_layout = compact_kernel.KernelLayout(
+                blocks, self.in_features, self.out_features, self.weight.device, self.weight.dtype)
         return self._kernel_layout
-
-    @torch.compiler.disable  # packing is host work torch.compile cannot trace: it runs eagerly, once
-    def _build_layout(self) -> None:
-        blocks = [(p.in_parts, p.out_parts, p.first, p.second) for p in self.slices]
-        self._kernel_layout = compact_kernel.KernelLayout(
-            blocks, self.in_features, self.out_features, self.weight.device, self.weight.dtype)
 
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
         return self._layout().run(x2, self._parameters.get("bias"))

@@ -440,18 +440,13 @@ class KernelLayout:
         reduction steps of ``block_k`` (made once)."""
         key = (step, tile, block_k)
         if key not in self._plans:
-            self._pack(key)
+            if step == "contract":
+                self._plans[key] = _plan(self._contract, self.z_columns, tile, block_k, (self.in_features, 0),
+                                         self.device, self.dtype)
+            else:
+                self._plans[key] = _plan(self._expand, self.out_features, tile, block_k,
+                                         (self.z_width(16), self.in_features), self.device, self.dtype)
         return self._plans[key]
-
-    @torch.compiler.disable  # data-dependent host work that torch.compile cannot trace: run eagerly, once
-    def _pack(self, key: tuple[str, int, int]) -> None:
-        step, tile, block_k = key
-        if step == "contract":
-            self._plans[key] = _plan(self._contract, self.z_columns, tile, block_k, (self.in_features, 0),
-                                     self.device, self.dtype)
-        else:
-            self._plans[key] = _plan(self._expand, self.out_features, tile, block_k,
-                                     (self.z_width(16), self.in_features), self.device, self.dtype)
 
     def z_width(self, rank_tile: int) -> int:
         """Columns of z: whole contract tiles, padded to a multiple of 16 for aligned rows."""
