@@ -66,8 +66,8 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     # The forward's other fast paths, on a layer so small that the products take next to nothing.
-    small, linear, one = compact_layer(gblr_at_cost(16, 16, 0.5, False, 0), torch.device("cpu"), torch.float32), \
-        nn.Linear(16, 16), torch.randn(1, 16)
+    small = compact_layer(gblr_at_cost(16, 16, 0.5, False, 0), torch.device("cpu"), torch.float32)
+    linear, one = nn.Linear(16, 16), torch.randn(1, 16)
     path_rows = []
     for execution in ("dense", "factored"):
         small._choices = {1: execution}

@@ -3,10 +3,12 @@
 Triton compiles for a GPU it is told about whether or not one is present; only launching needs a
 driver. :func:`install` gives Triton one that reports an sm_90 GPU (H100/H200) and, in place of each
 launch, records what Triton's launcher was given and calls ``on_launch`` with the kernel's arguments
-(to play the kernel's part, e.g. write its output), between the launch hooks as Triton's launchers call them. Tensors stay on the CPU; nothing runs on a GPU.
+(to play the kernel's part, e.g. write its output), between the launch hooks as Triton's launchers
+call them. Tensors stay on the CPU; nothing runs on a GPU.
 
-Used by the tests (the direct launches of :mod:`gblr.compact_kernel` pass the launcher exactly what
-Triton's own launch passes) and by ``benchmarks/kernel_host_time.py`` (the host's share of a launch).
+Used by the tests (the direct launches of :mod:`gblr.compact_kernel` pass the launcher what Triton's
+own launch passes, but for the launch metadata that only hooks read) and by
+``benchmarks/kernel_host_time.py`` (the host's share of a launch).
 Install it in a process of its own: it replaces Triton's driver for good, and Triton's interpreter
 (``TRITON_INTERPRET=1``) must be off.
 """
@@ -65,15 +67,15 @@ def install(on_launch: Callable[[tuple], None] | None = None, record: bool = Tru
         @staticmethod
         def launcher_cls(src, metadata):
             def launch(*given):
-                metadata, enter_hook, exit_hook = given[6:LAUNCHER_PREFIX]
+                launch_metadata, enter_hook, exit_hook = given[6:LAUNCHER_PREFIX]
                 if enter_hook is not None:  # as Triton's launchers do around the launch
-                    enter_hook(metadata)
+                    enter_hook(launch_metadata)
                 if record:
                     launched.append([recorded(value) for value in given])
                 if on_launch is not None:
                     on_launch(given[LAUNCHER_PREFIX:])
                 if exit_hook is not None:
-                    exit_hook(metadata)
+                    exit_hook(launch_metadata)
             return launch
 
     driver.set_active(StandInDriver())
