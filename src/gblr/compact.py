@@ -478,9 +478,8 @@ class CompactGBLRLinear(StructuredLinear):
         # CUDA runs asynchronously: wait for the kernels before reading the clock.
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self._choices.clear()
+        seconds = functools.partial(_median_seconds, count=repeats, synchronize=synchronize)
         for tokens in sorted(token_counts):
-            count = repeats  # (each sample a run of calls: see _median_seconds)
-            seconds = functools.partial(_median_seconds, count=count, synchronize=synchronize)
             x = torch.randn(tokens, self.in_features, dtype=self.weight.dtype, device=device)
             per_execution = {}
             for execution in self.executions():
