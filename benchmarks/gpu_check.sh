@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh --pack [RUN_DIR] # here, once: what the GPU machine cannot fetch, into .gpu_data/
 #                                                 # (no RUN_DIR: the hardware-aware ViT of the quality benchmark,
-#                                                 # trained first if runs/ lacks it, ~6 min on 2 cores)
+#                                                 # trained first if runs/ lacks it: 4.5 min on 2 cores)
 #   bash benchmarks/gpu_check.sh                  # GPU, carrying .gpu_data/data and .gpu_data/run (steps time out by 9.3 min)
 #   bash benchmarks/gpu_check.sh minilm           # GPU, carrying .gpu_data/minilm and .gpu_data/text (~2 min)
 #   bash benchmarks/gpu_check.sh tests speed      # or any of the steps below, in this order
@@ -17,7 +17,8 @@
 # choose defaults; calibration also picks among a few per layer). The default is all but `train`, `minilm` and `tiles`. Runs
 # from source, with no installation. Results: benchmarks/results/{compact_speed,train_step,compact_model,
 # compact_model_minilm,kernel_tiles}_cuda.{json,md}, {compact_speed,compact_model,compact_model_minilm}_cuda_graphs.{json,md}
-# and the test summary in benchmarks/results/gpu_tests.txt.
+# and the test summary in benchmarks/results/gpu_tests.txt. Where $OUT is set (the device tool), the log goes to
+# $OUT/gpu_check.log and the results, after each step, to $OUT/gpu_results.tgz (unpack in the checkout: tar xzf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -63,11 +64,19 @@ for folder in ("data", "run", "minilm", "text"):
     print(f"{out / folder}: {size / 2**20:.1f} MiB")
 PYTHON
 fi
+if [ -n "${OUT:-}" ]; then  # the device tool brings back what is under $OUT only (at most 8 files): a log and one archive
+    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+started=$(mktemp)
+keep_results() {  # after every step, so that a run stopped at its time limit still returns what it measured
+    [ -n "${OUT:-}" ] && find benchmarks/results -type f -newer "$started" -print0 | tar czf "$OUT/gpu_results.tgz" --null -T -
+    true
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
 status=0
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests speed graphs vit)
+[ ${#steps[@]} -eq 0 ] && steps=(tests speed vit graphs)  # what the targets need first
 for step in "${steps[@]}"; do
     echo "== $step"
     case $step in
@@ -91,5 +100,6 @@ for step in "${steps[@]}"; do
     tiles) timeout 90 "$PY" benchmarks/kernel_tiles.py ;;  # for choosing the kernels' default tile sizes
     *) echo "unknown step $step"; false ;;
     esac || status=1
+    keep_results
 done
 exit $status
