@@ -13,7 +13,9 @@ layer would have): "free" = rank-1 components, K = min(in, out); "hw" = hardware
 components on 32-row/column tiles. The compact layer runs the execution its calibration chose for that
 token count (timed on first use); on a GPU the time of each execution is listed too, and low-rank is also
 timed with its rank padded by zero components to a multiple of 8 (the alignment the compact layer's
-factored execution has: 16-bit GPU matmuls slow down at ranks off 16 bytes).
+factored execution has: 16-bit GPU matmuls slow down at ranks off 16 bytes). On a GPU a large copy's
+bandwidth is measured first, and each row gets its memory floor (input read and output written once at
+that rate): the summary says how much of the ideal memory traffic leaves to any execution.
 Writes benchmarks/results/compact_speed.{json,md} (compact_speed_cuda.* on a GPU).
 """
 
@@ -86,6 +88,22 @@ def seconds_per_call(fn, x, device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def copy_bandwidth(device: torch.device, size: int = 2**31, repeats: int = 5) -> float:
+    """Bytes per second a device-to-device copy of ``size`` bytes moves (read plus written; median of
+    ``repeats``): the ceiling for a layer, which must read its input and write its output at least once."""
+    source = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return 2 * size / statistics.median(seconds)
+
+
 def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool = False) -> tuple[float, float]:
     """Median over interleaved repeats of time(fn) / time(dense), and dense's median seconds per call
     (``graphs``: both replayed from CUDA graphs)."""
@@ -128,8 +146,15 @@ def target_lines(rows: list[dict]) -> list[str]:
             groups.setdefault((r["dtype"], r["cost"]), []).append(r)
     for (dtype, cost), group in sorted(groups.items()):
         fractions = [r["fraction_of_ideal"] for r in group]
-        lines.append(f"- {dtype}, cost {cost}: {sum(f >= 0.6 for f in fractions)} of {len(group)} rows meet it, "
-                     f"median {statistics.median(fractions):.2f}, lowest {min(fractions):.2f}")
+        line = (f"- {dtype}, cost {cost}: {sum(f >= 0.6 for f in fractions)} of {len(group)} rows meet it, "
+                f"median {statistics.median(fractions):.2f}, lowest {min(fractions):.2f}")
+        if all("memory_floor_ms" in r for r in group):
+            # the most any execution could reach: reading the input and writing the output once
+            ceilings = [r["dense_ms"] / r["memory_floor_ms"] * r["reached_cost"] for r in group]
+            times = [r["dense_ms"] * r["time_vs_dense"] / r["memory_floor_ms"] for r in group]
+            line += (f"; memory traffic allows at most {min(ceilings):.2f}-{max(ceilings):.2f}; the compact layer "
+                     f"took {min(times):.1f}-{max(times):.1f}x its memory floor")
+        lines.append(line)
     compact = [r for r in rows if r["variant"].startswith("gblr")]
     slow = [r for r in compact if r["speedup"] < 0.95]
     lines += ["", f"Compact layers below 0.95x of `nn.Linear`: {len(slow)} of {len(compact)} rows"
@@ -139,8 +164,10 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) -> None:
+def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool, bandwidth: float | None) -> None:
     meta = run_metadata(device_note(device), repeats=repeats, cuda_graphs=graphs)
+    if bandwidth is not None:
+        meta["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
     gpu = device.type == "cuda"
     lines = [
         f"# Compact GBLR inference speed vs nn.Linear ({device.type}{', CUDA graphs' if graphs else ''})",
@@ -152,7 +179,9 @@ def write(rows: list[dict], device: torch.device, repeats: int, graphs: bool) ->
         "execution the compact layer's calibration picked for that token count"
         + ("; the last column times every execution it did not rule out (time / nn.Linear). The Triton kernel's "
            "output differs from the dense execution's by at most "
-           f"{max((r.get('kernel_relative_error', 0) for r in rows), default=0):.1e} (relative)." if gpu else "."),
+           f"{max((r.get('kernel_relative_error', 0) for r in rows), default=0):.1e} (relative)." if gpu else ".")
+        + (f" A device-to-device copy moved {bandwidth / 1e12:.2f} TB/s (read plus written): a layer's memory floor is "
+           "its input read and its output written once at that rate." if bandwidth is not None else ""),
         "",
         "| shape (in x out) | dtype | cost | tokens | variant | nn.Linear ms | exec | time / dense | speedup | fraction of ideal |"
         + (" executions |" if gpu else ""),
@@ -187,6 +216,7 @@ def main() -> None:
     tokens_list, costs, shapes, dtypes = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     tokens_list, costs = args.tokens or tokens_list, args.costs or costs
     shapes, dtypes = args.shapes or shapes, args.dtypes or dtypes
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
     for shape in shapes:
         n, m = (int(v) for v in shape.split("x"))
@@ -218,6 +248,8 @@ def main() -> None:
                             "dense_ms": dense_seconds * 1e3, "time_vs_dense": ratio, "speedup": 1 / ratio,
                             "fraction_of_ideal": needed / ratio,
                         }
+                        if bandwidth is not None:
+                            row["memory_floor_ms"] = tokens * (n + m) * x.element_size() / bandwidth * 1e3
                         if compact and device.type == "cuda":  # every execution the calibration did not rule out
                             reference = layer.run(x, "dense").float()
                             row["kernel_relative_error"] = float((layer.run(x, "kernel").float() - reference).norm() / reference.norm())
@@ -229,7 +261,7 @@ def main() -> None:
                             }
                         rows.append(row)
                         print(row, flush=True)
-            write(rows, device, args.repeats, args.graphs)  # so far: a run stopped early keeps what it measured
+            write(rows, device, args.repeats, args.graphs, bandwidth)  # so far: a run stopped early keeps what it measured
 
 
 if __name__ == "__main__":
