@@ -15,7 +15,7 @@ token count (timed on first use); on a GPU the time of each execution is listed 
 timed with its rank padded by zero components to a multiple of 8 (the alignment the compact layer's
 factored execution has: 16-bit GPU matmuls slow down at ranks off 16 bytes). On a GPU a large copy's
 bandwidth is measured first, and each row gets its memory floor (input read and output written once at
-that rate): the summary says how much of the ideal memory traffic leaves to any execution.
+that rate): the summary says what fraction of the ideal speed-up that floor leaves within reach.
 Writes benchmarks/results/compact_speed.{json,md} (compact_speed_cuda.* on a GPU).
 """
 

@@ -17,8 +17,9 @@
 # choose defaults; calibration also picks among a few per layer). The default is all but `train`, `minilm` and `tiles`. Runs
 # from source, with no installation. Results: benchmarks/results/{compact_speed,train_step,compact_model,
 # compact_model_minilm,kernel_tiles}_cuda.{json,md}, {compact_speed,compact_model,compact_model_minilm}_cuda_graphs.{json,md}
-# and the test summary in benchmarks/results/gpu_tests.txt. Where $OUT is set (the device tool), the log goes to
-# $OUT/gpu_check.log and the results, after each step, to $OUT/gpu_results.tgz (unpack in the checkout: tar xzf).
+# and the test summary in benchmarks/results/gpu_tests.txt. Where $OUT names a folder (a remote runner that returns
+# only that folder), the log goes to $OUT/gpu_check.log and the results, after each step, to $OUT/gpu_results.tgz
+# (unpack in the checkout: tar xzf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -64,7 +65,7 @@ for folder in ("data", "run", "minilm", "text"):
     print(f"{out / folder}: {size / 2**20:.1f} MiB")
 PYTHON
 fi
-if [ -n "${OUT:-}" ]; then  # the device tool brings back what is under $OUT only (at most 8 files): a log and one archive
+if [ -n "${OUT:-}" ]; then  # a runner that returns $OUT alone (and few files): a log and one archive
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 fi
 started=$(mktemp)
