@@ -93,15 +93,9 @@ def copy_bandwidth(device: torch.device, size: int = 2**31, repeats: int = 5) ->
     ``repeats``): the ceiling for a layer, which must read its input and write its output at least once."""
     source = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    target.copy_(source)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return 2 * size / statistics.median(seconds)
+    copy = lambda _: target.copy_(source)  # noqa: E731
+    copy(None)  # warm-up
+    return 2 * size / statistics.median(seconds_per_call(copy, None, device, 1) for _ in range(repeats))
 
 
 def relative_time(fn, dense, x, device: torch.device, repeats: int, graphs: bool = False) -> tuple[float, float]:

@@ -67,8 +67,8 @@ PYTHON
 fi
 if [ -n "${OUT:-}" ]; then  # a runner that returns $OUT alone (and few files): a log and one archive
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+    started=$(mktemp)  # result files newer than this one go into the archive
 fi
-started=$(mktemp)
 keep_results() {  # after every step, so that a run stopped at its time limit still returns what it measured
     [ -n "${OUT:-}" ] && find benchmarks/results -type f -newer "$started" -print0 | tar czf "$OUT/gpu_results.tgz" --null -T -
     true
