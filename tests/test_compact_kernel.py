@@ -17,12 +17,17 @@ from gblr.compact import CompactGBLRLinear
 
 pytestmark = pytest.mark.skipif(compact_kernel.triton is None, reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Tests that run the kernels: on the CPU, Triton's interpreter must be able to (Triton >= 3.7 or NumPy < 2.4).
+runs_kernels = pytest.mark.skipif(not compact_kernel.available(torch.device(DEVICE)),
+                                  reason="the kernels cannot run here: no GPU, and Triton's interpreter before 3.7 "
+                                         "fails under NumPy 2.4 and newer")
 
 
 def relative(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@runs_kernels
 @pytest.mark.parametrize(
     "options",
     [
@@ -47,6 +52,7 @@ def test_kernel_computes_what_the_layer_computes(options, tokens):
         assert fast._kernel_layout.plan("expand", 64, 32).runs == (True, True)
 
 
+@runs_kernels
 def test_forward_through_the_kernel_keeps_the_leading_shape():
     """The forward hands the kernels a batched input as it is (no reshape: host time per call), a
     non-contiguous one made contiguous, and falls back to the differentiable slices for a backward."""
@@ -65,6 +71,7 @@ def test_forward_through_the_kernel_keeps_the_leading_shape():
         fast(torch.randn(2, 95, device=DEVICE))
 
 
+@runs_kernels
 def test_both_kinds_of_blocks_and_every_tile_shape():
     u, v = torch.randn(3, 1, 40, dtype=torch.float64), torch.randn(3, 1, 40, dtype=torch.float64)
     # one rank-2 block 24 x 16 wrapping on both sides, one 2 x 2 block (dense), one full-height block
@@ -81,6 +88,7 @@ def test_both_kinds_of_blocks_and_every_tile_shape():
     assert not layout.plan("expand", 64, 16).runs[1]  # 40 inputs: no aligned runs of 16 in x
 
 
+@runs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_in_half_precision(dtype):
     torch.manual_seed(1)
@@ -94,6 +102,7 @@ def test_kernel_in_half_precision(dtype):
     assert relative(out, expected) <= 2e-2
 
 
+@runs_kernels
 def test_empty_structure_gives_the_bias():
     layer = random_structure(GBLRLinear(48, 40, num_components=6, rank=2)).to(DEVICE)
     with torch.no_grad():
@@ -112,6 +121,21 @@ def test_kernel_needs_triton_and_a_device(monkeypatch):
         fast.run(torch.randn(2, 32), "kernel")
 
 
+def test_the_interpreter_runs_the_kernels_only_with_triton_3_7_or_numpy_before_2_4(monkeypatch):
+    import numpy
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    for triton_version, numpy_version, runs in (("3.6.0", "2.4.1", False), ("3.6.0", "2.3.5", True),
+                                                ("3.7.0+git0a1b2c", "2.4.1", True), ("3.10.0", "3.0.0rc1", True)):
+        monkeypatch.setattr(compact_kernel.triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        assert compact_kernel.available(cpu) == runs, (triton_version, numpy_version)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not compact_kernel.available(cpu)
+
+
+@runs_kernels
 def test_only_dense_blocks():
     u, v = torch.randn(2, 1, 24, dtype=torch.float64), torch.randn(2, 1, 40, dtype=torch.float64)
     layer = GBLRLinear.from_intervals([(3, 2), (20, 1)], [(38, 2), (5, 1)], u, v).float().eval()  # 2x2 and 1x1: dense
@@ -230,6 +254,7 @@ def test_gathers_read_aligned_runs_unless_that_doubles_the_reads():
     assert not expand.runs[0]  # one z column per small-rank block: whole runs would read 16x as much
 
 
+@runs_kernels
 def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(monkeypatch):
     layer = random_structure(GBLRLinear(48, 64, num_components=6, rank=4)).to(DEVICE)
     fast = CompactGBLRLinear(layer, calibrate=False)
@@ -267,6 +292,7 @@ def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(m
     assert "kernel" in fast._hopeless and fast.plan[300] == "dense"
 
 
+@runs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_candidate_tile_set_computes_the_layer(dtype):
     torch.manual_seed(4)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -47,7 +48,20 @@ def available(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_runs_loops()
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _interpreter_runs_loops() -> bool:
+    """Whether Triton's interpreter can run the kernels' loops: before Triton 3.7 it turns a loaded loop
+    bound (a one-element array) into an int in a way NumPy 2.4 and newer refuse."""
+    import numpy
+
+    return _release(triton.__version__) >= (3, 7) or _release(numpy.__version__) < (2, 4)
 
 
 if triton is not None:
@@ -134,9 +148,10 @@ def _runs_of_16(index: torch.Tensor) -> bool:
     return bool((runs[:, 0] % 16 == 0).all() and (runs == runs[:, :1] + torch.arange(16)).all())
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch settings of the two kernels."""
+class Tiles(NamedTuple):
+    """Tile sizes and launch settings of the two kernels. (A named tuple, not a frozen dataclass: a
+    compiled call may make one, and under torch.compile of torch 2.11 a frozen dataclass made inside the
+    compiled region came out without its fields.)"""
 
     tokens: int  # token rows per program (both kernels)
     rank: int  # columns of z per contract program
@@ -179,7 +194,7 @@ def tile_candidates(dtype: torch.dtype, tokens: int, rank_tile: int) -> tuple[Ti
         others = (Tiles(64, rank_tile, 64, 32, 32, stages=5),
                   Tiles(128, rank_tile, 128, 32, 32, warps=4, warps_out=8, stages=5))
     # Contract tiles twice as wide: fewer rereads of the input, if reads cost more than _best_rank_tile assumes.
-    wider = (replace(default, rank=2 * rank_tile),) if rank_tile < 128 else ()
+    wider = (default._replace(rank=2 * rank_tile),) if rank_tile < 128 else ()
     return (default,) + others + wider
 
 
