@@ -226,7 +226,7 @@ def main() -> None:
                 if device.type == "cuda":  # 16-bit matmuls there are slow at ranks off 16 bytes
                     variants[PADDED_LOWRANK] = padded_lowrank(variants["lowrank"]).to(device, dtype)
                 if device.type == "cpu":
-                    variants["monarch"] = make_structured("monarch", n, m, cost).eval()
+                    variants["monarch"] = make_structured("monarch", n, m, cost).eval().to(device, dtype)
                 for tokens in tokens_list:
                     x = torch.randn(tokens, n, device=device, dtype=dtype)
                     for name, layer in variants.items():
