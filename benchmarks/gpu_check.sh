@@ -83,7 +83,9 @@ for step in "${steps[@]}"; do
     case $step in
     tests)  # the compact layers, their Triton kernels and the training step
         summary=$(mktemp)
-        GBLR_DATA=$PWD/.gpu_data/data timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compact_kernel.py tests/test_compact.py \
+        workers=()  # most of the step is Triton compiling kernels, one at a time per process
+        "$PY" -c "import xdist" >/dev/null 2>&1 && workers=(-n 8)  # (pytest-xdist, where installed)
+        GBLR_DATA=$PWD/.gpu_data/data timeout 120 "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" tests/test_compact_kernel.py tests/test_compact.py \
             tests/test_train_step.py tests/test_conv.py -k "cuda or kernel" 2>&1 | tee "$summary" | tail -15
         tests_status=${PIPESTATUS[0]}
         # Only a run that got as far as pytest's summary line replaces the committed one (not a dry run, not a crash).
