@@ -52,6 +52,7 @@ def available(device: torch.device) -> bool:
 
 
 def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version such as "3.7.0+git1a2b" or "2.4.0rc1"."""
     major, minor = (version.split(".") + ["0"])[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
