@@ -492,8 +492,11 @@ class KernelLayout:
     def contract(self, x2: torch.Tensor, tiles: Tiles) -> torch.Tensor:
         """z: ``x2[:, in_b] @ first_b`` of every low-rank block side by side (``x2`` where there are none)."""
         tokens = x2.shape[0]
-        step = self._steps_for(tokens, tiles, False)[0]
-        return x2 if step is None else step.launch(x2, x2, None, tokens, (tokens,))
+        return self._contracted(x2, self._steps_for(tokens, tiles, False)[0], tokens)
+
+    @staticmethod
+    def _contracted(x: torch.Tensor, step: _Step | None, tokens: int) -> torch.Tensor:
+        return x if step is None else step.launch(x, x, None, tokens, (tokens,))
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None = None) -> torch.Tensor:
         """``x``: ``(..., in_features)`` on this layout's device and dtype; returns ``(..., out_features)``."""
@@ -505,5 +508,5 @@ class KernelLayout:
             return torch.cat(parts).view(*x.shape[:-1], self.out_features)
         contract, expand = self._steps_for(tokens, tiles, bias is not None)
         x = x.contiguous()  # (not a reshape to two dimensions: the kernels need only the rows' width)
-        z = x if contract is None else contract.launch(x, x, None, tokens, (tokens,))
+        z = self._contracted(x, contract, tokens)
         return expand.launch(z, x, bias, tokens, x.shape[:-1])
