@@ -14,6 +14,7 @@ from gblr.compact import (
     _median_seconds,
     compact,
 )
+from gblr.fit import relative_error
 
 # The Triton kernels run here in Triton's interpreter when Triton is installed (tests/conftest.py).
 RUNNABLE = tuple(e for e in EXECUTIONS if (e != "kernel" or compact_kernel.available(torch.device("cpu")))
@@ -29,10 +30,6 @@ def random_structure(layer, seed=0, max_width=0.6):
         layer.out_starts.copy_(torch.rand(k, generator=gen))  # many intervals wrap around
         layer.in_starts.copy_(torch.rand(k, generator=gen))
     return layer.eval()
-
-
-def relative(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.mark.parametrize(
@@ -51,8 +48,8 @@ def test_compact_computes_what_the_eval_layer_computes(options):
     x = torch.randn(3, 7, 96)
     expected = layer(x)
     for execution in RUNNABLE:
-        assert relative(fast.run(x, execution), expected) <= 1e-5, execution
-    assert relative(fast(x), expected) <= 1e-5
+        assert relative_error(fast.run(x, execution), expected) <= 1e-5, execution
+    assert relative_error(fast(x), expected) <= 1e-5
 
 
 def test_factored_inner_size_is_padded_with_zero_components():
@@ -62,7 +59,7 @@ def test_factored_inner_size_is_padded_with_zero_components():
     assert fast.in_factor.shape == (8, 40) and fast.out_factor.shape == (24, 8)
     assert fast.in_factor[5:].abs().sum() == 0 and fast.out_factor[:, 5:].abs().sum() == 0
     x = torch.randn(6, 40)
-    assert relative(fast.run(x, "factored"), layer(x)) <= 1e-5
+    assert relative_error(fast.run(x, "factored"), layer(x)) <= 1e-5
 
 
 def test_identical_intervals_merge_and_small_blocks_go_dense():
@@ -120,7 +117,7 @@ def test_compact_model_same_predictions():
     assert isinstance(fast[0], CompactGBLRLinear) and isinstance(model[0], GBLRLinear)
     x = torch.randn(50, 32)
     assert torch.equal(fast(x).argmax(-1), model(x).argmax(-1))
-    assert relative(fast(x), model(x)) <= 1e-5
+    assert relative_error(fast(x), model(x)) <= 1e-5
 
 
 def test_torch_compile_traces_a_compact_model_whole():
@@ -139,7 +136,7 @@ def test_torch_compile_traces_a_compact_model_whole():
     with torch.no_grad():
         for shape in ((4, 8, 32), (1, 32), (300, 32)):
             x = torch.randn(shape)
-            assert relative(compiled(x), model(x)) <= 1e-5
+            assert relative_error(compiled(x), model(x)) <= 1e-5
     assert [fast[0].plan, fast[2].plan] == plans  # 300 tokens: not timed while compiling
 
 
@@ -155,7 +152,7 @@ def test_compact_follows_dtype_moves_and_empty_structures():
     for execution in ("blocks", "slices"):
         out = fast.run(x, execution)
         assert out.dtype == torch.float64
-        assert relative(out, layer.to(torch.float64)(x)) <= 1e-6  # factors were rounded to float32 first
+        assert relative_error(out, layer.to(torch.float64)(x)) <= 1e-6  # factors were rounded to float32 first
     with torch.no_grad():
         layer.out_widths.zero_()
     empty = CompactGBLRLinear(layer, calibrate=False)
@@ -236,12 +233,12 @@ def test_forward_on_the_dense_and_factored_plans_follows_moves_and_loads_and_nam
     fast = CompactGBLRLinear(layer, calibrate=False)
     fast._choices = {3: execution, 6: execution}  # forward's fast path: no nn.Module lookup, no reshape
     x = torch.randn(3, 24)
-    assert relative(fast(x), layer(x)) <= 1e-6
+    assert relative_error(fast(x), layer(x)) <= 1e-6
     batched = torch.randn(2, 3, 24)
-    assert fast(batched).shape == (2, 3, 16) and relative(fast(batched), layer(batched)) <= 1e-6
+    assert fast(batched).shape == (2, 3, 16) and relative_error(fast(batched), layer(batched)) <= 1e-6
     other = CompactGBLRLinear(random_structure(GBLRLinear(24, 16, num_components=4, bias=bias), seed=1), calibrate=False)
     fast.load_state_dict(other.state_dict())
-    assert relative(fast(x), other.run(x, "dense")) <= 1e-6
+    assert relative_error(fast(x), other.run(x, "dense")) <= 1e-6
     fast.to(torch.float64)._choices = {3: execution}
     assert fast(x.double()).dtype == torch.float64
     with pytest.raises(ValueError, match=r"in_features=24, got shape \(9, 8\)"):
@@ -263,7 +260,7 @@ def test_an_execution_that_fails_on_this_machine_is_left_out_not_fatal(monkeypat
     assert timings[4]["slices"] == timings[64]["slices"] == float("inf")
     assert "slices" in fast._hopeless and "slices" not in fast.plan.values()
     x = torch.randn(64, 32)
-    assert relative(fast(x), layer(x)) <= 1e-5
+    assert relative_error(fast(x), layer(x)) <= 1e-5
     fast.plan.clear()  # uncalibrated, the cheapest by counted MACs among those that run
     fast._choices.clear()
     assert fast.choose(64) != "slices"

@@ -14,6 +14,7 @@ from test_compact import random_structure
 from gblr import GBLRLinear
 from gblr import compact_kernel, stand_in_gpu
 from gblr.compact import CompactGBLRLinear
+from gblr.fit import relative_error
 
 pytestmark = pytest.mark.skipif(compact_kernel.triton is None, reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,10 +22,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 runs_kernels = pytest.mark.skipif(not compact_kernel.available(torch.device(DEVICE)),
                                   reason="the kernels cannot run here: no GPU, and Triton's interpreter before 3.7 "
                                          "fails under NumPy 2.4 and newer")
-
-
-def relative(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @runs_kernels
@@ -47,7 +44,7 @@ def test_kernel_computes_what_the_layer_computes(options, tokens):
     assert "kernel" in fast.executions() or DEVICE == "cpu"  # calibration considers it on CUDA only
     x = torch.randn(tokens, 96, device=DEVICE)
     with torch.no_grad():
-        assert relative(fast.run(x, "kernel"), layer(x)) <= 1e-5
+        assert relative_error(fast.run(x, "kernel"), layer(x)) <= 1e-5
     if options.get("tile") == 16:  # blocks on 16-column tiles: every gather reads aligned runs of 16
         assert fast._kernel_layout.plan("expand", 64, 32).runs == (True, True)
 
@@ -63,10 +60,10 @@ def test_forward_through_the_kernel_keeps_the_leading_shape():
     for x in (torch.randn(3, 5, 96, device=DEVICE), torch.randn(96, 7, 2, device=DEVICE).permute(2, 1, 0)):
         with torch.no_grad():
             out = fast(x)
-            assert out.shape == (*x.shape[:-1], 80) and relative(out, layer(x)) <= 1e-5
+            assert out.shape == (*x.shape[:-1], 80) and relative_error(out, layer(x)) <= 1e-5
     x = torch.randn(2, 4, 96, device=DEVICE, requires_grad=True)
     fast(x).sum().backward()
-    assert relative(x.grad, torch.autograd.grad(layer(x).sum(), x)[0]) <= 1e-5
+    assert relative_error(x.grad, torch.autograd.grad(layer(x).sum(), x)[0]) <= 1e-5
     with pytest.raises(ValueError, match="in_features=96"):
         fast(torch.randn(2, 95, device=DEVICE))
 
@@ -84,7 +81,7 @@ def test_both_kinds_of_blocks_and_every_tile_shape():
     layout = compact_kernel.KernelLayout([(p.in_parts, p.out_parts, p.first, p.second) for p in fast.slices],
                                          40, 40, x.device, x.dtype)
     for tiles in (compact_kernel.Tiles(64, 16, 64, 32, 16), compact_kernel.Tiles(16, 32, 16, 16, 32), compact_kernel.Tiles(32, 16, 32, 64, 64)):
-        assert relative(layout.run(x, fast.bias, tiles), expected) <= 1e-5, tiles
+        assert relative_error(layout.run(x, fast.bias, tiles), expected) <= 1e-5, tiles
     assert not layout.plan("expand", 64, 16).runs[1]  # 40 inputs: no aligned runs of 16 in x
 
 
@@ -99,7 +96,7 @@ def test_kernel_in_half_precision(dtype):
     fast = CompactGBLRLinear(layer, calibrate=False).to(dtype)
     out = fast.run(x.to(dtype), "kernel")
     assert out.dtype == dtype
-    assert relative(out, expected) <= 2e-2
+    assert relative_error(out, expected) <= 2e-2
 
 
 @runs_kernels
@@ -142,7 +139,7 @@ def test_only_dense_blocks():
     fast = CompactGBLRLinear(layer, calibrate=False).to(DEVICE)
     assert all(p.second is None for p in fast.slices)
     x = torch.randn(9, 40, device=DEVICE)
-    assert relative(fast.run(x, "kernel"), layer.to(DEVICE)(x).detach()) <= 1e-5
+    assert relative_error(fast.run(x, "kernel"), layer.to(DEVICE)(x).detach()) <= 1e-5
     assert fast._kernel_layout.z_columns == 0
 
 
@@ -284,7 +281,7 @@ def test_calibration_keeps_the_fastest_tiles_and_skips_those_that_cannot_build(m
     assert layout.tiles_for(40) == layout.tiles_for(70) == quick  # within a factor 2 of the measured count
     assert layout.tiles_for(90) == compact_kernel.default_tiles(torch.float32, 90, layout.rank_tile)
     x = torch.randn(40, 48, device=DEVICE)
-    assert relative(fast(x), layer(x)) <= 1e-5 and used[-1] == quick
+    assert relative_error(fast(x), layer(x)) <= 1e-5 and used[-1] == quick
 
     monkeypatch.setattr(compact_kernel, "tile_candidates", lambda dtype, tokens, rank_tile: (cannot_build,))
     with pytest.warns(UserWarning, match="execution 'kernel' failed"):  # none builds: the layer goes on without it
@@ -304,7 +301,7 @@ def test_every_candidate_tile_set_computes_the_layer(dtype):
     layout = fast._layout()
     candidates = {t for tokens in (130, 4096) for t in compact_kernel.tile_candidates(dtype, tokens, layout.rank_tile)}
     for tiles in candidates:
-        assert relative(layout.run(x.to(dtype), fast.bias, tiles), expected) <= (1e-5 if dtype == torch.float32 else 2e-2), tiles
+        assert relative_error(layout.run(x.to(dtype), fast.bias, tiles), expected) <= (1e-5 if dtype == torch.float32 else 2e-2), tiles
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CI has no GPU)")
@@ -326,7 +323,7 @@ def test_every_execution_and_the_calibrated_forward_replay_from_a_cuda_graph():
                 out = call()
             x.copy_(torch.randn_like(x))  # a replay reads the captured input's memory
             graph.replay()
-            assert relative(out, layer(x)) <= 1e-5, name
+            assert relative_error(out, layer(x)) <= 1e-5, name
 
 
 def test_torch_compile_traces_the_python_around_the_kernels(monkeypatch):
@@ -356,7 +353,7 @@ def test_torch_compile_traces_the_kernel_path_whole():
     with torch.no_grad():
         fast(x[0])  # packs the blocks, as calibration does
         compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-        assert relative(compiled(x), layer(x)) <= 1e-5
+        assert relative_error(compiled(x), layer(x)) <= 1e-5
 
 
 # Triton's launch path on a stand-in GPU whose launcher only records what it is given (no GPU needed).
@@ -436,4 +433,4 @@ def test_on_cuda_kernels_are_launched_directly_after_their_first_call():
     first, second = fast.run(x, "kernel"), fast.run(x, "kernel")  # Triton's launch (and the check), then direct
     assert compact_kernel._direct_launch  # this Triton's compiled kernels took the direct launch
     assert all(step.kernels for step in fast._layout()._steps_for(300, fast._layout().tiles_for(300), fast.bias is not None))
-    assert torch.equal(first, second) and relative(second, layer(x)) <= 1e-5
+    assert torch.equal(first, second) and relative_error(second, layer(x)) <= 1e-5
