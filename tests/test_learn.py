@@ -44,7 +44,7 @@ def test_the_learning_rate_reaches_the_optimizer(lr):
     assert [g["lr"] for g in optimizer.param_groups] == [lr, lr]
     model(torch.randn(4, 8)).pow(2).sum().backward()
     optimizer.step()
-    moved = max(float((p - b).abs().max()) for p, b in zip(model.parameters(), before))
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
     assert 0.5 * lr < moved <= 1.01 * lr
 
 
@@ -248,7 +248,7 @@ def test_sensitivity_allocation_gives_more_to_the_layer_the_loss_reacts_to():
 def test_mean_width_controller_is_the_papers_fixed_threshold():
     model, learner, history = train_branches(controller="mean_width", l1=2.0)
     layers = (model.loud, model.quiet)
-    mean_width = torch.cat([w for layer in layers for w in (layer.out_widths, layer.in_widths)]).mean()
+    mean_width = torch.cat([w.detach() for layer in layers for w in (layer.out_widths, layer.in_widths)]).mean()
     target = 0.4 * learner.start_mean_width
     step = 1e-2 * 2.0  # structure lr times lambda: the most one step moves a width
     assert target - step <= float(mean_width) <= target + step
