@@ -20,7 +20,7 @@ import time
 import torch
 from _results import provenance, run_metadata, write_results
 
-from gblr.fit import structured_from_dense
+from gblr.fit import relative_error, structured_from_dense
 from gblr.structured import family_names
 BUDGETS = (0.1, 0.25, 0.5)
 FAMILIES = [name for name in family_names() if name != "dense"]
@@ -69,8 +69,7 @@ def main() -> None:
                     layer = structured_from_dense(family, weight, budget)
                     seconds.append(time.perf_counter() - start)
                     layer.eval()
-                    with torch.no_grad():
-                        errors.append(float((layer.to_dense().double() - weight).norm() / weight.norm()))
+                    errors.append(relative_error(layer.to_dense(), weight))
                     costs.append(layer.relative_cost())
                 rows.append({"set": set_name, "family": family, "budget": budget, "matrices": len(matrices),
                              "mean_relative_error": statistics.mean(errors), "mean_cost": statistics.mean(costs),

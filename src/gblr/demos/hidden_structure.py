@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..cost import cost_report
+from ..fit import relative_error
 from ..learn import SigmaSchedule, StructureLearner, param_groups
 from ..step import training_step
 from ..structured.gblr import GBLRLinear
@@ -93,8 +94,7 @@ def recover(
         training_step(lambda: (layer(x) - y).pow(2).mean() / y.pow(2).mean(), optimizer, schedule, learner)
     seconds = time.perf_counter() - start
     layer.eval()
-    with torch.no_grad():
-        error = float((layer.to_dense() - hidden).norm() / hidden.norm())
+    error = relative_error(layer.to_dense(), hidden)
     return Recovery(kind, seed, target, layer.relative_cost(), error, seconds, layer)
 
 
