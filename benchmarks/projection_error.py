@@ -69,7 +69,8 @@ def main() -> None:
                     layer = structured_from_dense(family, weight, budget)
                     seconds.append(time.perf_counter() - start)
                     layer.eval()
-                    errors.append(relative_error(layer.to_dense(), weight))
+                    with torch.no_grad():  # no graph for a matrix that is only measured
+                        errors.append(relative_error(layer.to_dense(), weight))
                     costs.append(layer.relative_cost())
                 rows.append({"set": set_name, "family": family, "budget": budget, "matrices": len(matrices),
                              "mean_relative_error": statistics.mean(errors), "mean_cost": statistics.mean(costs),

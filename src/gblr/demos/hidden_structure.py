@@ -94,7 +94,8 @@ def recover(
         training_step(lambda: (layer(x) - y).pow(2).mean() / y.pow(2).mean(), optimizer, schedule, learner)
     seconds = time.perf_counter() - start
     layer.eval()
-    error = relative_error(layer.to_dense(), hidden)
+    with torch.no_grad():  # no graph for a matrix that is only measured
+        error = relative_error(layer.to_dense(), hidden)
     return Recovery(kind, seed, target, layer.relative_cost(), error, seconds, layer)
 
 
