@@ -47,7 +47,7 @@ def main() -> None:
             kernel_args[8].zero_()
 
     stand_in_gpu.install(write_output, record=False)
-    compact_kernel.available = lambda device: True  # the stand-in GPU's tensors are CPU tensors
+    compact_kernel.unavailable_reason = lambda device: None  # the stand-in GPU's tensors are CPU tensors
     rows = []
     for variant, hardware_aware in (("gblr hw (r=32, tile=32)", True), ("gblr free (r=1)", False)):
         layer = compact_layer(gblr_at_cost(768, 3072, 0.3, hardware_aware, 0), torch.device("cpu"), torch.bfloat16)

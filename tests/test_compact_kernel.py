@@ -19,9 +19,8 @@ from gblr.fit import relative_error
 pytestmark = pytest.mark.skipif(compact_kernel.triton is None, reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tests that run the kernels: on the CPU, Triton's interpreter must be able to (Triton >= 3.7 or NumPy < 2.4).
-runs_kernels = pytest.mark.skipif(not compact_kernel.available(torch.device(DEVICE)),
-                                  reason="the kernels cannot run here: no GPU, and Triton's interpreter before 3.7 "
-                                         "fails under NumPy 2.4 and newer")
+_why_not = compact_kernel.unavailable_reason(torch.device(DEVICE))
+runs_kernels = pytest.mark.skipif(_why_not is not None, reason=f"the kernels cannot run here: {_why_not}")
 
 
 @runs_kernels
@@ -109,13 +108,17 @@ def test_empty_structure_gives_the_bias():
     assert torch.allclose(fast.run(x, "kernel"), layer.bias.detach().expand(5, 40))
 
 
-def test_kernel_needs_triton_and_a_device(monkeypatch):
+def test_kernel_names_why_it_cannot_run(monkeypatch):
     layer = random_structure(GBLRLinear(32, 32, num_components=4))
     fast = CompactGBLRLinear(layer, calibrate=False)
-    monkeypatch.setattr(compact_kernel, "available", lambda device: False)
+    x = torch.randn(2, 32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "kernel" not in fast.executions()
-    with pytest.raises(ValueError, match="needs Triton and a CUDA device"):
-        fast.run(torch.randn(2, 32), "kernel")
+    with pytest.raises(ValueError, match="cannot run on cpu: the kernels need a CUDA device, or TRITON_INTERPRET=1"):
+        fast.run(x, "kernel")
+    monkeypatch.setattr(compact_kernel, "triton", None)
+    with pytest.raises(ValueError, match=r"Triton is not installed \(pip install triton\)"):
+        fast.run(x, "kernel")
 
 
 def test_the_interpreter_runs_the_kernels_only_with_triton_3_7_or_numpy_before_2_4(monkeypatch):
@@ -128,6 +131,10 @@ def test_the_interpreter_runs_the_kernels_only_with_triton_3_7_or_numpy_before_2
         monkeypatch.setattr(compact_kernel.triton, "__version__", triton_version)
         monkeypatch.setattr(numpy, "__version__", numpy_version)
         assert compact_kernel.available(cpu) == runs, (triton_version, numpy_version)
+        reason = compact_kernel.unavailable_reason(cpu)
+        assert (reason is None) == runs
+        if not runs:
+            assert f"Triton {triton_version}'s interpreter" in reason and f"NumPy {numpy_version}" in reason
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not compact_kernel.available(cpu)
 

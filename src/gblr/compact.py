@@ -436,8 +436,8 @@ class CompactGBLRLinear(StructuredLinear):
     def run(self, x: torch.Tensor, execution: str) -> torch.Tensor:
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if execution == "kernel" and not compact_kernel.available(self.weight.device):
-            raise ValueError(f"execution 'kernel' needs Triton and a CUDA device; this layer is on {self.weight.device}")
+        if execution == "kernel" and (reason := compact_kernel.unavailable_reason(self.weight.device)):
+            raise ValueError(f"execution 'kernel' cannot run on {self.weight.device}: {reason}")
         if execution == "grouped" and not _grouped_available(self.weight.device, self.weight.dtype):
             raise ValueError(f"execution 'grouped' needs torch._grouped_mm for {self.weight.dtype} on {self.weight.device}")
         return self._execute(x, execution)

@@ -39,16 +39,28 @@ try:
 except ImportError:  # the generic executions need no Triton
     triton = None
 
-__all__ = ["available", "KernelLayout", "nearest_count"]
+__all__ = ["available", "unavailable_reason", "KernelLayout", "nearest_count"]
 
 
 def available(device: torch.device) -> bool:
     """Whether the kernels can run on ``device`` here."""
+    return unavailable_reason(device) is None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` here, or None when they can."""
     if triton is None:
-        return False
+        return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_runs_loops()
+        return None
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return "the kernels need a CUDA device, or TRITON_INTERPRET=1 for Triton's interpreter on the CPU"
+    if not _interpreter_runs_loops():
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernels' loops with NumPy "
+                f"{numpy.__version__} (it needs Triton 3.7 or newer, or NumPy before 2.4)")
+    return None
 
 
 def _release(version: str) -> tuple[int, int]:
